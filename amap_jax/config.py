@@ -1,0 +1,104 @@
+"""Defaults for every run, and the checks that turn a bad config into one clear line."""
+
+from __future__ import annotations
+
+import ml_collections
+
+METHODS = ("amap",)
+
+
+def defaults() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.method = "amap"
+    c.seed = 0
+    c.num_devices = 0  # 0: all visible devices
+    c.checkpoint_every = 200  # steps
+    c.export_dir = ""  # default: WORKDIR/export
+
+    c.data = dict(
+        name="fashion_mnist",
+        data_dir="",
+        train_split="train",
+        test_split="test",
+        crop_padding=2,
+        flip=True,
+    )
+    c.model = dict(variant="mini", pattern="", gelu_approximate=True)
+
+    c.train = dict(
+        epochs=4.0,
+        batch_size=256,
+        lr=2e-3,
+        warmup_epochs=0.5,
+        weight_decay=0.05,
+        label_smoothing=0.1,
+        grad_clip=1.0,
+    )
+    c.search = dict(
+        epochs=1.0,
+        batch_size=256,
+        lr=5e-4,  # weights (and reweight scales) while searching
+        indicator_lr=0.05,
+        warmup_epochs=0.1,
+        weight_decay=0.05,
+        label_smoothing=0.1,
+        grad_clip=1.0,
+        target=0.7,  # MACs(pruned) / MACs(dense)
+        macs_weight=20.0,
+        macs_loss="square",  # or "hinge"
+        similarity=True,
+        similarity_every=50,
+        head_balanced=True,
+        reweight=True,
+        init="attn_diff",  # or "constant"
+        init_on_softmax=False,
+        init_logit=5.0,
+        init_spread=1.0,
+        calibration_batch=64,
+        min_keep=1,
+        multiple=1,
+        kd_weight=0.0,
+        kd_temperature=1.0,
+    )
+    c.finetune = dict(
+        epochs=2.0,
+        batch_size=256,
+        lr=1e-3,
+        warmup_epochs=0.2,
+        weight_decay=0.05,
+        label_smoothing=0.1,
+        grad_clip=1.0,
+        kd_weight=0.5,
+        kd_temperature=1.0,
+    )
+    c.eval = dict(batch_size=500, bench_batch=256, bench_seconds=3.0)
+    return c
+
+
+def validate(c: ml_collections.ConfigDict) -> None:
+    """Raises ValueError with one line for the first thing wrong."""
+    if c.method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {c.method!r}")
+    t = c.search.target
+    if not 0.0 < t <= 1.0:
+        raise ValueError(f"search.target must be in (0, 1] (MACs kept), got {t}")
+    for stage in ("train", "search", "finetune"):
+        s = c[stage]
+        if s.epochs < 0:
+            raise ValueError(f"{stage}.epochs must be >= 0, got {s.epochs}")
+        if s.batch_size < 1:
+            raise ValueError(f"{stage}.batch_size must be >= 1, got {s.batch_size}")
+        if s.lr <= 0:
+            raise ValueError(f"{stage}.lr must be > 0, got {s.lr}")
+    if c.search.init not in ("constant", "attn_diff"):
+        raise ValueError(f"search.init must be 'constant' or 'attn_diff', got {c.search.init!r}")
+    if c.search.macs_loss not in ("square", "hinge"):
+        raise ValueError(
+            f"search.macs_loss must be 'square' or 'hinge', got {c.search.macs_loss!r}"
+        )
+    if c.search.min_keep < 1 or c.search.multiple < 1:
+        raise ValueError("search.min_keep and search.multiple must be >= 1")
+    if not c.search.head_balanced:
+        raise ValueError("search.head_balanced=False is not supported by export yet")
+    if c.checkpoint_every < 1:
+        raise ValueError(f"checkpoint_every must be >= 1, got {c.checkpoint_every}")

@@ -1,0 +1,33 @@
+"""Offline image classification data: random-access sources and a deterministic pipeline."""
+
+from amap_jax.data.pipeline import (
+    augment,
+    batch_indices,
+    eval_batches,
+    preprocess,
+    train_batches,
+)
+from amap_jax.data.sources import (
+    ArraySource,
+    DatasetInfo,
+    DatasetNotFoundError,
+    Source,
+    TfdsSource,
+    load_source,
+    parse_split,
+)
+
+__all__ = [
+    "ArraySource",
+    "DatasetInfo",
+    "DatasetNotFoundError",
+    "Source",
+    "TfdsSource",
+    "augment",
+    "batch_indices",
+    "eval_batches",
+    "load_source",
+    "parse_split",
+    "preprocess",
+    "train_batches",
+]

@@ -1,0 +1,69 @@
+"""Self-describing exported models: `model.json` (architecture, input, classes) + weights.
+
+`model.json` is written last, so its presence marks a finished export.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import jax
+
+from amap_jax.models.arch import ViTArch
+from amap_jax.models.vit import ViT, dummy_input
+from amap_jax.train import checkpoint
+
+FORMAT = 1
+MODEL_JSON = "model.json"
+WEIGHTS = "params"
+
+
+def is_finished(directory: str) -> bool:
+    return os.path.exists(os.path.join(directory, MODEL_JSON))
+
+
+def save_pruned(directory: str, arch: ViTArch, params, **extra) -> None:
+    """Writes an exported model; refuses to overwrite a finished export."""
+    if is_finished(directory):
+        raise FileExistsError(
+            f"{directory} already holds a finished export; choose another directory"
+        )
+    os.makedirs(directory, exist_ok=True)
+    weights = os.path.join(directory, WEIGHTS)
+    if os.path.exists(weights):  # left by an interrupted export: never finished, safe to redo
+        shutil.rmtree(weights)
+    checkpoint.save_tree(weights, params)
+    meta = {
+        "format": FORMAT,
+        "arch": arch.to_dict(),
+        "input": {
+            "image_size": arch.image_size,
+            "channels": arch.in_chans,
+            "mean": list(arch.mean),
+            "std": list(arch.std),
+            "layout": "NHWC, float32, (pixel/255 - mean) / std",
+        },
+        "num_classes": arch.num_classes,
+        **extra,
+    }
+    checkpoint.write_json(os.path.join(directory, MODEL_JSON), meta)
+
+
+def read_arch(directory: str) -> ViTArch:
+    path = os.path.join(directory, MODEL_JSON)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{directory} holds no finished export (no {MODEL_JSON})")
+    meta = checkpoint.read_json(path)
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{path}: unsupported export format {meta.get('format')!r}")
+    return ViTArch.from_dict(meta["arch"])
+
+
+def load_pruned(directory: str) -> tuple[ViT, dict]:
+    """(model, variables) such that `model.apply(variables, images)` gives logits."""
+    arch = read_arch(directory)
+    model = ViT(arch)
+    target = jax.eval_shape(model.init, jax.random.key(0), dummy_input(arch))["params"]
+    params = checkpoint.load_tree(os.path.join(directory, WEIGHTS), target)
+    return model, {"params": params}

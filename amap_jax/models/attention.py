@@ -1,0 +1,139 @@
+"""Softmax and focused linear attention behind one interface.
+
+Both take `qk_mask` (one mask for the paired q and k channels) and `v_scale` (value-channel mask
+times reweight scales), flat over heads. Masks are applied where a pruned model would not have the
+channel at all, so a masked model and its exported smaller model compute the same function.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from amap_jax.models.arch import SOFTMAX, BlockArch
+
+dense_init = nn.initializers.truncated_normal(0.02)
+
+
+def _heads(x: jax.Array, heads: int) -> jax.Array:
+    """[B, N, H*d] -> [B, H, N, d]."""
+    b, n, _ = x.shape
+    return x.reshape(b, n, heads, -1).transpose(0, 2, 1, 3)
+
+
+def _merge(x: jax.Array) -> jax.Array:
+    """[B, H, N, d] -> [B, N, H*d]."""
+    b, h, n, d = x.shape
+    return x.transpose(0, 2, 1, 3).reshape(b, n, h * d)
+
+
+class Attention(nn.Module):
+    """Multi-head attention of either kind over tokens laid out as [prefix tokens, grid x grid]."""
+
+    arch: BlockArch
+    embed_dim: int
+    num_tokens: int
+    grid: int
+    focusing_factor: float = 3.0
+    kernel_size: int = 5
+    reweight: bool = False
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, qk_mask=None, v_mask=None):
+        a = self.arch
+        dense = lambda n, name: nn.Dense(n, kernel_init=dense_init, dtype=self.dtype, name=name)  # noqa: E731
+        q = dense(a.heads * a.qk_dim, "q")(x)
+        k = dense(a.heads * a.qk_dim, "k")(x)
+        v = dense(a.heads * a.v_dim, "v")(x)
+        if a.attn == SOFTMAX:
+            out = self._softmax(q, k, v, qk_mask)
+        else:
+            out = self._focused_linear(q, k, v, qk_mask)
+        v_scale = v_mask
+        if self.reweight:
+            r = self.param("reweight", nn.initializers.ones, (a.heads * a.v_dim,))
+            v_scale = r if v_scale is None else v_scale * r
+        if v_scale is not None:
+            out = out * v_scale.astype(out.dtype)
+        return dense(self.embed_dim, "proj")(out)
+
+    def _softmax(self, q, k, v, qk_mask):
+        a = self.arch
+        if qk_mask is not None:
+            q = q * qk_mask.astype(q.dtype)  # masked channels drop out of every q.k sum
+        q, k, v = (_heads(t, a.heads) for t in (q, k, v))
+        logits = jnp.matmul(q * jnp.asarray(a.scale, q.dtype), k.swapaxes(-1, -2))
+        weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
+        return _merge(jnp.matmul(weights, v))
+
+    def _focused_linear(self, q, k, v, qk_mask):
+        a = self.arch
+        width = a.heads * a.qk_dim
+        pos = self.param("positional_encoding", dense_init, (self.num_tokens, width))
+        scale = self.param("scale", nn.initializers.zeros, (width,))
+        k = k + pos.astype(k.dtype)
+        q = jax.nn.relu(q) + 1e-6
+        k = jax.nn.relu(k) + 1e-6
+        if qk_mask is not None:  # after the +1e-6: masked channels are exactly 0 for the norms
+            q = q * qk_mask.astype(q.dtype)
+            k = k * qk_mask.astype(k.dtype)
+        s = jax.nn.softplus(scale).astype(q.dtype)
+        q, k = self._focus(q / s), self._focus(k / s)
+        q, k, vh = (_heads(t, a.heads) for t in (q, k, v))
+        n = q.shape[-2]
+        z = 1.0 / (jnp.matmul(q, jnp.mean(k, axis=-2, keepdims=True).swapaxes(-1, -2)) + 1e-6)
+        kv = jnp.matmul(k.swapaxes(-1, -2) * n**-0.5, vh * n**-0.5)
+        out = jnp.matmul(q, kv) * z
+        return _merge(out) + self._dwc(v)
+
+    def _focus(self, x):
+        """x**p with each token's norm (over all heads jointly) restored."""
+        norm = jnp.linalg.norm(x, axis=-1, keepdims=True)
+        p = self.focusing_factor
+        xp = x ** int(p) if float(p).is_integer() else x**p  # integer_pow: no exp/log
+        return xp / jnp.linalg.norm(xp, axis=-1, keepdims=True) * norm
+
+    def _dwc(self, v):
+        """Depthwise conv over the patch grid; prefix (cls) tokens get no conv term."""
+        a = self.arch
+        b, n, c = v.shape
+        prefix = n - self.grid**2
+        grid = v[:, prefix:].reshape(b, self.grid, self.grid, c)
+        if a.dwc_per_head:
+            channels = c
+        else:  # one kernel of width v_dim shared by all heads: fold heads into the batch
+            channels = a.v_dim
+            grid = grid.reshape(b, self.grid, self.grid, a.heads, a.v_dim)
+            grid = grid.transpose(0, 3, 1, 2, 4).reshape(b * a.heads, self.grid, self.grid, -1)
+        y = DepthwiseConv(channels, self.kernel_size, self.dtype, name="dwc")(grid)
+        if not a.dwc_per_head:
+            y = y.reshape(b, a.heads, self.grid, self.grid, a.v_dim).transpose(0, 2, 3, 1, 4)
+        y = y.reshape(b, self.grid**2, c)
+        return jnp.pad(y, ((0, 0), (prefix, 0), (0, 0)))
+
+
+class DepthwiseConv(nn.Module):
+    """'SAME' depthwise conv as a sum of shifted images: on small token grids this is faster on
+    CPU than XLA's grouped convolution. Parameters are laid out as `nn.Conv`'s."""
+
+    channels: int
+    kernel_size: int
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        k = self.kernel_size
+        kernel = self.param(
+            "kernel", nn.initializers.lecun_normal(), (k, k, 1, self.channels)
+        ).astype(self.dtype)
+        bias = self.param("bias", nn.initializers.zeros, (self.channels,)).astype(self.dtype)
+        h, w = x.shape[-3:-1]
+        pad = k // 2
+        xp = jnp.pad(x, ((0, 0), (pad, k - 1 - pad), (pad, k - 1 - pad), (0, 0)))
+        out = bias
+        for i in range(k):
+            for j in range(k):
+                out = out + xp[:, i : i + h, j : j + w] * kernel[i, j, 0]
+        return out

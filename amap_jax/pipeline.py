@@ -1,0 +1,357 @@
+"""A run: train (dense) -> search -> export -> finetune -> eval, in one work directory.
+
+Every stage checkpoints in its own sub-directory and resumes where it stopped; a stage that
+finished is not run again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from amap_jax import config as config_lib
+from amap_jax.data import load_source, train_batches
+from amap_jax.io import pruned
+from amap_jax.logs import log as logging
+from amap_jax.models.arch import ViTArch, vit_arch
+from amap_jax.models.vit import INDICATORS, SIMILARITY, ViT, dummy_input
+from amap_jax.pruning import amap, export, macs, similarity
+from amap_jax.pruning.projection import PruneSpec
+from amap_jax.train import checkpoint, parallel, steps
+from amap_jax.train.evaluate import evaluate, throughput
+from amap_jax.train.loop import Hook, fit
+
+
+@dataclasses.dataclass
+class Context:
+    config: object
+    workdir: str
+    mesh: object
+    train_src: object
+    test_src: object
+    inputs: steps.Input
+    process_index: int = 0
+    process_count: int = 1
+
+    @property
+    def is_chief(self) -> bool:
+        return self.process_index == 0
+
+    def stage_dir(self, name: str) -> str:
+        return os.path.join(self.workdir, name)
+
+    def steps(self, stage) -> tuple[int, int]:
+        """(total steps, steps per epoch) of a stage."""
+        per_epoch = max(len(self.train_src) // stage.batch_size, 1)
+        return int(math.ceil(stage.epochs * per_epoch)), per_epoch
+
+    def batches(self, batch_size: int, seed: int):
+        return lambda start: train_batches(
+            self.train_src,
+            batch_size,
+            seed=seed,
+            start_step=start,
+            process_index=self.process_index,
+            process_count=self.process_count,
+        )
+
+    def evaluate(self, model, variables) -> dict:
+        return evaluate(
+            model,
+            variables,
+            self.test_src,
+            self.inputs,
+            self.config.eval.batch_size,
+            self.mesh,
+            self.process_index,
+            self.process_count,
+        )
+
+
+def build_arch(config, info) -> ViTArch:
+    h, w, c = info.image_shape
+    m = config.model
+    return vit_arch(
+        m.variant,
+        num_classes=info.num_classes,
+        in_chans=c,
+        pattern=m.pattern or None,
+        image_size=h if h else None,
+        mean=tuple(info.mean),
+        std=tuple(info.std),
+        gelu_approximate=m.gelu_approximate,
+    )
+
+
+def _optimizer(stage, total: int, per_epoch: int, extra: dict | None = None):
+    warmup = int(stage.warmup_epochs * per_epoch)
+    tx = {"params": steps.adamw(stage.lr, total, warmup, stage.weight_decay, stage.grad_clip)}
+    return steps.per_collection({**tx, **(extra or {})})
+
+
+def _check_export_dir(ctx: Context, export_dir: str) -> None:
+    """A finished export that this work directory did not write is never overwritten."""
+    marker = os.path.join(ctx.workdir, "export_dir.json")
+    ours = os.path.exists(marker) and checkpoint.read_json(marker)["path"] == export_dir
+    if pruned.is_finished(export_dir) and not ours:
+        raise FileExistsError(
+            f"export directory {export_dir} already holds a finished export; "
+            "pass another --config.export_dir or --workdir"
+        )
+
+
+def train_dense(ctx: Context, arch: ViTArch):
+    cfg = ctx.config.train
+    model = ViT(arch)
+    params = model.init(jax.random.key(ctx.config.seed), dummy_input(arch))["params"]
+    total, per_epoch = ctx.steps(cfg)
+    tx = _optimizer(cfg, total, per_epoch)
+    state = steps.create_state({"params": params}, tx)
+    if total == 0:
+        return params
+    objective = steps.Objective(arch.num_classes, cfg.label_smoothing)
+    step = jax.jit(
+        steps.make_train_step(model, tx, ctx.inputs, objective, ctx.config.seed), donate_argnums=0
+    )
+    state = fit(
+        name="train",
+        directory=ctx.stage_dir("dense"),
+        state=state,
+        step_fn=step,
+        batches=ctx.batches(cfg.batch_size, ctx.config.seed),
+        num_steps=total,
+        steps_per_epoch=per_epoch,
+        mesh=ctx.mesh,
+        checkpoint_every=ctx.config.checkpoint_every,
+        on_epoch=lambda s, st: {"test_top1": ctx.evaluate(model, st.trainable)["top1"]},
+        is_chief=ctx.is_chief,
+    )
+    return state.trainable["params"]
+
+
+def prune_spec(cfg) -> PruneSpec:
+    return PruneSpec(min_keep=cfg.min_keep, multiple=cfg.multiple, head_balanced=cfg.head_balanced)
+
+
+def search(ctx: Context, arch: ViTArch, dense_params):
+    """AMAP search; returns (search arch, variables with fixed final masks)."""
+    cfg = ctx.config.search
+    spec = prune_spec(cfg)
+    s_arch, params = amap.add_reweight(arch, dense_params) if cfg.reweight else (arch, dense_params)
+    calib = None
+    if cfg.init == "attn_diff":
+        idx = np.arange(min(cfg.calibration_batch, len(ctx.train_src)))
+        calib = ctx.inputs(jnp.asarray(ctx.train_src.get(idx)["image"]))
+    indicators = amap.init_indicators(s_arch, params, cfg, calib)
+    sim_fn = jax.jit(lambda p: similarity.similarity_weights(s_arch, p))
+    sim = sim_fn(params) if cfg.similarity else amap.constant_indicators(s_arch, 1.0)
+
+    total, per_epoch = ctx.steps(cfg)
+    ind_tx = optax.adam(cfg.indicator_lr)
+    tx = _optimizer(cfg, total, per_epoch, {INDICATORS: ind_tx})
+    state = steps.create_state({"params": params, INDICATORS: indicators}, tx, {SIMILARITY: sim})
+    model = ViT(s_arch, prune=spec)
+    objective = steps.Objective(
+        arch.num_classes,
+        cfg.label_smoothing,
+        cfg.kd_weight,
+        cfg.kd_temperature,
+        regularizer=amap.macs_regularizer(s_arch, cfg.target, cfg.macs_weight, cfg.macs_loss),
+    )
+    teacher = ViT(arch) if cfg.kd_weight > 0 else None
+    step = jax.jit(
+        steps.make_train_step(model, tx, ctx.inputs, objective, ctx.config.seed + 1, teacher),
+        donate_argnums=0,
+    )
+    hooks = ()
+    if cfg.similarity:
+        refresh = jax.jit(lambda st: st.replace(extra={SIMILARITY: sim_fn(st.trainable["params"])}))
+        hooks = (Hook(cfg.similarity_every, refresh),)
+
+    def on_epoch(_, st):
+        return {"hard_macs_ratio": amap.hard_ratio(s_arch, st.trainable, spec)}
+
+    if total:
+        state = fit(
+            name="search",
+            directory=ctx.stage_dir("search"),
+            state=state,
+            step_fn=step,
+            batches=ctx.batches(cfg.batch_size, ctx.config.seed + 1),
+            num_steps=total,
+            steps_per_epoch=per_epoch,
+            mesh=ctx.mesh,
+            checkpoint_every=ctx.config.checkpoint_every,
+            hooks=hooks,
+            on_epoch=on_epoch,
+            step_args=({"params": dense_params},) if teacher else (),
+            is_chief=ctx.is_chief,
+        )
+    variables = {**jax.device_get(state.trainable), **jax.device_get(state.extra)}
+    variables[INDICATORS] = amap.finalize(s_arch, variables, spec, cfg.target)
+    return s_arch, variables, model
+
+
+def finetune(ctx: Context, arch: ViTArch, params, teacher_arch, teacher_params):
+    cfg = ctx.config.finetune
+    model = ViT(arch)
+    total, per_epoch = ctx.steps(cfg)
+    if total == 0:
+        return params
+    tx = _optimizer(cfg, total, per_epoch)
+    state = steps.create_state({"params": params}, tx)
+    objective = steps.Objective(
+        arch.num_classes, cfg.label_smoothing, cfg.kd_weight, cfg.kd_temperature
+    )
+    teacher = ViT(teacher_arch) if cfg.kd_weight > 0 else None
+    step = jax.jit(
+        steps.make_train_step(model, tx, ctx.inputs, objective, ctx.config.seed + 2, teacher),
+        donate_argnums=0,
+    )
+    state = fit(
+        name="finetune",
+        directory=ctx.stage_dir("finetune"),
+        state=state,
+        step_fn=step,
+        batches=ctx.batches(cfg.batch_size, ctx.config.seed + 2),
+        num_steps=total,
+        steps_per_epoch=per_epoch,
+        mesh=ctx.mesh,
+        checkpoint_every=ctx.config.checkpoint_every,
+        on_epoch=lambda s, st: {"test_top1": ctx.evaluate(model, st.trainable)["top1"]},
+        step_args=({"params": teacher_params},) if teacher else (),
+        is_chief=ctx.is_chief,
+    )
+    return jax.device_get(state.trainable["params"])
+
+
+def _count(params) -> int:
+    return int(sum(np.size(x) for x in jax.tree.leaves(params)))
+
+
+def _report(ctx: Context, arch: ViTArch, params, top1: float) -> dict:
+    model = ViT(arch)
+    bench = ctx.config.eval
+    return {
+        "params": _count(params),
+        "macs": int(macs.vit_macs(arch)),
+        "top1": round(top1, 2),
+        "images_per_s": round(
+            throughput(
+                model, {"params": params}, arch, bench.bench_batch, seconds=bench.bench_seconds
+            ),
+            1,
+        ),
+    }
+
+
+def run(config, workdir: str) -> dict:
+    """Runs (or resumes) every stage and returns the summary written to WORKDIR/summary.json."""
+    config_lib.validate(config)
+    workdir = os.path.abspath(workdir)
+    export_dir = os.path.abspath(config.export_dir or os.path.join(workdir, "export"))
+    mesh = parallel.make_mesh(config.num_devices or None)
+    d = config.data
+    train_src = load_source(d.name, d.train_split, d.data_dir or None)
+    test_src = load_source(d.name, d.test_split, d.data_dir or None)
+    for stage in ("train", "search", "finetune"):
+        parallel.check_batch_size(config[stage].batch_size, mesh)
+    arch = build_arch(config, train_src.info)
+    inputs = steps.Input(arch.mean, arch.std, arch.image_size, d.crop_padding, d.flip)
+    ctx = Context(
+        config, workdir, mesh, train_src, test_src, inputs, jax.process_index(), jax.process_count()
+    )
+    _check_export_dir(ctx, export_dir)
+    # Every check passed: only now is anything written.
+    os.makedirs(workdir, exist_ok=True)
+    if ctx.is_chief:
+        checkpoint.write_json(os.path.join(workdir, "config.json"), config.to_dict())
+        n_params = _count(
+            jax.eval_shape(ViT(arch).init, jax.random.key(0), dummy_input(arch))["params"]
+        )
+        logging.info(
+            "model %s: %d params, %.2f MMACs; data %s (%d train / %d test), %d devices",
+            arch.name,
+            n_params,
+            macs.vit_macs(arch) / 1e6,
+            d.name,
+            len(train_src),
+            len(test_src),
+            mesh.devices.size,
+        )
+
+    dense_params = jax.device_get(train_dense(ctx, arch))
+    dense_eval = ctx.evaluate(ViT(arch), {"params": dense_params})
+
+    s_arch, variables, masked_model = search(ctx, arch, dense_params)
+    masked_eval = ctx.evaluate(masked_model, variables)
+    spec = prune_spec(config.search)
+    p_arch, p_params = export.export(s_arch, variables, spec)
+    exported_eval = ctx.evaluate(ViT(p_arch), {"params": p_params})
+    logging.info(
+        "search done: masked top1 %.2f, exported top1 %.2f, MACs ratio %.3f",
+        masked_eval["top1"],
+        exported_eval["top1"],
+        macs.vit_macs(p_arch) / macs.vit_macs(arch),
+    )
+
+    p_params = finetune(ctx, p_arch, p_params, arch, dense_params)
+    if ctx.is_chief and not pruned.is_finished(export_dir):
+        pruned.save_pruned(
+            export_dir, p_arch, p_params, method=config.method, dense_macs=int(macs.vit_macs(arch))
+        )
+        checkpoint.write_json(os.path.join(workdir, "export_dir.json"), {"path": export_dir})
+    model, loaded = pruned.load_pruned(export_dir)
+    pruned_eval = ctx.evaluate(model, loaded)
+
+    summary = {
+        "method": config.method,
+        "target_macs_ratio": config.search.target,
+        "dense": _report(ctx, arch, dense_params, dense_eval["top1"]),
+        "pruned": _report(ctx, p_arch, loaded["params"], pruned_eval["top1"]),
+        "pruned_before_finetune_top1": round(exported_eval["top1"], 2),
+        "masked_top1": round(masked_eval["top1"], 2),
+        "arch": {
+            "dense": arch.name,
+            "pruned_blocks": [
+                [b.attn, b.heads, b.qk_dim, b.v_dim, b.mlp_dim] for b in p_arch.blocks
+            ],
+        },
+        "export_dir": export_dir,
+    }
+    s = summary
+    s["macs_ratio"] = round(s["pruned"]["macs"] / s["dense"]["macs"], 4)
+    s["speedup"] = round(s["pruned"]["images_per_s"] / s["dense"]["images_per_s"], 3)
+    s["ideal_speedup"] = round(s["dense"]["macs"] / s["pruned"]["macs"], 3)
+    if ctx.is_chief:
+        checkpoint.write_json(os.path.join(workdir, "summary.json"), summary)
+    return summary
+
+
+def format_summary(s: dict) -> str:
+    rows = [("", "params", "MACs", "top-1 %", "images/s")]
+    for k in ("dense", "pruned"):
+        r = s[k]
+        rows.append(
+            (
+                k,
+                f"{r['params']:,}",
+                f"{r['macs'] / 1e6:.2f}M",
+                f"{r['top1']:.2f}",
+                f"{r['images_per_s']:.0f}",
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    lines.append(
+        f"MACs ratio {s['macs_ratio']:.3f} (target {s['target_macs_ratio']}), "
+        f"top-1 change {s['pruned']['top1'] - s['dense']['top1']:+.2f}, "
+        f"speedup {s['speedup']:.2f}x (ideal {s['ideal_speedup']:.2f}x), method {s['method']}"
+    )
+    return "\n".join(lines)

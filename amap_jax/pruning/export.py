@@ -1,0 +1,107 @@
+"""Export: rewrite a masked model into a smaller dense model with the same logits.
+
+Kernels are sliced to the kept channels, reweight scales are folded into the next layer, and
+the softmax scale of the dense model is kept. Nothing of the pruning machinery is left over.
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+
+from amap_jax.models.arch import LINEAR, BlockArch, ViTArch
+from amap_jax.models.vit import INDICATORS, SIMILARITY
+from amap_jax.pruning import projection
+from amap_jax.pruning.projection import PruneSpec
+
+
+def kept_channels(variables, arch: ViTArch, spec: PruneSpec) -> list[dict[str, np.ndarray]]:
+    """Per block and group, the kept channel indices as [heads, k] (sorted within a head)."""
+    if not spec.head_balanced:
+        raise ValueError("export needs head-balanced masks (amap.head_balanced=True)")
+    indicators = variables[INDICATORS]
+    similarity = variables.get(SIMILARITY)
+    out = []
+    for i in range(len(arch.blocks)):
+        groups = {}
+        for g, logits in indicators[f"block_{i}"].items():
+            w = None if similarity is None else similarity[f"block_{i}"][g]
+            keep = np.asarray(projection.hard_mask(logits, w, spec)) > 0
+            groups[g] = np.stack([np.flatnonzero(row) for row in keep])
+        out.append(groups)
+    return out
+
+
+def _flat(idx: np.ndarray, width: int) -> np.ndarray:
+    """[heads, k] indices within heads of `width` -> flat indices over heads."""
+    return (idx + width * np.arange(idx.shape[0])[:, None]).reshape(-1)
+
+
+def _dense(p, cols=None, rows=None, row_scale=None):
+    kernel, bias = np.asarray(p["kernel"]), np.asarray(p["bias"])
+    if rows is not None:
+        kernel = kernel[rows]
+        if row_scale is not None:
+            kernel = kernel * row_scale[:, None]
+    if cols is not None:
+        kernel, bias = kernel[:, cols], bias[cols]
+    return {"kernel": kernel, "bias": bias}
+
+
+def _export_block(block: BlockArch, p, keep) -> tuple[BlockArch, dict]:
+    qk, v, hidden = keep["qk"], keep["v"], keep["hidden"]
+    qk_cols, v_cols = _flat(qk, block.qk_dim), _flat(v, block.v_dim)
+    hidden_cols = hidden.reshape(-1)
+    attn, mlp = p["attn"], p["mlp"]
+    v_scale = np.asarray(attn["reweight"])[v_cols] if "reweight" in attn else None
+    hidden_scale = np.asarray(mlp["reweight"])[hidden_cols] if "reweight" in mlp else None
+    new_attn = {
+        "q": _dense(attn["q"], cols=qk_cols),
+        "k": _dense(attn["k"], cols=qk_cols),
+        "v": _dense(attn["v"], cols=v_cols),
+        "proj": _dense(attn["proj"], rows=v_cols, row_scale=v_scale),
+    }
+    per_head = block.dwc_per_head
+    if block.attn == LINEAR:
+        new_attn["positional_encoding"] = np.asarray(attn["positional_encoding"])[:, qk_cols]
+        new_attn["scale"] = np.asarray(attn["scale"])[qk_cols]
+        dwc = attn["dwc"]
+        same_in_every_head = bool(np.all(v == v[:1]))
+        if block.dwc_per_head:
+            sel = v_cols
+        elif same_in_every_head:
+            sel = v[0]
+        else:  # heads keep different rows of the shared kernel: one kernel per head
+            sel, per_head = v.reshape(-1), True
+        new_attn["dwc"] = {
+            "kernel": np.asarray(dwc["kernel"])[..., sel],
+            "bias": np.asarray(dwc["bias"])[sel],
+        }
+    new_mlp = {
+        "fc1": _dense(mlp["fc1"], cols=hidden_cols),
+        "fc2": _dense(mlp["fc2"], rows=hidden_cols, row_scale=hidden_scale),
+    }
+    new_block = BlockArch(
+        attn=block.attn,
+        heads=block.heads,
+        qk_dim=qk.shape[1],
+        v_dim=v.shape[1],
+        mlp_dim=hidden.shape[1],
+        qk_scale=block.scale,
+        dwc_per_head=per_head,
+    )
+    new_p = {k: val for k, val in p.items() if k not in ("attn", "mlp")}
+    return new_block, {**new_p, "attn": new_attn, "mlp": new_mlp}
+
+
+def export(arch: ViTArch, variables, spec: PruneSpec | None = None) -> tuple[ViTArch, dict]:
+    """(arch, {params, indicators[, similarity]}) -> (smaller arch, smaller params)."""
+    spec = spec or PruneSpec()
+    params = jax.tree.map(np.asarray, variables["params"])
+    keep = kept_channels(variables, arch, spec)
+    blocks, new_params = [], dict(params)
+    for i, block in enumerate(arch.blocks):
+        b, bp = _export_block(block, params[f"block_{i}"], keep[i])
+        blocks.append(b)
+        new_params[f"block_{i}"] = bp
+    return arch.replace(blocks=tuple(blocks), reweight=False), new_params

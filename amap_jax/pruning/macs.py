@@ -1,0 +1,73 @@
+"""Closed-form multiply-accumulate counts (MACs) per image.
+
+One place for MACs counting. Widths may be floats (soft counts from indicators, for the MACs
+loss) or ints (the exported architecture, for reporting). Element-wise work (norms, softmax,
+activations) is not counted; XLA's cost analysis counts it, plus 2 FLOPs per multiply-add.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from amap_jax.models.arch import SOFTMAX, BlockArch, ViTArch
+
+Widths = tuple  # (qk_dim, v_dim, mlp_dim) per block; floats or ints
+
+
+def block_macs(
+    block: BlockArch,
+    embed_dim: int,
+    tokens: int,
+    grid: int,
+    kernel_size: int,
+    widths: Widths | None = None,
+):
+    qk, v, mlp = widths if widths is not None else (block.qk_dim, block.v_dim, block.mlp_dim)
+    h, n, d = block.heads, tokens, embed_dim
+    qk_all, v_all = h * qk, h * v
+    total = n * d * (2 * qk_all + v_all)  # q, k, v projections
+    total = total + n * v_all * d  # output projection
+    if block.attn == SOFTMAX:
+        total = total + n * n * (qk_all + v_all)  # q.k^T and attn.v
+    else:
+        total = total + 2 * n * h * qk * v + n * qk_all  # k^T v, q (k^T v), q . mean(k)
+        total = total + grid * grid * v_all * kernel_size**2  # depthwise conv on v
+    return total + 2 * n * d * mlp
+
+
+def vit_macs(arch: ViTArch, widths: list[Widths] | None = None):
+    """MACs of one image through `arch`, optionally with other per-block widths."""
+    n = arch.num_tokens
+    total = arch.grid**2 * arch.patch_size**2 * arch.in_chans * arch.embed_dim
+    for i, block in enumerate(arch.blocks):
+        w = None if widths is None else widths[i]
+        total = total + block_macs(block, arch.embed_dim, n, arch.grid, arch.kernel_size, w)
+    return total + arch.embed_dim * arch.num_classes
+
+
+def soft_widths(arch: ViTArch, indicators) -> list[Widths]:
+    """Expected per-head widths: sum of keep-probabilities over a group, divided by its heads."""
+    out = []
+    for i, block in enumerate(arch.blocks):
+        ind = indicators[f"block_{i}"]
+        out.append(
+            tuple(
+                jnp.sum(jax.nn.sigmoid(ind[g])) / (block.heads if g != "hidden" else 1)
+                for g in ("qk", "v", "hidden")
+            )
+        )
+    return out
+
+
+def soft_ratio(arch: ViTArch, indicators) -> jax.Array:
+    """Differentiable MACs(indicators) / MACs(dense)."""
+    return vit_macs(arch, soft_widths(arch, indicators)) / float(vit_macs(arch))
+
+
+def xla_macs(fn, *args) -> float:
+    """MACs as XLA counts them (FLOPs / 2), from lowering only: nothing is run."""
+    cost = jax.jit(fn).lower(*args).cost_analysis()
+    if isinstance(cost, list | tuple):
+        cost = cost[0]
+    return float(cost["flops"]) / 2

@@ -1,0 +1,79 @@
+"""Head-balanced projection: indicator logits -> binary channel masks.
+
+Every head of a layer keeps the same number of channels, so the pruned layer still reshapes to
+heads and exports to a smaller dense layer. The forward pass sees the binary mask; the backward
+pass sees the importance scores (straight-through estimator).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+# Logit magnitude that pins a mask: sigmoid(20) = 1 - 2e-9.
+FIXED_LOGIT = 20.0
+
+
+@dataclasses.dataclass(frozen=True)
+class PruneSpec:
+    """How a model turns its `indicators` collection into masks (hashable: a module field)."""
+
+    min_keep: int = 1
+    multiple: int = 1
+    head_balanced: bool = True
+    straight_through: bool = True
+
+
+def keep_count(logits: jax.Array, spec: PruneSpec) -> jax.Array:
+    """Channels each head keeps: the soft count sum(sigmoid) shared evenly over the heads."""
+    heads, width = logits.shape
+    k = jnp.clip(jnp.round(jnp.sum(jax.nn.sigmoid(logits)) / heads), spec.min_keep, width)
+    if spec.multiple > 1:
+        k = jnp.minimum(jnp.ceil(k / spec.multiple) * spec.multiple, width)
+    return k.astype(jnp.int32)
+
+
+def _layer_count(logits: jax.Array, spec: PruneSpec) -> jax.Array:
+    """Channels the whole layer keeps when heads are not balanced."""
+    heads, width = logits.shape
+    k = jnp.round(jnp.sum(jax.nn.sigmoid(logits)))
+    return jnp.clip(k, heads * min(spec.min_keep, width), heads * width).astype(jnp.int32)
+
+
+def importance(logits: jax.Array, weights: jax.Array | None) -> jax.Array:
+    p = jax.nn.sigmoid(logits)
+    return p if weights is None else p * weights
+
+
+def rank(scores: jax.Array) -> jax.Array:
+    """0 for the largest score along the last axis; ties broken by position."""
+    order = jnp.argsort(-scores, axis=-1, stable=True)
+    return jnp.argsort(order, axis=-1, stable=True)
+
+
+def hard_mask(logits: jax.Array, weights: jax.Array | None, spec: PruneSpec) -> jax.Array:
+    """Binary [heads, width] mask: top-k importance in every head (or in the whole layer)."""
+    a = importance(logits, weights)
+    k = keep_count(logits, spec)
+    if spec.head_balanced:
+        return (rank(a) < k).astype(a.dtype)
+    flat_rank = rank(a.reshape(-1)).reshape(a.shape)
+    # Unbalanced: the layer keeps its count wherever the scores are, and one channel per head.
+    keep = jnp.logical_or(flat_rank < _layer_count(logits, spec), rank(a) < 1)
+    return keep.astype(a.dtype)
+
+
+def mask(logits: jax.Array, weights: jax.Array | None, spec: PruneSpec) -> jax.Array:
+    """Binary mask in the forward pass; gradient of the importance scores in the backward pass."""
+    hard = hard_mask(jax.lax.stop_gradient(logits), weights, spec)
+    if not spec.straight_through:
+        return hard
+    a = importance(logits, weights)
+    return hard + (a - jax.lax.stop_gradient(a))  # parenthesised: exactly `hard` forward
+
+
+def fixed_logits(binary_mask: jax.Array) -> jax.Array:
+    """Logits that reproduce `binary_mask` under `hard_mask` with any positive weights."""
+    return jnp.where(binary_mask > 0, FIXED_LOGIT, -FIXED_LOGIT).astype(jnp.float32)

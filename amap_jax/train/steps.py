@@ -1,0 +1,153 @@
+"""Jit-compiled train / search / eval steps, shared by every stage.
+
+One `TrainState` serves dense training, the indicator search and fine-tuning: the trainable tree
+is `{'params': ...}` or `{'params': ..., 'indicators': ...}` and the optimizer is chosen per
+collection with `optax.multi_transform`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from amap_jax.data import augment, preprocess
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    trainable: Any  # {'params': ...[, 'indicators': ...]}
+    opt_state: Any
+    extra: Any  # non-trainable collections, e.g. {'similarity': ...}
+
+
+@dataclasses.dataclass(frozen=True)
+class Input:
+    """How uint8 batches become model inputs (static: closed over by the step)."""
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    image_size: int
+    crop_padding: int = 0
+    flip: bool = False
+
+    def __call__(self, images, rng=None):
+        x = preprocess(images, self.mean, self.std, image_size=self.image_size)
+        if rng is not None and (self.crop_padding or self.flip):
+            x = augment(rng, x, crop_padding=self.crop_padding, flip=self.flip)
+        return x
+
+
+def schedule(lr: float, total_steps: int, warmup_steps: int) -> optax.Schedule:
+    warmup_steps = min(warmup_steps, max(total_steps - 1, 0))
+    return optax.warmup_cosine_decay_schedule(
+        0.0, lr, max(warmup_steps, 1), max(total_steps, warmup_steps + 1), end_value=lr * 1e-2
+    )
+
+
+def adamw(lr: float, total_steps: int, warmup_steps: int, weight_decay: float, clip: float):
+    def decay_mask(params):  # no decay on biases, norms, scales and embeddings of rank < 2
+        return jax.tree.map(lambda p: p.ndim >= 2, params)
+
+    return optax.chain(
+        optax.clip_by_global_norm(clip) if clip else optax.identity(),
+        optax.adamw(
+            schedule(lr, total_steps, warmup_steps), weight_decay=weight_decay, mask=decay_mask
+        ),
+    )
+
+
+def per_collection(optimizers: dict[str, optax.GradientTransformation]):
+    """One optimizer per top-level collection of the trainable tree."""
+
+    def labels(tree):
+        return {k: jax.tree.map(lambda _, k=k: k, v) for k, v in tree.items()}
+
+    return optax.multi_transform(optimizers, labels)
+
+
+def create_state(trainable, tx, extra=None) -> TrainState:
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        trainable=trainable,
+        opt_state=tx.init(trainable),
+        extra=extra or {},
+    )
+
+
+def cross_entropy(logits, labels, num_classes: int, smoothing: float = 0.0):
+    targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), smoothing)
+    return optax.softmax_cross_entropy(logits, targets).mean()
+
+
+def distillation(student_logits, teacher_logits, temperature: float):
+    t = temperature
+    p = jax.nn.softmax(teacher_logits / t)
+    return (t * t) * optax.softmax_cross_entropy(student_logits / t, p).mean()
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+    """Classification loss, optional distillation, optional regulariser of the trainable tree."""
+
+    num_classes: int
+    label_smoothing: float = 0.0
+    kd_weight: float = 0.0
+    kd_temperature: float = 1.0
+    regularizer: Callable[[Any], tuple[jax.Array, dict]] | None = None
+
+
+def make_train_step(model, tx, inputs: Input, objective: Objective, seed: int, teacher=None):
+    """(state, batch[, teacher_variables]) -> (state, metrics); jit it with donate_argnums=0.
+
+    `teacher` is a module; its variables are passed per call so they stay device arrays.
+    """
+
+    def step(state: TrainState, batch, teacher_variables=None):
+        rng = jax.random.fold_in(jax.random.key(seed), state.step)
+        x = inputs(batch["image"], rng)
+
+        def loss_fn(trainable):
+            logits = model.apply({**trainable, **state.extra}, x)
+            ce = cross_entropy(
+                logits, batch["label"], objective.num_classes, objective.label_smoothing
+            )
+            loss, metrics = ce, {"ce": ce}
+            if teacher is not None and objective.kd_weight > 0:
+                t_logits = jax.lax.stop_gradient(teacher.apply(teacher_variables, x))
+                kd = distillation(logits, t_logits, objective.kd_temperature)
+                loss = (1 - objective.kd_weight) * ce + objective.kd_weight * kd
+                metrics["kd"] = kd
+            if objective.regularizer is not None:
+                reg, reg_metrics = objective.regularizer(trainable)
+                loss = loss + reg
+                metrics.update(reg_metrics)
+            acc = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
+            return loss, {**metrics, "loss": loss, "accuracy": acc}
+
+        grads, metrics = jax.grad(loss_fn, has_aux=True)(state.trainable)
+        updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
+        trainable = optax.apply_updates(state.trainable, updates)
+        new = state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state)
+        return new, metrics
+
+    return step
+
+
+def make_eval_step(model, inputs: Input):
+    """(variables, batch) -> summed correct / loss / count over the real (mask=1) examples."""
+
+    def step(variables, batch):
+        logits = model.apply(variables, inputs(batch["image"]))
+        mask = batch.get("mask", jnp.ones(logits.shape[:1]))
+        correct = (jnp.argmax(logits, -1) == batch["label"]) * mask
+        nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]) * mask
+        return {"correct": correct.sum(), "loss": nll.sum(), "count": mask.sum()}
+
+    return step

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Installs everything on a fresh machine: the offline Fashion-MNIST files and a virtualenv.
+# Usage: bash scripts/setup.sh [requirements file, default requirements-test.txt]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+req="${1:-requirements-test.txt}"
+
+if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null
+  else
+    echo "setup: Fashion-MNIST missing: run 'sudo apt-get install -y dataset-fashion-mnist'" >&2
+  fi
+fi
+
+python3 -m venv .venv
+.venv/bin/pip install -q --upgrade pip
+.venv/bin/pip install -q -r "$req"

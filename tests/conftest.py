@@ -1,0 +1,92 @@
+"""Shared helpers for the model and pruning tests: random params, random balanced masks."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import numpy as np
+
+from amap_jax.models.arch import ViTArch
+from amap_jax.models.vit import ViT, dummy_input, group_shapes
+from amap_jax.pruning import projection
+
+
+def param_shapes(model: ViT | nn.Module, *args):
+    """Abstract variables of `model` (tracing only; nothing is initialised or compiled)."""
+    if not args:
+        args = (dummy_input(model.arch),)
+    return jax.eval_shape(model.init, jax.random.key(0), *args)
+
+
+def random_params(shapes, seed: int, noise: float = 0.2):
+    """Random numpy params in the shape of `shapes`, with no leaf at its (often trivial) init.
+
+    Kernels are drawn as N(0, 1/fan_in), which keeps activations O(1) (the default init with
+    std 0.02 and a zero head gives near-constant logits that would hide errors). LayerNorm scales
+    and reweight scales are 1 + N(0, noise^2); every other leaf (biases, cls and position
+    embeddings, focused-attention `scale` and `positional_encoding`) is N(0, noise^2).
+    Drawn with numpy: cheaper than compiling the model's initialisers.
+    """
+    rng = np.random.default_rng(seed)
+
+    def draw(path, leaf):
+        names = [getattr(k, "key", str(k)) for k in path]
+        z = rng.standard_normal(leaf.shape).astype(np.float32)
+        if names[-1] == "kernel":
+            return z / np.float32(np.sqrt(np.prod(leaf.shape[:-1])))
+        if names[-1] == "reweight" or (
+            names[-1] == "scale" and len(names) > 1 and names[-2].startswith("norm")
+        ):
+            return 1.0 + noise * z
+        return noise * z
+
+    return jax.tree_util.tree_map_with_path(draw, shapes)
+
+
+def random_images(arch: ViTArch, batch: int, seed: int) -> np.ndarray:
+    shape = (batch, arch.image_size, arch.image_size, arch.in_chans)
+    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+
+
+def random_balanced_mask(
+    rng: np.random.Generator, heads: int, width: int, k: int | None = None, same: bool = False
+) -> np.ndarray:
+    """[heads, width] 0/1 mask with the same count k in every head (random k in [1, width]).
+
+    `same=True` keeps the same channels in every head.
+    """
+    if k is None:
+        k = int(rng.integers(1, width + 1))
+    mask = np.zeros((heads, width), np.float32)
+    first = rng.choice(width, size=k, replace=False)
+    for h in range(heads):
+        mask[h, first if same else rng.choice(width, size=k, replace=False)] = 1.0
+    return mask
+
+
+def random_masks(arch: ViTArch, rng: np.random.Generator, same_v: bool = False):
+    """Random balanced masks for every group of every block, as {'block_i': {group: mask}}."""
+    return {
+        f"block_{i}": {
+            g: random_balanced_mask(rng, h, w, same=same_v and g == "v")
+            for g, (h, w) in group_shapes(block).items()
+        }
+        for i, block in enumerate(arch.blocks)
+    }
+
+
+def logits_for(masks):
+    """Indicator logits that reproduce `masks` (a tree of binary masks)."""
+    return jax.tree.map(projection.fixed_logits, masks)
+
+
+def all_kept(arch: ViTArch):
+    """Masks keeping every channel of every group."""
+    return {
+        f"block_{i}": {g: np.ones(s, np.float32) for g, s in group_shapes(block).items()}
+        for i, block in enumerate(arch.blocks)
+    }
+
+
+def count_params(params) -> int:
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
