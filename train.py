@@ -4,6 +4,7 @@
       [--config.search.target=0.6 ...]
 """
 
+import re
 import sys
 
 from absl import app, flags, logging
@@ -24,9 +25,16 @@ def _parse(argv):
     try:
         return flags.FLAGS(argv)
     except (AttributeError, KeyError) as e:
-        key = str(e).strip("'\"")
+        text = str(e).replace("\\", "")
+        found = re.search(r"'([^']+)'", text)
+        key = found.group(1) if found else text.splitlines()[0]
+        hint = re.search(r'Did you mean "([^"]+)"', text)
         bad = [a for a in argv if a.startswith("--config.") and key in a]
-        _fail(f"unknown config key {key!r} in {' '.join(bad) or 'the overrides'}")
+        where = " ".join(bad) or "the overrides"
+        _fail(
+            f"unknown config key {key!r} in {where}"
+            + (f" (did you mean {hint.group(1)!r}?)" if hint else "")
+        )
     except (flags.Error, ValueError, TypeError) as e:
         _fail(str(e).splitlines()[0])
 

@@ -20,13 +20,15 @@ def defaults() -> ml_collections.ConfigDict:
         data_dir="",
         train_split="train",
         test_split="test",
-        crop_padding=2,
-        flip=True,
+        # Off by default: at a few epochs, shifting 7x7 patches slows learning more than it helps
+        # (2 epochs, ViT-mini/7 on Fashion-MNIST: 83.5% without, 74.7% with crop 2 + flip).
+        crop_padding=0,
+        flip=False,
     )
     c.model = dict(variant="mini", pattern="", gelu_approximate=True)
 
     c.train = dict(
-        epochs=4.0,
+        epochs=8.0,
         batch_size=256,
         lr=2e-3,
         warmup_epochs=0.5,
@@ -61,7 +63,7 @@ def defaults() -> ml_collections.ConfigDict:
         kd_temperature=1.0,
     )
     c.finetune = dict(
-        epochs=2.0,
+        epochs=3.0,
         batch_size=256,
         lr=1e-3,
         warmup_epochs=0.2,

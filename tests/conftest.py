@@ -10,6 +10,9 @@ from amap_jax.models.arch import ViTArch
 from amap_jax.models.vit import ViT, dummy_input, group_shapes
 from amap_jax.pruning import projection
 
+# Eight fake CPU devices for the data-parallel tests; set before any backend starts.
+jax.config.update("jax_num_cpu_devices", 8)
+
 
 def param_shapes(model: ViT | nn.Module, *args):
     """Abstract variables of `model` (tracing only; nothing is initialised or compiled)."""

@@ -1,0 +1,87 @@
+"""Shared pieces of the benchmarks: a pruned model at a MACs target, timing, result files."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+
+import jax
+import numpy as np
+
+from amap_jax.models.arch import vit_arch
+from amap_jax.models.vit import INDICATORS, SIMILARITY, ViT, dummy_input
+from amap_jax.pruning import amap, export, similarity
+from amap_jax.pruning.projection import PruneSpec
+
+RESULTS = os.path.join(os.path.dirname(__file__), "results")
+
+
+def dense_and_pruned(
+    variant: str,
+    pattern: str | None,
+    target: float,
+    *,
+    in_chans: int = 3,
+    num_classes: int = 1000,
+    seed: int = 0,
+):
+    """A dense model and its AMAP export at `target` MACs, with random weights and indicators.
+
+    Widths come from `amap.finalize`, so they are what a search would produce for that target
+    (which channels are kept does not change the speed).
+    """
+    arch = vit_arch(variant, pattern=pattern, in_chans=in_chans, num_classes=num_classes)
+    params = ViT(arch).init(jax.random.key(seed), dummy_input(arch))["params"]
+    rng = np.random.default_rng(seed)
+    ind = jax.tree.map(
+        lambda x: x + rng.normal(size=x.shape).astype(np.float32),
+        amap.constant_indicators(arch, 2.0),
+    )
+    spec = PruneSpec()
+    variables = {
+        "params": params,
+        INDICATORS: ind,
+        SIMILARITY: similarity.similarity_weights(arch, params),
+    }
+    variables[INDICATORS] = amap.finalize(arch, variables, spec, target)
+    p_arch, p_params = export.export(arch, variables, spec)
+    return arch, params, p_arch, p_params
+
+
+def time_fn(fn, *args, seconds: float = 3.0, min_iters: int = 5) -> float:
+    """Median seconds per call after one warm-up (compile) call."""
+    jax.block_until_ready(fn(*args))
+    times = []
+    end = time.perf_counter() + seconds
+    while len(times) < min_iters or time.perf_counter() < end:
+        t = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t)
+    return float(np.median(times))
+
+
+def write(name: str, rows: list[dict], meta: dict) -> str:
+    os.makedirs(RESULTS, exist_ok=True)
+    path = os.path.join(RESULTS, f"{name}.json")
+    info = {
+        "device": str(jax.devices()[0].device_kind),
+        "backend": jax.default_backend(),
+        "machine": platform.machine(),
+        "cpus": os.cpu_count(),
+        "jax": jax.__version__,
+    }
+    with open(path, "w") as f:
+        json.dump({"meta": {**info, **meta}, "rows": rows}, f, indent=1)
+    return path
+
+
+def table(rows: list[dict], cols: list[str]) -> str:
+    cells = [[str(c) for c in cols]] + [[_fmt(r[c]) for c in cols] for r in rows]
+    w = [max(len(r[i]) for r in cells) for i in range(len(cols))]
+    return "\n".join("  ".join(c.rjust(wi) for c, wi in zip(r, w, strict=True)) for r in cells)
+
+
+def _fmt(v) -> str:
+    return f"{v:.3f}" if isinstance(v, float) else str(v)

@@ -1,0 +1,85 @@
+"""Cost of searching: AMAP search-step time vs dense train-step time on the same model.
+
+  python bench/search_step.py [--variant Ti] [--batch 32]
+
+The search step adds the indicator collection, the head-balanced projection (sort per head) and
+the masks; the ideal ratio is 1.0. Writes bench/results/search_step_<backend>.json.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import optax
+from absl import app, flags
+
+from amap_jax.models.arch import vit_arch
+from amap_jax.models.vit import INDICATORS, SIMILARITY, ViT, dummy_input
+from amap_jax.pruning import amap, similarity
+from amap_jax.pruning.projection import PruneSpec
+from amap_jax.train import steps
+from bench import common
+
+_VARIANT = flags.DEFINE_string("variant", "Ti", "ViT variant.")
+_PATTERNS = flags.DEFINE_list("patterns", ["", "LLLLLLSSSSSS"], "'' = all softmax.")
+_BATCH = flags.DEFINE_integer("batch", 32, "Batch size.")
+_SECONDS = flags.DEFINE_float("seconds", 8.0, "Timing seconds per step kind.")
+
+
+def _loss(step):
+    """The step's loss only: timing must not keep every new state alive."""
+    return lambda state, batch: step(state, batch)[1]["loss"]
+
+
+def main(_):
+    rows = []
+    for pattern in _PATTERNS.value:
+        arch = vit_arch(_VARIANT.value, pattern=pattern or None)
+        params = ViT(arch).init(jax.random.key(0), dummy_input(arch))["params"]
+        inputs = steps.Input(arch.mean, arch.std, arch.image_size)
+        batch = {
+            "image": jnp.zeros((_BATCH.value, arch.image_size, arch.image_size, 3), jnp.uint8),
+            "label": jnp.zeros((_BATCH.value,), jnp.int32),
+        }
+        objective = steps.Objective(arch.num_classes, 0.1)
+        tx = steps.per_collection({"params": optax.adamw(1e-4)})
+        dense = steps.create_state({"params": params}, tx)
+        dense_step = jax.jit(steps.make_train_step(ViT(arch), tx, inputs, objective, 0))
+
+        s_arch, s_params = amap.add_reweight(arch, params)
+        s_tx = steps.per_collection({"params": optax.adamw(1e-4), INDICATORS: optax.adam(0.05)})
+        search = steps.create_state(
+            {"params": s_params, INDICATORS: amap.constant_indicators(s_arch, 3.0)},
+            s_tx,
+            {SIMILARITY: similarity.similarity_weights(s_arch, s_params)},
+        )
+        s_obj = steps.Objective(
+            arch.num_classes, 0.1, regularizer=amap.macs_regularizer(s_arch, 0.7, 10.0)
+        )
+        search_step = jax.jit(
+            steps.make_train_step(ViT(s_arch, prune=PruneSpec()), s_tx, inputs, s_obj, 0)
+        )
+        t_dense = common.time_fn(_loss(dense_step), dense, batch, seconds=_SECONDS.value)
+        t_search = common.time_fn(_loss(search_step), search, batch, seconds=_SECONDS.value)
+        sim = jax.jit(functools.partial(similarity.similarity_weights, s_arch))
+        t_sim = common.time_fn(sim, s_params, seconds=2.0)
+        rows.append(
+            {
+                "model": arch.name,
+                "dense_step_s": round(t_dense, 4),
+                "search_step_s": round(t_search, 4),
+                "ratio": round(t_search / t_dense, 3),
+                "ideal": 1.0,
+                "similarity_refresh_s": round(t_sim, 4),
+            }
+        )
+        print(common.table(rows[-1:], list(rows[-1])), flush=True)
+    path = common.write(f"search_step_{jax.default_backend()}", rows, {"batch": _BATCH.value})
+    print(common.table(rows, list(rows[0])))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,61 @@
+"""Exported (pruned) vs dense inference throughput, with the ideal MACs ratio beside it.
+
+  python bench/throughput.py [--variants Ti,S] [--batch 32] [--targets 0.7,0.5]
+
+Models have random weights: speed does not depend on the values. Writes
+bench/results/throughput_<backend>.json.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from absl import app, flags
+
+from amap_jax.models.vit import ViT
+from amap_jax.pruning.macs import vit_macs
+from bench import common
+
+_VARIANTS = flags.DEFINE_list("variants", ["Ti", "S"], "ViT variants (224px).")
+_PATTERNS = flags.DEFINE_list("patterns", ["", "LLLLLLSSSSSS"], "'' = all softmax.")
+_TARGETS = flags.DEFINE_list("targets", ["0.7", "0.5"], "MACs ratios to prune to.")
+_BATCH = flags.DEFINE_integer("batch", 32, "Batch size.")
+_SECONDS = flags.DEFINE_float("seconds", 5.0, "Timing seconds per model.")
+
+
+def main(_):
+    rows = []
+    for variant in _VARIANTS.value:
+        for pattern in _PATTERNS.value:
+            for target in map(float, _TARGETS.value):
+                arch, params, p_arch, p_params = common.dense_and_pruned(
+                    variant, pattern or None, target
+                )
+                x = jnp.ones((_BATCH.value, arch.image_size, arch.image_size, arch.in_chans))
+                fwd = jax.jit(ViT(arch).apply)
+                p_fwd = jax.jit(ViT(p_arch).apply)
+                t_dense = common.time_fn(fwd, {"params": params}, x, seconds=_SECONDS.value)
+                t_pruned = common.time_fn(p_fwd, {"params": p_params}, x, seconds=_SECONDS.value)
+                ideal = vit_macs(arch) / vit_macs(p_arch)
+                speedup = t_dense / t_pruned
+                rows.append(
+                    {
+                        "model": arch.name,
+                        "target": target,
+                        "dense_img_s": round(_BATCH.value / t_dense, 1),
+                        "pruned_img_s": round(_BATCH.value / t_pruned, 1),
+                        "speedup": round(speedup, 3),
+                        "ideal": round(ideal, 3),
+                        "efficiency": round(speedup / ideal, 3),
+                    }
+                )
+                print(common.table(rows[-1:], list(rows[-1])), flush=True)
+    path = common.write(
+        f"throughput_{jax.default_backend()}", rows, {"batch": _BATCH.value, "dtype": "float32"}
+    )
+    print(common.table(rows, list(rows[0])))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    app.run(main)

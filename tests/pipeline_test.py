@@ -1,0 +1,191 @@
+"""The whole run on a tiny real data set, and what bad input does to it."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+import amap_jax
+from amap_jax import config as config_lib
+from amap_jax import pipeline
+from amap_jax.data import DatasetNotFoundError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config():
+    c = config_lib.defaults()
+    c.data.name = "digits"
+    c.model.variant = "micro"
+    c.model.pattern = "LS"
+    c.num_devices = 2
+    c.checkpoint_every = 20
+    for stage in ("train", "search", "finetune"):
+        c[stage].batch_size = 64
+    c.train.epochs = 2.0
+    c.search.epochs = 1.0
+    c.search.target = 0.6
+    c.search.calibration_batch = 16
+    c.finetune.epochs = 1.0
+    c.eval.batch_size = 100
+    c.eval.bench_batch = 8
+    c.eval.bench_seconds = 0.1
+    return c
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("run"))
+    return workdir, pipeline.run(tiny_config(), workdir)
+
+
+def _snapshot(directory):
+    out = {}
+    for root, _, files in os.walk(directory):
+        for f in files:
+            path = os.path.join(root, f)
+            with open(path, "rb") as fh:
+                out[path] = fh.read()
+    return out
+
+
+def test_run_writes_summary_and_export(finished_run):
+    workdir, summary = finished_run
+    with open(os.path.join(workdir, "summary.json")) as f:
+        on_disk = json.load(f)
+    assert on_disk == summary
+    assert summary["method"] == "amap"
+    assert summary["target_macs_ratio"] == 0.6
+    for k in ("dense", "pruned"):
+        assert set(summary[k]) == {"params", "macs", "top1", "images_per_s"}
+        assert summary[k]["images_per_s"] > 0
+    assert summary["pruned"]["macs"] <= 0.6 * summary["dense"]["macs"]
+    assert summary["pruned"]["params"] < summary["dense"]["params"]
+    # Digits is easy: a run that learnt nothing would sit near 10%.
+    assert summary["dense"]["top1"] > 50 and summary["pruned"]["top1"] > 50
+    # Export is exact: the masked model and the exported model agree before fine-tuning.
+    assert summary["masked_top1"] == summary["pruned_before_finetune_top1"]
+    table = pipeline.format_summary(summary)
+    assert "dense" in table and "pruned" in table and "ideal" in table
+
+
+def test_load_pruned_gives_logits(finished_run):
+    workdir, summary = finished_run
+    model, variables = amap_jax.load_pruned(os.path.join(workdir, "export"))
+    arch = model.arch
+    assert arch.num_classes == 10 and arch.image_size == 8 and not arch.reweight
+    x = np.random.default_rng(0).normal(size=(3, 8, 8, 1)).astype(np.float32)
+    logits = model.apply(variables, x)
+    assert logits.shape == (3, 10) and np.isfinite(np.asarray(logits)).all()
+    n = sum(np.size(p) for p in jax.tree.leaves(variables["params"]))
+    assert n == summary["pruned"]["params"]
+    with open(os.path.join(workdir, "export", "model.json")) as f:
+        meta = json.load(f)
+    assert meta["input"]["image_size"] == 8 and len(meta["input"]["mean"]) == 1
+    assert meta["num_classes"] == 10
+
+
+def test_rerun_resumes_without_retraining(finished_run):
+    workdir, summary = finished_run
+    before = _snapshot(os.path.join(workdir, "export"))
+    again = pipeline.run(tiny_config(), workdir)
+    for k in ("dense", "pruned"):
+        assert again[k]["top1"] == summary[k]["top1"]
+    assert _snapshot(os.path.join(workdir, "export")) == before
+
+
+def test_finished_export_dir_is_never_overwritten(finished_run, tmp_path):
+    workdir, _ = finished_run
+    c = tiny_config()
+    c.export_dir = os.path.join(workdir, "export")
+    before = _snapshot(c.export_dir)
+    with pytest.raises(FileExistsError, match="already holds a finished export"):
+        pipeline.run(c, str(tmp_path / "other"))
+    assert _snapshot(c.export_dir) == before
+    assert not (tmp_path / "other").exists()
+
+
+def test_save_pruned_refuses_finished_export(finished_run):
+    workdir, _ = finished_run
+    model, variables = amap_jax.load_pruned(os.path.join(workdir, "export"))
+    with pytest.raises(FileExistsError):
+        amap_jax.save_pruned(os.path.join(workdir, "export"), model.arch, variables["params"])
+
+
+def test_missing_dataset_fails_fast_and_writes_nothing(tmp_path, monkeypatch):
+    monkeypatch.setenv("AMAP_FASHION_MNIST_DIR", str(tmp_path / "empty"))
+    c = tiny_config()
+    c.data.name = "fashion_mnist"
+    with pytest.raises(DatasetNotFoundError) as e:
+        pipeline.run(c, str(tmp_path / "w"))
+    assert "\n" not in str(e.value) and "dataset-fashion-mnist" in str(e.value)
+    assert not (tmp_path / "w").exists()
+
+
+@pytest.mark.parametrize("target", [0.0, -0.5, 1.5])
+def test_target_outside_unit_interval_is_rejected(tmp_path, target):
+    c = tiny_config()
+    c.search.target = target
+    with pytest.raises(ValueError, match=r"search.target must be in \(0, 1\]"):
+        pipeline.run(c, str(tmp_path / "w"))
+    assert not (tmp_path / "w").exists()
+
+
+def _train_py(*args):
+    return subprocess.run(
+        [sys.executable, os.path.join(ROOT, "train.py"), *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
+
+
+def test_cli_unknown_config_key_is_one_line(tmp_path):
+    r = _train_py(
+        "--config",
+        os.path.join(ROOT, "configs/fmnist_amap_vit.py"),
+        "--workdir",
+        str(tmp_path / "w"),
+        "--config.search.tagret=0.5",
+    )
+    assert r.returncode == 2
+    assert r.stderr.strip() == (
+        "error: unknown config key 'tagret' in --config.search.tagret=0.5 (did you mean 'target'?)"
+    )
+    assert not (tmp_path / "w").exists()
+
+
+def test_cli_bad_target_is_one_line(tmp_path):
+    r = _train_py(
+        "--config",
+        os.path.join(ROOT, "configs/fmnist_amap_vit.py"),
+        "--workdir",
+        str(tmp_path / "w"),
+        "--config.search.target=2",
+    )
+    assert r.returncode == 2
+    assert r.stderr.strip().count("\n") == 0 and "search.target" in r.stderr
+
+
+def test_run_on_mock_tfds_dataset(tmp_path):
+    """Any registered tfds data set runs through the same pipeline (faked: no download)."""
+    import tensorflow_datasets as tfds
+
+    c = tiny_config()
+    c.data.name = "cifar10"
+    c.data.data_dir = str(tmp_path / "tfds")
+    c.train.epochs = c.search.epochs = c.finetune.epochs = 1.0
+    c.search.init = "constant"
+    for stage in ("train", "search", "finetune"):
+        c[stage].batch_size = 16
+    c.eval.batch_size = 16
+    with tfds.testing.mock_data(num_examples=48):
+        summary = pipeline.run(c, str(tmp_path / "w"))
+    model, variables = amap_jax.load_pruned(summary["export_dir"])
+    assert model.arch.image_size == 32 and model.arch.in_chans == 3
+    assert summary["pruned"]["macs"] <= 0.6 * summary["dense"]["macs"]
