@@ -178,3 +178,29 @@ def test_attention_difference_init_ranks_channels(digits):
     assert qk.reshape(-1).argmin() == dead
     assert np.std(qk) > 0.1  # measured, not constant
     np.testing.assert_array_equal(ind["block_1"]["qk"], cfg.init_logit)  # softmax: constant
+
+
+def test_interrupt_saves_a_checkpoint(tmp_path, digits):
+    model, tx, state = _dense_state()
+    step = _step(model, tx)
+    calls = []
+
+    def interrupted(state, batch):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return step(state, batch)
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(
+            name="t",
+            directory=str(tmp_path),
+            state=state,
+            step_fn=interrupted,
+            batches=lambda start: train_batches(digits, 32, seed=3, start_step=start),
+            num_steps=100,
+            steps_per_epoch=50,
+            mesh=parallel.make_mesh(1),
+            checkpoint_every=1000,
+        )
+    assert Checkpointer(str(tmp_path)).latest_step() == 4

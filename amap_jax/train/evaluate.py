@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 
 import jax
@@ -11,6 +12,12 @@ import numpy as np
 from amap_jax.data import eval_batches
 from amap_jax.train import parallel
 from amap_jax.train.steps import Input, make_eval_step
+
+
+@functools.lru_cache(maxsize=16)
+def _eval_step(model, inputs: Input):
+    """One compiled eval step per (model, input) pair: evaluating every epoch compiles once."""
+    return jax.jit(make_eval_step(model, inputs))
 
 
 def evaluate(
@@ -24,7 +31,7 @@ def evaluate(
     process_count: int = 1,
 ) -> dict[str, float]:
     """Accuracy and mean loss over every example of `source` exactly once."""
-    step = jax.jit(make_eval_step(model, inputs))
+    step = _eval_step(model, inputs)
     variables = parallel.replicate(variables, mesh)
     totals = {"correct": 0.0, "loss": 0.0, "count": 0.0}
     for batch in eval_batches(source, batch_size, process_index, process_count):
