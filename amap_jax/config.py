@@ -100,7 +100,5 @@ def validate(c: ml_collections.ConfigDict) -> None:
         )
     if c.search.min_keep < 1 or c.search.multiple < 1:
         raise ValueError("search.min_keep and search.multiple must be >= 1")
-    if not c.search.head_balanced:
-        raise ValueError("search.head_balanced=False is not supported by export yet")
     if c.checkpoint_every < 1:
         raise ValueError(f"checkpoint_every must be >= 1, got {c.checkpoint_every}")

@@ -61,6 +61,27 @@ class Context:
             process_count=self.process_count,
         )
 
+    def fit(self, name: str, directory: str, stage, state, step_fn, seed: int, **kw):
+        """The stage loop with what every stage shares filled in."""
+        total, per_epoch = self.steps(stage)
+        return fit(
+            name=name,
+            directory=self.stage_dir(directory),
+            state=state,
+            step_fn=step_fn,
+            batches=self.batches(stage.batch_size, seed),
+            num_steps=total,
+            steps_per_epoch=per_epoch,
+            mesh=self.mesh,
+            checkpoint_every=self.config.checkpoint_every,
+            is_chief=self.is_chief,
+            **kw,
+        )
+
+    def test_top1(self, model):
+        """`on_epoch` callback: test accuracy of the state's weights."""
+        return lambda _, state: {"test_top1": self.evaluate(model, state.trainable)["top1"]}
+
     def evaluate(self, model, variables) -> dict:
         return evaluate(
             model,
@@ -119,18 +140,8 @@ def train_dense(ctx: Context, arch: ViTArch):
     step = jax.jit(
         steps.make_train_step(model, tx, ctx.inputs, objective, ctx.config.seed), donate_argnums=0
     )
-    state = fit(
-        name="train",
-        directory=ctx.stage_dir("dense"),
-        state=state,
-        step_fn=step,
-        batches=ctx.batches(cfg.batch_size, ctx.config.seed),
-        num_steps=total,
-        steps_per_epoch=per_epoch,
-        mesh=ctx.mesh,
-        checkpoint_every=ctx.config.checkpoint_every,
-        on_epoch=lambda s, st: {"test_top1": ctx.evaluate(model, st.trainable)["top1"]},
-        is_chief=ctx.is_chief,
+    state = ctx.fit(
+        "train", "dense", cfg, state, step, ctx.config.seed, on_epoch=ctx.test_top1(model)
     )
     return state.trainable["params"]
 
@@ -178,20 +189,16 @@ def search(ctx: Context, arch: ViTArch, dense_params):
         return {"hard_macs_ratio": amap.hard_ratio(s_arch, st.trainable, spec)}
 
     if total:
-        state = fit(
-            name="search",
-            directory=ctx.stage_dir("search"),
-            state=state,
-            step_fn=step,
-            batches=ctx.batches(cfg.batch_size, ctx.config.seed + 1),
-            num_steps=total,
-            steps_per_epoch=per_epoch,
-            mesh=ctx.mesh,
-            checkpoint_every=ctx.config.checkpoint_every,
+        state = ctx.fit(
+            "search",
+            "search",
+            cfg,
+            state,
+            step,
+            ctx.config.seed + 1,
             hooks=hooks,
             on_epoch=on_epoch,
             step_args=({"params": dense_params},) if teacher else (),
-            is_chief=ctx.is_chief,
         )
     variables = {**jax.device_get(state.trainable), **jax.device_get(state.extra)}
     variables[INDICATORS] = amap.finalize(s_arch, variables, spec, cfg.target)
@@ -214,19 +221,15 @@ def finetune(ctx: Context, arch: ViTArch, params, teacher_arch, teacher_params):
         steps.make_train_step(model, tx, ctx.inputs, objective, ctx.config.seed + 2, teacher),
         donate_argnums=0,
     )
-    state = fit(
-        name="finetune",
-        directory=ctx.stage_dir("finetune"),
-        state=state,
-        step_fn=step,
-        batches=ctx.batches(cfg.batch_size, ctx.config.seed + 2),
-        num_steps=total,
-        steps_per_epoch=per_epoch,
-        mesh=ctx.mesh,
-        checkpoint_every=ctx.config.checkpoint_every,
-        on_epoch=lambda s, st: {"test_top1": ctx.evaluate(model, st.trainable)["top1"]},
+    state = ctx.fit(
+        "finetune",
+        "finetune",
+        cfg,
+        state,
+        step,
+        ctx.config.seed + 2,
+        on_epoch=ctx.test_top1(model),
         step_args=({"params": teacher_params},) if teacher else (),
-        is_chief=ctx.is_chief,
     )
     return jax.device_get(state.trainable["params"])
 

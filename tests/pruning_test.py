@@ -525,3 +525,36 @@ def test_soft_ratio_is_differentiable():
         for g, d in zip(jax.tree.leaves(grads), jax.tree.leaves(u), strict=True)
     )
     assert numeric == pytest.approx(analytic, rel=1e-2, abs=1e-5)
+
+
+@pytest.mark.parametrize("pattern,seed", [("SS", 0), ("LL", 1), ("LS", 2)])
+def test_unbalanced_masks_export_padded_to_widest_head(pattern, seed):
+    """Without head balancing, export pads every head to the widest; logits stay the same."""
+    spec = PruneSpec(head_balanced=False)
+    arch = _arch("micro", pattern, reweight=True)
+    rng = np.random.default_rng(seed)
+    params = random_params(param_shapes(ViT(arch, prune=spec))["params"], seed)
+    masks = {}
+    for i, b in enumerate(arch.blocks):
+        masks[f"block_{i}"] = {}
+        for g, (heads, width) in group_shapes(b).items():
+            m = np.zeros((heads, width), np.float32)
+            for h in range(heads):  # a different count in every head
+                m[h, rng.choice(width, 2 + 5 * h + rng.integers(0, 3), replace=False)] = 1
+            masks[f"block_{i}"][g] = m
+    variables = {
+        "params": params,
+        INDICATORS: logits_for(masks),
+        SIMILARITY: _random_similarity(arch, rng),
+    }
+    images = random_images(arch, 2, seed)
+    masked = _apply(arch, spec)(variables, images)
+    small_arch, small_params = export(arch, variables, spec)
+    exported = _apply(small_arch)({"params": small_params}, images)
+    assert np.abs(np.asarray(masked)).max() > 0.1
+    assert _max_diff(masked, exported) <= 1e-5
+    for i, block in enumerate(small_arch.blocks):
+        m = masks[f"block_{i}"]
+        assert m["qk"].sum(1).min() < block.qk_dim == m["qk"].sum(1).max()
+        assert m["v"].sum(1).min() < block.v_dim == m["v"].sum(1).max()
+        assert block.mlp_dim == m["hidden"].sum()

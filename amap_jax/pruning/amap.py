@@ -135,20 +135,26 @@ def finalize(arch: ViTArch, variables, spec: PruneSpec, target: float):
 
     Starts from the masks the search ended with and, while the hard MACs are over the target,
     removes channels (one per head at a time) where the least importance is lost per MAC saved.
+    Without head balancing a layer is one pool of channels whose MACs count as its mean
+    per-head width; the export then pads to the widest head, which costs more than that.
     """
     ind, sim = variables[INDICATORS], variables.get(SIMILARITY)
-    scores, counts = {}, {}
+    balanced = spec.head_balanced
+    scores, counts, heads = {}, {}, {}
     for i in range(len(arch.blocks)):
         for g in _GROUPS:
             logits = ind[f"block_{i}"][g]
             w = None if sim is None else sim[f"block_{i}"][g]
             a = np.asarray(projection.importance(logits, w))
-            scores[i, g] = -np.sort(-a, axis=-1)  # descending per head
-            counts[i, g] = int(projection.keep_count(logits, spec))
-    step = max(spec.multiple, 1)
+            heads[i, g] = 1 if balanced else a.shape[0]
+            a = a if balanced else a.reshape(1, -1)  # unbalanced: one pool per layer
+            scores[i, g] = -np.sort(-a, axis=-1)  # descending per head (or pool)
+            mask = np.asarray(projection.hard_mask(logits, w, spec))
+            counts[i, g] = int(mask.sum(-1).max() if balanced else mask.sum())
+    step = max(spec.multiple, 1) if balanced else 1
 
     def widths_of(i):
-        return tuple(counts[i, g] for g in _GROUPS)
+        return tuple(counts[i, g] / heads[i, g] for g in _GROUPS)
 
     def block(i, w):
         b = arch.blocks[i]
@@ -159,11 +165,11 @@ def finalize(arch: ViTArch, variables, spec: PruneSpec, target: float):
     while total > budget:
         best, best_cost, best_saving = None, np.inf, 0.0
         for (i, g), k in counts.items():
-            if k - step < spec.min_keep:
+            if k - step < spec.min_keep * heads[i, g]:
                 continue
             w = list(widths_of(i))
             now = block(i, tuple(w))
-            w[_GROUPS.index(g)] = k - step
+            w[_GROUPS.index(g)] = (k - step) / heads[i, g]
             saving = now - block(i, tuple(w))
             cost = scores[i, g][:, k - step : k].sum() / max(saving, 1e-9)
             if cost < best_cost:
@@ -178,6 +184,11 @@ def finalize(arch: ViTArch, variables, spec: PruneSpec, target: float):
         for g in _GROUPS:
             logits = ind[f"block_{i}"][g]
             w = None if sim is None else sim[f"block_{i}"][g]
-            keep = projection.rank(projection.importance(logits, w)) < counts[i, g]
+            a = projection.importance(logits, w)
+            if balanced:
+                keep = projection.rank(a) < counts[i, g]
+            else:
+                flat = projection.rank(a.reshape(-1)).reshape(a.shape) < counts[i, g]
+                keep = flat | (projection.rank(a) < spec.min_keep)
             fixed[f"block_{i}"][g] = projection.fixed_logits(keep)
     return fixed

@@ -16,9 +16,12 @@ from amap_jax.pruning.projection import PruneSpec
 
 
 def kept_channels(variables, arch: ViTArch, spec: PruneSpec) -> list[dict[str, np.ndarray]]:
-    """Per block and group, the kept channel indices as [heads, k] (sorted within a head)."""
-    if not spec.head_balanced:
-        raise ValueError("export needs head-balanced masks (amap.head_balanced=True)")
+    """Per block and group, the kept channel indices as [heads, k] (sorted within a head).
+
+    Without head balancing, heads keep different counts: every head is padded to the widest
+    with channels it dropped, returned as negative indices (-1 - channel) so that export can
+    zero them out.
+    """
     indicators = variables[INDICATORS]
     similarity = variables.get(SIMILARITY)
     out = []
@@ -27,9 +30,20 @@ def kept_channels(variables, arch: ViTArch, spec: PruneSpec) -> list[dict[str, n
         for g, logits in indicators[f"block_{i}"].items():
             w = None if similarity is None else similarity[f"block_{i}"][g]
             keep = np.asarray(projection.hard_mask(logits, w, spec)) > 0
-            groups[g] = np.stack([np.flatnonzero(row) for row in keep])
+            width = int(keep.sum(-1).max())
+            rows = []
+            for row in keep:
+                kept, dropped = np.flatnonzero(row), np.flatnonzero(~row)
+                pad = -1 - dropped[: width - len(kept)]
+                rows.append(np.concatenate([kept, pad]))
+            groups[g] = np.stack(rows)
         out.append(groups)
     return out
+
+
+# softplus(PAD_SCALE) ~ PAD_SCALE: a padded focused-attention channel holds 1e-6 / 1e4 = 1e-10,
+# whose cube and squared norm vanish next to any real channel.
+PAD_SCALE = 1e4
 
 
 def _flat(idx: np.ndarray, width: int) -> np.ndarray:
@@ -49,22 +63,32 @@ def _dense(p, cols=None, rows=None, row_scale=None):
 
 
 def _export_block(block: BlockArch, p, keep) -> tuple[BlockArch, dict]:
-    qk, v, hidden = keep["qk"], keep["v"], keep["hidden"]
+    qk_pad, v_pad = keep["qk"] < 0, keep["v"] < 0
+    qk = np.where(qk_pad, -1 - keep["qk"], keep["qk"])
+    v = np.where(v_pad, -1 - keep["v"], keep["v"])
+    hidden = keep["hidden"]
     qk_cols, v_cols = _flat(qk, block.qk_dim), _flat(v, block.v_dim)
     hidden_cols = hidden.reshape(-1)
     attn, mlp = p["attn"], p["mlp"]
-    v_scale = np.asarray(attn["reweight"])[v_cols] if "reweight" in attn else None
+    v_scale = np.asarray(attn["reweight"])[v_cols] if "reweight" in attn else np.ones(len(v_cols))
+    v_scale = np.where(v_pad.reshape(-1), 0.0, v_scale)  # padded value channels reach nothing
     hidden_scale = np.asarray(mlp["reweight"])[hidden_cols] if "reweight" in mlp else None
     new_attn = {
         "q": _dense(attn["q"], cols=qk_cols),
         "k": _dense(attn["k"], cols=qk_cols),
         "v": _dense(attn["v"], cols=v_cols),
-        "proj": _dense(attn["proj"], rows=v_cols, row_scale=v_scale),
+        "proj": _dense(attn["proj"], rows=v_cols, row_scale=v_scale.astype(np.float32)),
     }
+    pad = qk_pad.reshape(-1)
+    for name in ("q", "k"):  # padded q/k channels: zero before the ReLU
+        for leaf in ("kernel", "bias"):
+            new_attn[name][leaf][..., pad] = 0.0
     per_head = block.dwc_per_head
     if block.attn == LINEAR:
-        new_attn["positional_encoding"] = np.asarray(attn["positional_encoding"])[:, qk_cols]
-        new_attn["scale"] = np.asarray(attn["scale"])[qk_cols]
+        pos = np.array(attn["positional_encoding"])[:, qk_cols]
+        pos[:, pad] = 0.0
+        new_attn["positional_encoding"] = pos
+        new_attn["scale"] = np.where(pad, PAD_SCALE, np.asarray(attn["scale"])[qk_cols])
         dwc = attn["dwc"]
         same_in_every_head = bool(np.all(v == v[:1]))
         if block.dwc_per_head:

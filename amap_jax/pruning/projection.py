@@ -60,8 +60,8 @@ def hard_mask(logits: jax.Array, weights: jax.Array | None, spec: PruneSpec) -> 
     if spec.head_balanced:
         return (rank(a) < k).astype(a.dtype)
     flat_rank = rank(a.reshape(-1)).reshape(a.shape)
-    # Unbalanced: the layer keeps its count wherever the scores are, and one channel per head.
-    keep = jnp.logical_or(flat_rank < _layer_count(logits, spec), rank(a) < 1)
+    # Unbalanced: the layer keeps its count wherever the scores are, and min_keep per head.
+    keep = jnp.logical_or(flat_rank < _layer_count(logits, spec), rank(a) < spec.min_keep)
     return keep.astype(a.dtype)
 
 

@@ -118,7 +118,8 @@ def fit(
         logging.warning("%s interrupted at step %d; checkpoint saved", name, int(state.step))
         raise
     finally:
-        it.close() if hasattr(it, "close") else None
+        if hasattr(it, "close"):  # stop the prefetch thread
+            it.close()
     ckpt.wait()
     ckpt.close()
     return state
