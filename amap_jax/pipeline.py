@@ -132,10 +132,10 @@ def train_dense(ctx: Context, arch: ViTArch):
     model = ViT(arch)
     params = model.init(jax.random.key(ctx.config.seed), dummy_input(arch))["params"]
     total, per_epoch = ctx.steps(cfg)
+    if total == 0:
+        return jax.device_get(params)
     tx = _optimizer(cfg, total, per_epoch)
     state = steps.create_state({"params": params}, tx)
-    if total == 0:
-        return params
     objective = steps.Objective(arch.num_classes, cfg.label_smoothing)
     step = jax.jit(
         steps.make_train_step(model, tx, ctx.inputs, objective, ctx.config.seed), donate_argnums=0
@@ -143,7 +143,7 @@ def train_dense(ctx: Context, arch: ViTArch):
     state = ctx.fit(
         "train", "dense", cfg, state, step, ctx.config.seed, on_epoch=ctx.test_top1(model)
     )
-    return state.trainable["params"]
+    return jax.device_get(state.trainable["params"])  # host copy: later steps donate buffers
 
 
 def prune_spec(cfg) -> PruneSpec:
@@ -254,11 +254,9 @@ def _report(ctx: Context, arch: ViTArch, params, top1: float) -> dict:
     }
 
 
-def run(config, workdir: str) -> dict:
-    """Runs (or resumes) every stage and returns the summary written to WORKDIR/summary.json."""
+def make_context(config, workdir: str) -> tuple[Context, ViTArch]:
+    """Checks the config, opens the data and builds the dense architecture; writes nothing."""
     config_lib.validate(config)
-    workdir = os.path.abspath(workdir)
-    export_dir = os.path.abspath(config.export_dir or os.path.join(workdir, "export"))
     mesh = parallel.make_mesh(config.num_devices or None)
     d = config.data
     train_src = load_source(d.name, d.train_split, d.data_dir or None)
@@ -268,8 +266,29 @@ def run(config, workdir: str) -> dict:
     arch = build_arch(config, train_src.info)
     inputs = steps.Input(arch.mean, arch.std, arch.image_size, d.crop_padding, d.flip)
     ctx = Context(
-        config, workdir, mesh, train_src, test_src, inputs, jax.process_index(), jax.process_count()
+        config,
+        os.path.abspath(workdir),
+        mesh,
+        train_src,
+        test_src,
+        inputs,
+        jax.process_index(),
+        jax.process_count(),
     )
+    return ctx, arch
+
+
+def run(config, workdir: str) -> dict:
+    """Runs (or resumes) every stage and returns the summary written to WORKDIR/summary.json."""
+    ctx, arch = make_context(config, workdir)
+    workdir, d, train_src, test_src, mesh = (
+        ctx.workdir,
+        config.data,
+        ctx.train_src,
+        ctx.test_src,
+        ctx.mesh,
+    )
+    export_dir = os.path.abspath(config.export_dir or os.path.join(workdir, "export"))
     _check_export_dir(ctx, export_dir)
     # Every check passed: only now is anything written.
     os.makedirs(workdir, exist_ok=True)
@@ -289,7 +308,7 @@ def run(config, workdir: str) -> dict:
             mesh.devices.size,
         )
 
-    dense_params = jax.device_get(train_dense(ctx, arch))
+    dense_params = train_dense(ctx, arch)
     dense_eval = ctx.evaluate(ViT(arch), {"params": dense_params})
 
     s_arch, variables, masked_model = search(ctx, arch, dense_params)
