@@ -281,13 +281,7 @@ def make_context(config, workdir: str) -> tuple[Context, ViTArch]:
 def run(config, workdir: str) -> dict:
     """Runs (or resumes) every stage and returns the summary written to WORKDIR/summary.json."""
     ctx, arch = make_context(config, workdir)
-    workdir, d, train_src, test_src, mesh = (
-        ctx.workdir,
-        config.data,
-        ctx.train_src,
-        ctx.test_src,
-        ctx.mesh,
-    )
+    workdir = ctx.workdir
     export_dir = os.path.abspath(config.export_dir or os.path.join(workdir, "export"))
     _check_export_dir(ctx, export_dir)
     # Every check passed: only now is anything written.
@@ -302,10 +296,10 @@ def run(config, workdir: str) -> dict:
             arch.name,
             n_params,
             macs.vit_macs(arch) / 1e6,
-            d.name,
-            len(train_src),
-            len(test_src),
-            mesh.devices.size,
+            config.data.name,
+            len(ctx.train_src),
+            len(ctx.test_src),
+            ctx.mesh.devices.size,
         )
 
     dense_params = train_dense(ctx, arch)

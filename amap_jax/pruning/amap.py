@@ -140,15 +140,15 @@ def finalize(arch: ViTArch, variables, spec: PruneSpec, target: float):
     """
     ind, sim = variables[INDICATORS], variables.get(SIMILARITY)
     balanced = spec.head_balanced
-    scores, counts, heads = {}, {}, {}
+    imp, scores, counts, heads = {}, {}, {}, {}
     for i in range(len(arch.blocks)):
         for g in _GROUPS:
             logits = ind[f"block_{i}"][g]
             w = None if sim is None else sim[f"block_{i}"][g]
-            a = np.asarray(projection.importance(logits, w))
+            imp[i, g] = a = np.asarray(projection.importance(logits, w))
             heads[i, g] = 1 if balanced else a.shape[0]
-            a = a if balanced else a.reshape(1, -1)  # unbalanced: one pool per layer
-            scores[i, g] = -np.sort(-a, axis=-1)  # descending per head (or pool)
+            pool = a if balanced else a.reshape(1, -1)  # unbalanced: one pool per layer
+            scores[i, g] = -np.sort(-pool, axis=-1)  # descending per head (or pool)
             mask = np.asarray(projection.hard_mask(logits, w, spec))
             counts[i, g] = int(mask.sum(-1).max() if balanced else mask.sum())
     step = max(spec.multiple, 1) if balanced else 1
@@ -178,17 +178,12 @@ def finalize(arch: ViTArch, variables, spec: PruneSpec, target: float):
             raise ValueError(f"cannot reach MACs ratio {target}: every group is at min_keep")
         counts[best] -= step
         total -= best_saving
-    fixed = {}
-    for i in range(len(arch.blocks)):
-        fixed[f"block_{i}"] = {}
-        for g in _GROUPS:
-            logits = ind[f"block_{i}"][g]
-            w = None if sim is None else sim[f"block_{i}"][g]
-            a = projection.importance(logits, w)
-            if balanced:
-                keep = projection.rank(a) < counts[i, g]
-            else:
-                flat = projection.rank(a.reshape(-1)).reshape(a.shape) < counts[i, g]
-                keep = flat | (projection.rank(a) < spec.min_keep)
-            fixed[f"block_{i}"][g] = projection.fixed_logits(keep)
-    return fixed
+    return {
+        f"block_{i}": {
+            g: projection.fixed_logits(
+                projection.keep_top(jnp.asarray(imp[i, g]), counts[i, g], spec)
+            )
+            for g in _GROUPS
+        }
+        for i in range(len(arch.blocks))
+    }

@@ -53,16 +53,20 @@ def rank(scores: jax.Array) -> jax.Array:
     return jnp.argsort(order, axis=-1, stable=True)
 
 
+def keep_top(scores: jax.Array, count, spec: PruneSpec) -> jax.Array:
+    """Boolean [heads, width]: the top `count` per head, or (unbalanced) in the whole layer
+    plus the top `min_keep` of every head."""
+    if spec.head_balanced:
+        return rank(scores) < count
+    flat_rank = rank(scores.reshape(-1)).reshape(scores.shape)
+    return jnp.logical_or(flat_rank < count, rank(scores) < spec.min_keep)
+
+
 def hard_mask(logits: jax.Array, weights: jax.Array | None, spec: PruneSpec) -> jax.Array:
     """Binary [heads, width] mask: top-k importance in every head (or in the whole layer)."""
     a = importance(logits, weights)
-    k = keep_count(logits, spec)
-    if spec.head_balanced:
-        return (rank(a) < k).astype(a.dtype)
-    flat_rank = rank(a.reshape(-1)).reshape(a.shape)
-    # Unbalanced: the layer keeps its count wherever the scores are, and min_keep per head.
-    keep = jnp.logical_or(flat_rank < _layer_count(logits, spec), rank(a) < spec.min_keep)
-    return keep.astype(a.dtype)
+    count = keep_count(logits, spec) if spec.head_balanced else _layer_count(logits, spec)
+    return keep_top(a, count, spec).astype(a.dtype)
 
 
 def mask(logits: jax.Array, weights: jax.Array | None, spec: PruneSpec) -> jax.Array:
