@@ -16,11 +16,13 @@ import numpy as np
 import optax
 
 from amap_jax import config as config_lib
+from amap_jax import models
 from amap_jax.data import load_source, train_batches
 from amap_jax.io import pruned
 from amap_jax.logs import log as logging
 from amap_jax.models.arch import ViTArch, vit_arch
-from amap_jax.models.vit import INDICATORS, SIMILARITY, ViT, dummy_input
+from amap_jax.models.block import INDICATORS, SIMILARITY
+from amap_jax.models.vit import dummy_input
 from amap_jax.pruning import amap, export, macs, similarity
 from amap_jax.pruning.projection import PruneSpec
 from amap_jax.train import checkpoint, parallel, steps
@@ -129,7 +131,7 @@ def _check_export_dir(ctx: Context, export_dir: str) -> None:
 
 def train_dense(ctx: Context, arch: ViTArch):
     cfg = ctx.config.train
-    model = ViT(arch)
+    model = models.build(arch)
     params = model.init(jax.random.key(ctx.config.seed), dummy_input(arch))["params"]
     total, per_epoch = ctx.steps(cfg)
     if total == 0:
@@ -167,7 +169,7 @@ def search(ctx: Context, arch: ViTArch, dense_params):
     ind_tx = optax.adam(cfg.indicator_lr)
     tx = _optimizer(cfg, total, per_epoch, {INDICATORS: ind_tx})
     state = steps.create_state({"params": params, INDICATORS: indicators}, tx, {SIMILARITY: sim})
-    model = ViT(s_arch, prune=spec)
+    model = models.build(s_arch, prune=spec)
     objective = steps.Objective(
         arch.num_classes,
         cfg.label_smoothing,
@@ -175,7 +177,7 @@ def search(ctx: Context, arch: ViTArch, dense_params):
         cfg.kd_temperature,
         regularizer=amap.macs_regularizer(s_arch, cfg.target, cfg.macs_weight, cfg.macs_loss),
     )
-    teacher = ViT(arch) if cfg.kd_weight > 0 else None
+    teacher = models.build(arch) if cfg.kd_weight > 0 else None
     step = jax.jit(
         steps.make_train_step(model, tx, ctx.inputs, objective, ctx.config.seed + 1, teacher),
         donate_argnums=0,
@@ -207,7 +209,7 @@ def search(ctx: Context, arch: ViTArch, dense_params):
 
 def finetune(ctx: Context, arch: ViTArch, params, teacher_arch, teacher_params):
     cfg = ctx.config.finetune
-    model = ViT(arch)
+    model = models.build(arch)
     total, per_epoch = ctx.steps(cfg)
     if total == 0:
         return params
@@ -216,7 +218,7 @@ def finetune(ctx: Context, arch: ViTArch, params, teacher_arch, teacher_params):
     objective = steps.Objective(
         arch.num_classes, cfg.label_smoothing, cfg.kd_weight, cfg.kd_temperature
     )
-    teacher = ViT(teacher_arch) if cfg.kd_weight > 0 else None
+    teacher = models.build(teacher_arch) if cfg.kd_weight > 0 else None
     step = jax.jit(
         steps.make_train_step(model, tx, ctx.inputs, objective, ctx.config.seed + 2, teacher),
         donate_argnums=0,
@@ -239,11 +241,11 @@ def _count(params) -> int:
 
 
 def _report(ctx: Context, arch: ViTArch, params, top1: float) -> dict:
-    model = ViT(arch)
+    model = models.build(arch)
     bench = ctx.config.eval
     return {
         "params": _count(params),
-        "macs": int(macs.vit_macs(arch)),
+        "macs": int(macs.model_macs(arch)),
         "top1": round(top1, 2),
         "images_per_s": round(
             throughput(
@@ -289,13 +291,13 @@ def run(config, workdir: str) -> dict:
     if ctx.is_chief:
         checkpoint.write_json(os.path.join(workdir, "config.json"), config.to_dict())
         n_params = _count(
-            jax.eval_shape(ViT(arch).init, jax.random.key(0), dummy_input(arch))["params"]
+            jax.eval_shape(models.build(arch).init, jax.random.key(0), dummy_input(arch))["params"]
         )
         logging.info(
             "model %s: %d params, %.2f MMACs; data %s (%d train / %d test), %d devices",
             arch.name,
             n_params,
-            macs.vit_macs(arch) / 1e6,
+            macs.model_macs(arch) / 1e6,
             config.data.name,
             len(ctx.train_src),
             len(ctx.test_src),
@@ -303,24 +305,28 @@ def run(config, workdir: str) -> dict:
         )
 
     dense_params = train_dense(ctx, arch)
-    dense_eval = ctx.evaluate(ViT(arch), {"params": dense_params})
+    dense_eval = ctx.evaluate(models.build(arch), {"params": dense_params})
 
     s_arch, variables, masked_model = search(ctx, arch, dense_params)
     masked_eval = ctx.evaluate(masked_model, variables)
     spec = prune_spec(config.search)
     p_arch, p_params = export.export(s_arch, variables, spec)
-    exported_eval = ctx.evaluate(ViT(p_arch), {"params": p_params})
+    exported_eval = ctx.evaluate(models.build(p_arch), {"params": p_params})
     logging.info(
         "search done: masked top1 %.2f, exported top1 %.2f, MACs ratio %.3f",
         masked_eval["top1"],
         exported_eval["top1"],
-        macs.vit_macs(p_arch) / macs.vit_macs(arch),
+        macs.model_macs(p_arch) / macs.model_macs(arch),
     )
 
     p_params = finetune(ctx, p_arch, p_params, arch, dense_params)
     if ctx.is_chief and not pruned.is_finished(export_dir):
         pruned.save_pruned(
-            export_dir, p_arch, p_params, method=config.method, dense_macs=int(macs.vit_macs(arch))
+            export_dir,
+            p_arch,
+            p_params,
+            method=config.method,
+            dense_macs=int(macs.model_macs(arch)),
         )
         checkpoint.write_json(os.path.join(workdir, "export_dir.json"), {"path": export_dir})
     model, loaded = pruned.load_pruned(export_dir)

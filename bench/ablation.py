@@ -80,7 +80,7 @@ def main(_):
             {
                 "variant": name,
                 "masked_top1": round(top1, 2),
-                "macs_ratio": round(macs.vit_macs(p_arch) / macs.vit_macs(arch), 4),
+                "macs_ratio": round(macs.model_macs(p_arch) / macs.model_macs(arch), 4),
             }
         )
         print(common.table(rows[-1:], list(rows[-1])), flush=True)

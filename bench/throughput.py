@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from absl import app, flags
 
 from amap_jax.models.vit import ViT
-from amap_jax.pruning.macs import vit_macs
+from amap_jax.pruning.macs import model_macs
 from bench import common
 
 _VARIANTS = flags.DEFINE_list("variants", ["Ti", "S"], "ViT variants (224px).")
@@ -36,7 +36,7 @@ def main(_):
                 p_fwd = jax.jit(ViT(p_arch).apply)
                 t_dense = common.time_fn(fwd, {"params": params}, x, seconds=_SECONDS.value)
                 t_pruned = common.time_fn(p_fwd, {"params": p_params}, x, seconds=_SECONDS.value)
-                ideal = vit_macs(arch) / vit_macs(p_arch)
+                ideal = model_macs(arch) / model_macs(p_arch)
                 speedup = t_dense / t_pruned
                 rows.append(
                     {

@@ -16,3 +16,8 @@ fi
 python3 -m venv .venv
 .venv/bin/pip install -q --upgrade pip
 .venv/bin/pip install -q -r "$req"
+if [ "$(basename "$req")" = requirements-test.txt ]; then
+  # Test-only torch/timm for parity tests; timm without deps (see requirements-torch.txt).
+  .venv/bin/pip install -q -r requirements-torch.txt
+  .venv/bin/pip install -q --no-deps timm==1.0.31
+fi

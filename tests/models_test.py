@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from conftest import count_params, param_shapes, random_images, random_params
 
-from amap_jax.models.arch import LINEAR, SOFTMAX, BlockArch, ViTArch, vit_arch
+from amap_jax.models.arch import LINEAR, SOFTMAX, BlockArch, Geometry, ViTArch, vit_arch
 from amap_jax.models.attention import Attention
 from amap_jax.models.vit import ViT
 
@@ -165,6 +165,7 @@ def test_bad_arch_raises():
 
 EMBED, GRID = 24, 5
 TOKENS = GRID * GRID + 1  # cls + 5x5 patch grid
+GEOMETRY = Geometry(EMBED, TOKENS, TOKENS, 1, GRID)
 
 
 def _softplus(x):
@@ -254,7 +255,7 @@ ATTN_CASES = {
 def test_attention_matches_numpy_reference(case, masked):
     block = ATTN_CASES[case]
     reweight = masked
-    attn = Attention(block, EMBED, TOKENS, GRID, reweight=reweight)
+    attn = Attention(block, GEOMETRY, reweight=reweight)
     x = np.random.default_rng(0).standard_normal((2, TOKENS, EMBED)).astype(np.float32)
     params = random_params(param_shapes(attn, x)["params"], seed=2, noise=0.5)
     qk_mask = v_mask = None
@@ -278,8 +279,8 @@ def test_attention_matches_numpy_reference(case, masked):
 def test_focused_linear_differs_from_softmax():
     """Guards the reference test: the two kinds compute different functions on the same params."""
     x = np.random.default_rng(0).standard_normal((1, TOKENS, EMBED)).astype(np.float32)
-    lin = Attention(ATTN_CASES["linear-dense"], EMBED, TOKENS, GRID)
-    soft = Attention(ATTN_CASES["softmax-dense"], EMBED, TOKENS, GRID)
+    lin = Attention(ATTN_CASES["linear-dense"], GEOMETRY)
+    soft = Attention(ATTN_CASES["softmax-dense"], GEOMETRY)
     params = random_params(param_shapes(lin, x)["params"], seed=2, noise=0.5)
     shared = {k: params[k] for k in ("q", "k", "v", "proj")}
     a = jax.jit(lin.apply)({"params": params}, x)

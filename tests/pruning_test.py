@@ -432,7 +432,7 @@ def test_orthogonal_channels_all_weigh_one():
     "variant,want", [("Ti", 1_253_683_200), ("S", 4_598_882_304), ("B", 17_563_828_224)]
 )
 def test_deit_macs_pinned(variant, want):
-    assert macs.vit_macs(vit_arch(variant)) == want
+    assert macs.model_macs(vit_arch(variant)) == want
 
 
 def _pruned_blocks(arch, rng):
@@ -458,15 +458,15 @@ def _pruned_blocks(arch, rng):
 @pytest.mark.parametrize("pattern", [None, "LLLLLLSSSSSS"], ids=["softmax", "flatten"])
 def test_closed_form_macs_match_xla(pattern, pruned):
     arch = vit_arch("S", pattern=pattern, gelu_approximate=True)
-    dense_macs = macs.vit_macs(arch)
+    dense_macs = macs.model_macs(arch)
     if pruned:
         arch = arch.replace(blocks=_pruned_blocks(arch, np.random.default_rng(0)))
-        assert macs.vit_macs(arch) < 0.85 * dense_macs
+        assert macs.model_macs(arch) < 0.85 * dense_macs
     model = ViT(arch)
     variables = param_shapes(model)
     images = jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.float32)
     counted = macs.xla_macs(model.apply, variables, images)
-    ours = macs.vit_macs(arch)
+    ours = macs.model_macs(arch)
     # XLA also counts element-wise work (norms, softmax, GELU, focusing), which we leave out.
     assert ours <= counted
     assert abs(ours / counted - 1) < 0.02, (ours, counted)
@@ -479,7 +479,7 @@ def test_soft_ratio_equals_hard_ratio_for_fixed_logits():
     masks = random_masks(arch, rng)
     indicators = logits_for(masks)
     small_arch, _ = export(arch, {"params": params, INDICATORS: indicators}, SPEC)
-    hard = macs.vit_macs(small_arch) / macs.vit_macs(arch)
+    hard = macs.model_macs(small_arch) / macs.model_macs(arch)
     soft = float(macs.soft_ratio(arch, indicators))
     assert hard < 0.9
     assert soft == pytest.approx(hard, rel=1e-6)
@@ -500,7 +500,7 @@ def test_soft_ratio_equals_hard_ratio_at_deit_s_size():
         )
         for i, b in enumerate(arch.blocks)
     )
-    hard = macs.vit_macs(arch.replace(blocks=blocks)) / macs.vit_macs(arch)
+    hard = macs.model_macs(arch.replace(blocks=blocks)) / macs.model_macs(arch)
     assert float(macs.soft_ratio(arch, logits_for(masks))) == pytest.approx(hard, rel=1e-6)
 
 

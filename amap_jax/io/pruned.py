@@ -10,8 +10,8 @@ import shutil
 
 import jax
 
-from amap_jax.models.arch import ViTArch
-from amap_jax.models.vit import ViT, dummy_input
+from amap_jax import models
+from amap_jax.models.arch import arch_from_dict
 from amap_jax.train import checkpoint
 
 FORMAT = 1
@@ -23,7 +23,7 @@ def is_finished(directory: str) -> bool:
     return os.path.exists(os.path.join(directory, MODEL_JSON))
 
 
-def save_pruned(directory: str, arch: ViTArch, params, **extra) -> None:
+def save_pruned(directory: str, arch, params, **extra) -> None:
     """Writes an exported model; refuses to overwrite a finished export."""
     if is_finished(directory):
         raise FileExistsError(
@@ -50,20 +50,20 @@ def save_pruned(directory: str, arch: ViTArch, params, **extra) -> None:
     checkpoint.write_json(os.path.join(directory, MODEL_JSON), meta)
 
 
-def read_arch(directory: str) -> ViTArch:
+def read_arch(directory: str):
     path = os.path.join(directory, MODEL_JSON)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{directory} holds no finished export (no {MODEL_JSON})")
     meta = checkpoint.read_json(path)
     if meta.get("format") != FORMAT:
         raise ValueError(f"{path}: unsupported export format {meta.get('format')!r}")
-    return ViTArch.from_dict(meta["arch"])
+    return arch_from_dict(meta["arch"])
 
 
-def load_pruned(directory: str) -> tuple[ViT, dict]:
+def load_pruned(directory: str) -> tuple:
     """(model, variables) such that `model.apply(variables, images)` gives logits."""
     arch = read_arch(directory)
-    model = ViT(arch)
-    target = jax.eval_shape(model.init, jax.random.key(0), dummy_input(arch))["params"]
+    model = models.build(arch)
+    target = jax.eval_shape(model.init, jax.random.key(0), models.dummy_input(arch))["params"]
     params = checkpoint.load_tree(os.path.join(directory, WEIGHTS), target)
     return model, {"params": params}

@@ -1,0 +1,20 @@
+"""Model families behind one entry point: an architecture description in, a Flax module out."""
+
+from __future__ import annotations
+
+from amap_jax.models.arch import SwinArch, ViTArch, arch_from_dict
+from amap_jax.models.block import attention
+from amap_jax.models.swin import Swin
+from amap_jax.models.vit import ViT, dummy_input
+from amap_jax.pruning.projection import PruneSpec
+
+__all__ = ["Swin", "ViT", "arch_from_dict", "attention", "build", "dummy_input"]
+
+
+def build(arch: ViTArch | SwinArch, prune: PruneSpec | None = None, **kw):
+    """The module for `arch` (dense, or searchable with `prune`)."""
+    if isinstance(arch, SwinArch):
+        return Swin(arch, prune=prune, **kw)
+    if isinstance(arch, ViTArch):
+        return ViT(arch, prune=prune, **kw)
+    raise TypeError(f"not an architecture description: {type(arch).__name__}")

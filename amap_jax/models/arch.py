@@ -21,7 +21,9 @@ class BlockArch:
     `qk_dim`/`v_dim` are per head; every head has the same width (head-balanced pruning keeps it
     that way). `qk_scale` pins the softmax scale to the dense model's 1/sqrt(d) after pruning.
     `dwc_per_head` is set by export when heads keep different value channels of the shared
-    depthwise conv of focused linear attention.
+    depthwise conv of focused linear attention. `window` > 0 cuts a hierarchical model's token map
+    into `window` x `window` windows (softmax ones get a relative position bias), cyclically
+    shifted by `shift`; 0 means one attention over all tokens.
     """
 
     attn: str
@@ -31,6 +33,8 @@ class BlockArch:
     mlp_dim: int
     qk_scale: float | None = None
     dwc_per_head: bool = False
+    window: int = 0
+    shift: int = 0
 
     def __post_init__(self):
         if self.attn not in (SOFTMAX, LINEAR):
@@ -38,6 +42,8 @@ class BlockArch:
         for name in ("heads", "qk_dim", "v_dim", "mlp_dim"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.shift and not 0 < self.shift < self.window:
+            raise ValueError(f"shift {self.shift} must lie in (0, window={self.window})")
 
     @property
     def scale(self) -> float:
@@ -45,8 +51,72 @@ class BlockArch:
 
 
 @dataclasses.dataclass(frozen=True)
-class ViTArch:
-    """A ViT/DeiT (softmax) or FLatten-DeiT (focused linear attention per block)."""
+class Geometry:
+    """Where a block sits: what its MACs and its attention layout depend on besides widths."""
+
+    dim: int  # residual width
+    tokens: int  # tokens per image
+    window_tokens: int  # tokens one attention call sees
+    windows: int  # attention calls per image
+    grid: int  # side of the token grid inside one attention call (depthwise conv)
+    resolution: int = 0  # side of the image's token map (hierarchical models), 0 for ViT
+
+
+class _Arch:
+    """JSON round trip and checks shared by every architecture description."""
+
+    TYPE = ""
+
+    def replace(self, **kw):
+        return dataclasses.replace(self, **kw)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "type": self.TYPE}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]):
+        d = dict(d)
+        kind = d.pop("type", cls.TYPE)
+        if kind != cls.TYPE:
+            raise ValueError(f"not a {cls.TYPE} architecture: type={kind!r}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown architecture fields: {unknown}")
+        d["blocks"] = tuple(BlockArch(**b) for b in d["blocks"])
+        for key in ("mean", "std", "depths"):
+            if key in d:
+                d[key] = tuple(d[key])
+        return cls(**d)
+
+    @classmethod
+    def from_json(cls, text: str):
+        return cls.from_dict(json.loads(text))
+
+    @property
+    def pattern(self) -> str:
+        return "".join(b.attn for b in self.blocks)
+
+    def _check_inputs(self):
+        if len(self.mean) != self.in_chans or len(self.std) != self.in_chans:
+            raise ValueError(f"mean/std need {self.in_chans} values (one per input channel)")
+        if self.image_size % self.patch_size:
+            raise ValueError(
+                f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}"
+            )
+
+
+@dataclasses.dataclass(frozen=True)
+class ViTArch(_Arch):
+    """A ViT/DeiT (softmax) or FLatten-DeiT (focused linear attention per block).
+
+    `distilled` adds DeiT's distillation token and head; the logits are the mean of both heads.
+    """
+
+    TYPE = "vit"
 
     image_size: int
     patch_size: int
@@ -61,57 +131,108 @@ class ViTArch:
     mean: tuple[float, ...] = (0.5,)
     std: tuple[float, ...] = (0.5,)
     name: str = ""
+    distilled: bool = False
+    norm_eps: float = 1e-6
 
     def __post_init__(self):
-        if self.image_size % self.patch_size:
-            raise ValueError(
-                f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}"
-            )
-        if len(self.mean) != self.in_chans or len(self.std) != self.in_chans:
-            raise ValueError(f"mean/std need {self.in_chans} values (one per input channel)")
+        self._check_inputs()
 
     @property
     def grid(self) -> int:
         return self.image_size // self.patch_size
 
     @property
-    def num_tokens(self) -> int:
-        return self.grid**2 + 1
+    def num_prefix(self) -> int:
+        return 2 if self.distilled else 1
 
     @property
-    def pattern(self) -> str:
-        return "".join(b.attn for b in self.blocks)
+    def num_tokens(self) -> int:
+        return self.grid**2 + self.num_prefix
 
-    def replace(self, **kw) -> ViTArch:
-        return dataclasses.replace(self, **kw)
+    def geometry(self) -> list[Geometry]:
+        n = self.num_tokens
+        return [Geometry(self.embed_dim, n, n, 1, self.grid)] * len(self.blocks)
 
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["type"] = "vit"
-        return d
 
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=1)
+@dataclasses.dataclass(frozen=True)
+class SwinArch(_Arch):
+    """A Swin or FLatten-Swin: stages of blocks at halving resolution, joined by patch merging.
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> ViTArch:
-        d = dict(d)
-        kind = d.pop("type", "vit")
-        if kind != "vit":
-            raise ValueError(f"not a ViT architecture: type={kind!r}")
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown architecture fields: {unknown}")
-        d["blocks"] = tuple(BlockArch(**b) for b in d["blocks"])
-        for key in ("mean", "std"):
-            if key in d:
-                d[key] = tuple(d[key])
-        return cls(**d)
+    `blocks` lists every block of every stage in order (`depths` says how many per stage); stage s
+    has width embed_dim * 2**s and a token map of side image_size / patch_size / 2**s.
+    """
 
-    @classmethod
-    def from_json(cls, text: str) -> ViTArch:
-        return cls.from_dict(json.loads(text))
+    TYPE = "swin"
+
+    image_size: int
+    patch_size: int
+    in_chans: int
+    num_classes: int
+    embed_dim: int
+    depths: tuple[int, ...]
+    blocks: tuple[BlockArch, ...]
+    focusing_factor: float = 3.0
+    kernel_size: int = 5
+    reweight: bool = False
+    gelu_approximate: bool = False
+    mean: tuple[float, ...] = (0.5,)
+    std: tuple[float, ...] = (0.5,)
+    name: str = ""
+    norm_eps: float = 1e-5
+
+    def __post_init__(self):
+        self._check_inputs()
+        if sum(self.depths) != len(self.blocks):
+            raise ValueError(
+                f"depths {self.depths} sum to {sum(self.depths)}, not {len(self.blocks)} blocks"
+            )
+        for s in range(len(self.depths)):
+            r = self.resolution(s)
+            if s < len(self.depths) - 1 and r % 2:
+                raise ValueError(f"stage {s} token map {r}x{r} cannot be merged 2x2 (odd side)")
+        for i, (b, s) in enumerate(zip(self.blocks, self.stages(), strict=True)):
+            r = self.resolution(s)
+            if not b.window or r % b.window:
+                raise ValueError(f"block {i}: window {b.window} does not tile the {r}x{r} map")
+
+    def stages(self) -> list[int]:
+        """Stage index of every block."""
+        return [s for s, d in enumerate(self.depths) for _ in range(d)]
+
+    def stage_dim(self, s: int) -> int:
+        return self.embed_dim * 2**s
+
+    def resolution(self, s: int) -> int:
+        return self.image_size // self.patch_size // 2**s
+
+    def geometry(self) -> list[Geometry]:
+        out = []
+        for b, s in zip(self.blocks, self.stages(), strict=True):
+            r = self.resolution(s)
+            out.append(
+                Geometry(self.stage_dim(s), r * r, b.window**2, (r // b.window) ** 2, b.window, r)
+            )
+        return out
+
+    @property
+    def num_features(self) -> int:
+        return self.stage_dim(len(self.depths) - 1)
+
+
+def arch_from_dict(d: dict[str, Any]) -> ViTArch | SwinArch:
+    kinds = {c.TYPE: c for c in (ViTArch, SwinArch)}
+    kind = d.get("type", ViTArch.TYPE)
+    if kind not in kinds:
+        raise ValueError(f"unknown architecture type {kind!r}; known: {sorted(kinds)}")
+    return kinds[kind].from_dict(d)
+
+
+def _default_stats(in_chans, mean, std):
+    if mean is None:
+        mean = (0.485, 0.456, 0.406) if in_chans == 3 else (0.5,) * in_chans
+    if std is None:
+        std = (0.229, 0.224, 0.225) if in_chans == 3 else (0.5,) * in_chans
+    return tuple(mean), tuple(std)
 
 
 # name: (embed_dim, depth, heads, mlp_ratio, patch, image)
@@ -135,6 +256,7 @@ def vit_arch(
     mean: tuple[float, ...] | None = None,
     std: tuple[float, ...] | None = None,
     gelu_approximate: bool = False,
+    distilled: bool = False,
 ) -> ViTArch:
     """Dense architecture for a named variant.
 
@@ -149,11 +271,8 @@ def vit_arch(
         raise ValueError(f"pattern {pattern!r} has {len(pattern)} letters; {variant} has {depth}")
     head_dim = dim // heads
     blocks = tuple(BlockArch(a, heads, head_dim, head_dim, dim * ratio) for a in pattern)
-    if mean is None:
-        mean = (0.485, 0.456, 0.406) if in_chans == 3 else (0.5,) * in_chans
-    if std is None:
-        std = (0.229, 0.224, 0.225) if in_chans == 3 else (0.5,) * in_chans
-    kind = "FLatten-ViT" if LINEAR in pattern else "ViT"
+    mean, std = _default_stats(in_chans, mean, std)
+    kind = "FLatten-ViT" if LINEAR in pattern else ("DeiT-distilled" if distilled else "ViT")
     return ViTArch(
         image_size=image_size or size,
         patch_size=patch,
@@ -161,11 +280,73 @@ def vit_arch(
         num_classes=num_classes,
         embed_dim=dim,
         blocks=blocks,
-        mean=tuple(mean),
-        std=tuple(std),
+        mean=mean,
+        std=std,
         gelu_approximate=gelu_approximate,
         name=f"{kind}-{variant}/{patch}",
+        distilled=distilled,
+    )
+
+
+# name: (embed_dim, depths, heads per stage, patch, image, window)
+_SWIN_VARIANTS = {
+    "T": (96, (2, 2, 6, 2), (3, 6, 12, 24), 4, 224, 7),
+    "S": (96, (2, 2, 18, 2), (3, 6, 12, 24), 4, 224, 7),
+    "B": (128, (2, 2, 18, 2), (4, 8, 16, 32), 4, 224, 7),
+    # For tests: 32x32 inputs, maps 16/8/4/2, shifted windows in stages 1-2.
+    "micro": (16, (2, 2, 2, 2), (2, 2, 4, 4), 2, 32, 4),
+}
+
+
+def swin_arch(
+    variant: str,
+    *,
+    num_classes: int = 1000,
+    in_chans: int = 3,
+    pattern: str = "SSSS",
+    image_size: int | None = None,
+    window: int | None = None,
+    mean: tuple[float, ...] | None = None,
+    std: tuple[float, ...] | None = None,
+    gelu_approximate: bool = False,
+) -> SwinArch:
+    """Dense Swin ("SSSS") or FLatten-Swin ("LLSS") architecture; `pattern` has one letter per
+    stage. Linear stages attend over their whole token map (one window, no shift); softmax stages
+    use shifted windows, shrunk to the map (and unshifted) where the map is no larger."""
+    if variant not in _SWIN_VARIANTS:
+        raise ValueError(f"unknown Swin variant {variant!r}; known: {sorted(_SWIN_VARIANTS)}")
+    dim, depths, heads, patch, size, win = _SWIN_VARIANTS[variant]
+    window = window or win
+    image_size = image_size or size
+    if len(pattern) != len(depths) or set(pattern) - {SOFTMAX, LINEAR}:
+        raise ValueError(f"pattern {pattern!r} needs one of S/L per stage ({len(depths)} stages)")
+    blocks = []
+    for s, (depth, h, kind) in enumerate(zip(depths, heads, pattern, strict=True)):
+        width, r = dim * 2**s, image_size // patch // 2**s
+        for j in range(depth):
+            if kind == LINEAR or r <= window:
+                w, shift = r, 0
+            else:
+                w, shift = window, (window // 2 if j % 2 else 0)
+            blocks.append(
+                BlockArch(kind, h, width // h, width // h, 4 * width, window=w, shift=shift)
+            )
+    mean, std = _default_stats(in_chans, mean, std)
+    kind = "FLatten-Swin" if LINEAR in pattern else "Swin"
+    return SwinArch(
+        image_size=image_size,
+        patch_size=patch,
+        in_chans=in_chans,
+        num_classes=num_classes,
+        embed_dim=dim,
+        depths=depths,
+        blocks=tuple(blocks),
+        mean=mean,
+        std=std,
+        gelu_approximate=gelu_approximate,
+        name=f"{kind}-{variant}",
     )
 
 
 VARIANTS = tuple(_VIT_VARIANTS)
+SWIN_VARIANTS = tuple(_SWIN_VARIANTS)

@@ -7,11 +7,14 @@ channel at all, so a masked model and its exported smaller model compute the sam
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from amap_jax.models.arch import SOFTMAX, BlockArch
+from amap_jax.models.arch import SOFTMAX, BlockArch, Geometry
 
 dense_init = nn.initializers.truncated_normal(0.02)
 
@@ -28,13 +31,36 @@ def _merge(x: jax.Array) -> jax.Array:
     return x.transpose(0, 2, 1, 3).reshape(b, n, h * d)
 
 
+@functools.cache
+def relative_position_index(window: int) -> np.ndarray:
+    """[N, N] row of the (2w-1)^2 bias table for every pair of tokens in a w x w window."""
+    coords = np.stack(np.meshgrid(np.arange(window), np.arange(window), indexing="ij")).reshape(
+        2, -1
+    )
+    rel = coords[:, :, None] - coords[:, None, :] + window - 1
+    return rel[0] * (2 * window - 1) + rel[1]
+
+
+@functools.cache
+def shift_mask(resolution: int, window: int, shift: int) -> np.ndarray:
+    """[windows, N, N] additive mask: after a cyclic shift, tokens that were not neighbours in
+    the image (different regions) must not attend to each other."""
+    region = np.zeros((resolution, resolution), np.int32)
+    cuts = (slice(0, -window), slice(-window, -shift), slice(-shift, None))
+    for i, rows in enumerate(cuts):
+        for j, cols in enumerate(cuts):
+            region[rows, cols] = 3 * i + j
+    n = resolution // window
+    region = region.reshape(n, window, n, window).transpose(0, 2, 1, 3).reshape(n * n, -1)
+    return np.where(region[:, :, None] == region[:, None, :], 0.0, -100.0).astype(np.float32)
+
+
 class Attention(nn.Module):
-    """Multi-head attention of either kind over tokens laid out as [prefix tokens, grid x grid]."""
+    """Multi-head attention of either kind over one attention call's tokens: a ViT's [prefix
+    tokens, grid x grid], or one window of a hierarchical model (windows folded into the batch)."""
 
     arch: BlockArch
-    embed_dim: int
-    num_tokens: int
-    grid: int
+    geometry: Geometry
     focusing_factor: float = 3.0
     kernel_size: int = 5
     reweight: bool = False
@@ -42,7 +68,7 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x, qk_mask=None, v_mask=None):
-        a = self.arch
+        a, g = self.arch, self.geometry
         dense = lambda n, name: nn.Dense(n, kernel_init=dense_init, dtype=self.dtype, name=name)  # noqa: E731
         q = dense(a.heads * a.qk_dim, "q")(x)
         k = dense(a.heads * a.qk_dim, "k")(x)
@@ -57,7 +83,7 @@ class Attention(nn.Module):
             v_scale = r if v_scale is None else v_scale * r
         if v_scale is not None:
             out = out * v_scale.astype(out.dtype)
-        return dense(self.embed_dim, "proj")(out)
+        return dense(g.dim, "proj")(out)
 
     def _softmax(self, q, k, v, qk_mask):
         a = self.arch
@@ -65,13 +91,30 @@ class Attention(nn.Module):
             q = q * qk_mask.astype(q.dtype)  # masked channels drop out of every q.k sum
         q, k, v = (_heads(t, a.heads) for t in (q, k, v))
         logits = jnp.matmul(q * jnp.asarray(a.scale, q.dtype), k.swapaxes(-1, -2))
+        if a.window:
+            logits = self._window_bias(logits)
         weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
         return _merge(jnp.matmul(weights, v))
 
+    def _window_bias(self, logits):
+        """Relative position bias per head, plus the shift mask on shifted windows."""
+        a, g = self.arch, self.geometry
+        table = self.param(
+            "relative_position_bias_table", dense_init, ((2 * a.window - 1) ** 2, a.heads)
+        )
+        bias = table[relative_position_index(a.window)].transpose(2, 0, 1)  # [H, N, N]
+        logits = logits + bias.astype(logits.dtype)
+        if a.shift:
+            mask = jnp.asarray(shift_mask(g.resolution, a.window, a.shift), logits.dtype)
+            n = g.window_tokens
+            logits = logits.reshape(-1, g.windows, a.heads, n, n) + mask[None, :, None]
+            logits = logits.reshape(-1, a.heads, n, n)
+        return logits
+
     def _focused_linear(self, q, k, v, qk_mask):
-        a = self.arch
+        a, g = self.arch, self.geometry
         width = a.heads * a.qk_dim
-        pos = self.param("positional_encoding", dense_init, (self.num_tokens, width))
+        pos = self.param("positional_encoding", dense_init, (g.window_tokens, width))
         scale = self.param("scale", nn.initializers.zeros, (width,))
         k = k + pos.astype(k.dtype)
         q = jax.nn.relu(q) + 1e-6
@@ -97,20 +140,20 @@ class Attention(nn.Module):
 
     def _dwc(self, v):
         """Depthwise conv over the patch grid; prefix (cls) tokens get no conv term."""
-        a = self.arch
+        a, side = self.arch, self.geometry.grid
         b, n, c = v.shape
-        prefix = n - self.grid**2
-        grid = v[:, prefix:].reshape(b, self.grid, self.grid, c)
+        prefix = n - side**2
+        grid = v[:, prefix:].reshape(b, side, side, c)
         if a.dwc_per_head:
             channels = c
         else:  # one kernel of width v_dim shared by all heads: fold heads into the batch
             channels = a.v_dim
-            grid = grid.reshape(b, self.grid, self.grid, a.heads, a.v_dim)
-            grid = grid.transpose(0, 3, 1, 2, 4).reshape(b * a.heads, self.grid, self.grid, -1)
+            grid = grid.reshape(b, side, side, a.heads, a.v_dim)
+            grid = grid.transpose(0, 3, 1, 2, 4).reshape(b * a.heads, side, side, -1)
         y = DepthwiseConv(channels, self.kernel_size, self.dtype, name="dwc")(grid)
         if not a.dwc_per_head:
-            y = y.reshape(b, a.heads, self.grid, self.grid, a.v_dim).transpose(0, 2, 3, 1, 4)
-        y = y.reshape(b, self.grid**2, c)
+            y = y.reshape(b, a.heads, side, side, a.v_dim).transpose(0, 2, 3, 1, 4)
+        y = y.reshape(b, side**2, c)
         return jnp.pad(y, ((0, 0), (prefix, 0), (0, 0)))
 
 

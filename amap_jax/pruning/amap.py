@@ -11,16 +11,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from amap_jax.models.arch import LINEAR, ViTArch
-from amap_jax.models.attention import Attention
-from amap_jax.models.vit import INDICATORS, SIMILARITY, ViT, group_shapes
+from amap_jax import models
+from amap_jax.models.arch import LINEAR
+from amap_jax.models.block import INDICATORS, SIMILARITY, group_shapes
 from amap_jax.pruning import macs, projection
 from amap_jax.pruning.projection import PruneSpec
 
 _GROUPS = ("qk", "v", "hidden")
 
 
-def add_reweight(arch: ViTArch, params) -> tuple[ViTArch, dict]:
+def add_reweight(arch, params) -> tuple:
     """Adds reweight scales (init 1: the function is unchanged) to every block."""
     params = dict(params)
     for i, b in enumerate(arch.blocks):
@@ -31,36 +31,26 @@ def add_reweight(arch: ViTArch, params) -> tuple[ViTArch, dict]:
     return arch.replace(reweight=True), params
 
 
-def constant_indicators(arch: ViTArch, logit: float):
+def constant_indicators(arch, logit: float):
     return {
         f"block_{i}": {g: jnp.full(s, logit, jnp.float32) for g, s in group_shapes(b).items()}
         for i, b in enumerate(arch.blocks)
     }
 
 
-def attention_difference(
-    arch: ViTArch, params, images, *, softmax_too: bool = False, chunk: int = 16
-):
+def attention_difference(arch, params, images, *, softmax_too: bool = False, chunk: int = 16):
     """Per block, relative change of the attention output when one channel is removed.
 
     Returns {'block_i': {'qk': [H, dqk], 'v': [H, dv]}} for linear-attention blocks (and
     softmax blocks if `softmax_too`): ||A(x) - A_{-c}(x)||_F / ||A(x)||_F averaged over images.
     """
-    _, inter = ViT(arch).apply({"params": params}, images, mutable=["intermediates"])
+    _, inter = models.build(arch).apply({"params": params}, images, mutable=["intermediates"])
     out = {}
     for i, b in enumerate(arch.blocks):
         if b.attn != LINEAR and not softmax_too:
             continue
         y = inter["intermediates"][f"block_{i}"]["attn_input"][0]
-        attn = Attention(
-            b,
-            arch.embed_dim,
-            arch.num_tokens,
-            arch.grid,
-            arch.focusing_factor,
-            arch.kernel_size,
-            arch.reweight,
-        )
+        attn = models.attention(arch, i)
         variables = {"params": params[f"block_{i}"]["attn"]}
         base = attn.apply(variables, y)
         base_norm = jnp.linalg.norm(base.reshape(base.shape[0], -1), axis=-1) + 1e-12
@@ -86,7 +76,7 @@ def logits_from_scores(scores: jax.Array, base: float, spread: float) -> jax.Arr
     return base + spread * z
 
 
-def init_indicators(arch: ViTArch, params, cfg, calib_images=None):
+def init_indicators(arch, params, cfg, calib_images=None):
     """Indicator logits as the config says: constant, or attention-difference where measured."""
     ind = constant_indicators(arch, cfg.init_logit)
     if cfg.init == "constant":
@@ -102,7 +92,7 @@ def init_indicators(arch: ViTArch, params, cfg, calib_images=None):
     return ind
 
 
-def macs_regularizer(arch: ViTArch, target: float, weight: float, kind: str = "square"):
+def macs_regularizer(arch, target: float, weight: float, kind: str = "square"):
     """`trainable -> (loss, metrics)`: weight * (MACs_soft / MACs_dense - target)^2 (or hinge)."""
     if kind not in ("square", "hinge"):
         raise ValueError(f"search.macs_loss must be 'square' or 'hinge', got {kind!r}")
@@ -117,7 +107,7 @@ def macs_regularizer(arch: ViTArch, target: float, weight: float, kind: str = "s
     return reg
 
 
-def hard_widths(arch: ViTArch, variables, spec: PruneSpec) -> list[tuple[int, int, int]]:
+def hard_widths(arch, variables, spec: PruneSpec) -> list[tuple[int, int, int]]:
     """Per-head widths the masks keep now (what export would produce)."""
     ind = variables[INDICATORS]
     return [
@@ -126,11 +116,11 @@ def hard_widths(arch: ViTArch, variables, spec: PruneSpec) -> list[tuple[int, in
     ]
 
 
-def hard_ratio(arch: ViTArch, variables, spec: PruneSpec) -> float:
-    return float(macs.vit_macs(arch, hard_widths(arch, variables, spec)) / macs.vit_macs(arch))
+def hard_ratio(arch, variables, spec: PruneSpec) -> float:
+    return float(macs.model_macs(arch, hard_widths(arch, variables, spec)) / macs.model_macs(arch))
 
 
-def finalize(arch: ViTArch, variables, spec: PruneSpec, target: float):
+def finalize(arch, variables, spec: PruneSpec, target: float):
     """Fixed indicator logits whose masks meet `target` MACs ratio.
 
     Starts from the masks the search ended with and, while the hard MACs are over the target,
@@ -156,12 +146,13 @@ def finalize(arch: ViTArch, variables, spec: PruneSpec, target: float):
     def widths_of(i):
         return tuple(counts[i, g] / heads[i, g] for g in _GROUPS)
 
-    def block(i, w):
-        b = arch.blocks[i]
-        return macs.block_macs(b, arch.embed_dim, arch.num_tokens, arch.grid, arch.kernel_size, w)
+    geometry = arch.geometry()
 
-    budget = target * macs.vit_macs(arch)
-    total = macs.vit_macs(arch, [widths_of(i) for i in range(len(arch.blocks))])
+    def block(i, w):
+        return macs.block_macs(arch.blocks[i], geometry[i], arch.kernel_size, w)
+
+    budget = target * macs.model_macs(arch)
+    total = macs.model_macs(arch, [widths_of(i) for i in range(len(arch.blocks))])
     while total > budget:
         best, best_cost, best_saving = None, np.inf, 0.0
         for (i, g), k in counts.items():

@@ -6,16 +6,18 @@ the softmax scale of the dense model is kept. Nothing of the pruning machinery i
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import numpy as np
 
-from amap_jax.models.arch import LINEAR, BlockArch, ViTArch
-from amap_jax.models.vit import INDICATORS, SIMILARITY
+from amap_jax.models.arch import LINEAR, BlockArch
+from amap_jax.models.block import INDICATORS, SIMILARITY
 from amap_jax.pruning import projection
 from amap_jax.pruning.projection import PruneSpec
 
 
-def kept_channels(variables, arch: ViTArch, spec: PruneSpec) -> list[dict[str, np.ndarray]]:
+def kept_channels(variables, arch, spec: PruneSpec) -> list[dict[str, np.ndarray]]:
     """Per block and group, the kept channel indices as [heads, k] (sorted within a head).
 
     Without head balancing, heads keep different counts: every head is padded to the widest
@@ -73,7 +75,11 @@ def _export_block(block: BlockArch, p, keep) -> tuple[BlockArch, dict]:
     v_scale = np.asarray(attn["reweight"])[v_cols] if "reweight" in attn else np.ones(len(v_cols))
     v_scale = np.where(v_pad.reshape(-1), 0.0, v_scale)  # padded value channels reach nothing
     hidden_scale = np.asarray(mlp["reweight"])[hidden_cols] if "reweight" in mlp else None
+    # Per-head parameters (relative position bias) are untouched: heads are never removed.
     new_attn = {
+        k: np.asarray(val) for k, val in attn.items() if k == "relative_position_bias_table"
+    }
+    new_attn |= {
         "q": _dense(attn["q"], cols=qk_cols),
         "k": _dense(attn["k"], cols=qk_cols),
         "v": _dense(attn["v"], cols=v_cols),
@@ -105,9 +111,8 @@ def _export_block(block: BlockArch, p, keep) -> tuple[BlockArch, dict]:
         "fc1": _dense(mlp["fc1"], cols=hidden_cols),
         "fc2": _dense(mlp["fc2"], rows=hidden_cols, row_scale=hidden_scale),
     }
-    new_block = BlockArch(
-        attn=block.attn,
-        heads=block.heads,
+    new_block = dataclasses.replace(
+        block,
         qk_dim=qk.shape[1],
         v_dim=v.shape[1],
         mlp_dim=hidden.shape[1],
@@ -118,7 +123,7 @@ def _export_block(block: BlockArch, p, keep) -> tuple[BlockArch, dict]:
     return new_block, {**new_p, "attn": new_attn, "mlp": new_mlp}
 
 
-def export(arch: ViTArch, variables, spec: PruneSpec | None = None) -> tuple[ViTArch, dict]:
+def export(arch, variables, spec: PruneSpec | None = None) -> tuple:
     """(arch, {params, indicators[, similarity]}) -> (smaller arch, smaller params)."""
     spec = spec or PruneSpec()
     params = jax.tree.map(np.asarray, variables["params"])

@@ -10,43 +10,49 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from amap_jax.models.arch import SOFTMAX, BlockArch, ViTArch
+from amap_jax.models.arch import SOFTMAX, BlockArch, Geometry, SwinArch, ViTArch
 
 Widths = tuple  # (qk_dim, v_dim, mlp_dim) per block; floats or ints
 
 
 def block_macs(
-    block: BlockArch,
-    embed_dim: int,
-    tokens: int,
-    grid: int,
-    kernel_size: int,
-    widths: Widths | None = None,
+    block: BlockArch, geometry: Geometry, kernel_size: int, widths: Widths | None = None
 ):
     qk, v, mlp = widths if widths is not None else (block.qk_dim, block.v_dim, block.mlp_dim)
-    h, n, d = block.heads, tokens, embed_dim
+    g = geometry
+    h, t, d, n = block.heads, g.tokens, g.dim, g.window_tokens
     qk_all, v_all = h * qk, h * v
-    total = n * d * (2 * qk_all + v_all)  # q, k, v projections
-    total = total + n * v_all * d  # output projection
+    total = t * d * (2 * qk_all + v_all)  # q, k, v projections
+    total = total + t * v_all * d  # output projection
     if block.attn == SOFTMAX:
-        total = total + n * n * (qk_all + v_all)  # q.k^T and attn.v
+        total = total + g.windows * n * n * (qk_all + v_all)  # q.k^T and attn.v
     else:
-        total = total + 2 * n * h * qk * v + n * qk_all  # k^T v, q (k^T v), q . mean(k)
-        total = total + grid * grid * v_all * kernel_size**2  # depthwise conv on v
-    return total + 2 * n * d * mlp
+        total = total + g.windows * (2 * n * h * qk * v + n * qk_all)  # k^T v, q (k^T v), q.mean(k)
+        total = total + g.windows * g.grid**2 * v_all * kernel_size**2  # depthwise conv on v
+    return total + 2 * t * d * mlp
 
 
-def vit_macs(arch: ViTArch, widths: list[Widths] | None = None):
+def fixed_macs(arch: ViTArch | SwinArch) -> int:
+    """What pruning does not touch: patch embedding, patch merging, classifier heads."""
+    total = (arch.image_size // arch.patch_size) ** 2 * arch.patch_size**2 * arch.in_chans
+    total *= arch.embed_dim
+    if isinstance(arch, SwinArch):
+        for s in range(1, len(arch.depths)):
+            total += arch.resolution(s) ** 2 * 4 * arch.stage_dim(s - 1) * arch.stage_dim(s)
+        return total + arch.num_features * arch.num_classes
+    return total + arch.embed_dim * arch.num_classes * (2 if arch.distilled else 1)
+
+
+def model_macs(arch: ViTArch | SwinArch, widths: list[Widths] | None = None):
     """MACs of one image through `arch`, optionally with other per-block widths."""
-    n = arch.num_tokens
-    total = arch.grid**2 * arch.patch_size**2 * arch.in_chans * arch.embed_dim
-    for i, block in enumerate(arch.blocks):
+    total = fixed_macs(arch)
+    for i, (block, g) in enumerate(zip(arch.blocks, arch.geometry(), strict=True)):
         w = None if widths is None else widths[i]
-        total = total + block_macs(block, arch.embed_dim, n, arch.grid, arch.kernel_size, w)
-    return total + arch.embed_dim * arch.num_classes
+        total = total + block_macs(block, g, arch.kernel_size, w)
+    return total
 
 
-def soft_widths(arch: ViTArch, indicators) -> list[Widths]:
+def soft_widths(arch, indicators) -> list[Widths]:
     """Expected per-head widths: sum of keep-probabilities over a group, divided by its heads."""
     out = []
     for i, block in enumerate(arch.blocks):
@@ -60,9 +66,9 @@ def soft_widths(arch: ViTArch, indicators) -> list[Widths]:
     return out
 
 
-def soft_ratio(arch: ViTArch, indicators) -> jax.Array:
+def soft_ratio(arch, indicators) -> jax.Array:
     """Differentiable MACs(indicators) / MACs(dense)."""
-    return vit_macs(arch, soft_widths(arch, indicators)) / float(vit_macs(arch))
+    return model_macs(arch, soft_widths(arch, indicators)) / float(model_macs(arch))
 
 
 def xla_macs(fn, *args) -> float:
