@@ -1,18 +1,25 @@
 """amap_jax: automatic structured pruning of vision transformers in JAX/Flax."""
 
+from amap_jax.io.pretrained import CheckpointMismatchError, import_pretrained
 from amap_jax.io.pruned import load_pruned, save_pruned
-from amap_jax.models.arch import BlockArch, ViTArch, vit_arch
-from amap_jax.models.vit import ViT
+from amap_jax.models import Swin, ViT, build
+from amap_jax.models.arch import BlockArch, SwinArch, ViTArch, swin_arch, vit_arch
 from amap_jax.pruning.export import export
 from amap_jax.pruning.projection import PruneSpec
 
 __all__ = [
     "BlockArch",
+    "CheckpointMismatchError",
     "PruneSpec",
+    "Swin",
+    "SwinArch",
     "ViT",
     "ViTArch",
+    "build",
     "export",
+    "import_pretrained",
     "load_pruned",
     "save_pruned",
+    "swin_arch",
     "vit_arch",
 ]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import ml_collections
 
 METHODS = ("amap",)
@@ -14,6 +16,7 @@ def defaults() -> ml_collections.ConfigDict:
     c.num_devices = 0  # 0: all visible devices
     c.checkpoint_every = 200  # steps
     c.export_dir = ""  # default: WORKDIR/export
+    c.reference = ""  # published numbers to compare with, printed beside the results
 
     c.data = dict(
         name="fashion_mnist",
@@ -24,8 +27,37 @@ def defaults() -> ml_collections.ConfigDict:
         # (2 epochs, ViT-mini/7 on Fashion-MNIST: 83.5% without, 74.7% with crop 2 + flip).
         crop_padding=0,
         flip=False,
+        # ImageNet-style data (imagenet2012, or a JPEG tree ROOT/<split>/<class>/*.jpeg):
+        image_folder="",
+        image_size=0,  # 0: the data set's own size (224 for recipe data sets)
+        # The DeiT/Swin recipe; used by recipe data sets only (see data.imagenet.Recipe).
+        recipe=dict(
+            random_crop=True,
+            flip=True,
+            randaugment_ops=2,
+            randaugment_magnitude=9.0,
+            randaugment_std=0.5,
+            erasing_prob=0.25,
+            eval_crop_fraction=0.875,
+        ),
+        # Batch mixing on device, for every training stage (0: off).
+        mixup_alpha=0.0,
+        cutmix_alpha=0.0,
+        mix_prob=1.0,
+        mix_switch_prob=0.5,
     )
-    c.model = dict(variant="mini", pattern="", gelu_approximate=True)
+    c.model = dict(
+        family="vit",  # or "swin"
+        variant="mini",  # ViT: Ti/S/B/mini/micro; Swin: T/S/B/micro
+        pattern="",  # attention kind per block (ViT) or per stage (Swin), e.g. "LLSS"
+        gelu_approximate=True,
+        # A published architecture (io.pretrained.NAMES) instead of family/variant/pattern:
+        name="",
+        # Pretrained weights (.safetensors / .pth / .pt) for the dense model, timm or official
+        # FLatten layout; with train.epochs=0 the dense stage is the import alone.
+        checkpoint="",
+        dtype="float32",  # or "bfloat16": compute dtype (parameters stay float32)
+    )
 
     c.train = dict(
         epochs=8.0,
@@ -58,6 +90,9 @@ def defaults() -> ml_collections.ConfigDict:
         init_spread=1.0,
         calibration_batch=64,
         min_keep=1,
+        # Floor per head as a share of its width: keeps the final MACs fix-up from emptying
+        # the layers with the most MACs per channel when a short search left importances flat.
+        min_keep_fraction=0.0,
         multiple=1,
         kd_weight=0.0,
         kd_temperature=1.0,
@@ -100,5 +135,25 @@ def validate(c: ml_collections.ConfigDict) -> None:
         )
     if c.search.min_keep < 1 or c.search.multiple < 1:
         raise ValueError("search.min_keep and search.multiple must be >= 1")
+    if not 0.0 <= c.search.min_keep_fraction <= 1.0:
+        raise ValueError(
+            f"search.min_keep_fraction must be in [0, 1], got {c.search.min_keep_fraction}"
+        )
+    m = c.model
+    if m.family not in ("vit", "swin"):
+        raise ValueError(f"model.family must be 'vit' or 'swin', got {m.family!r}")
+    if m.dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"model.dtype must be 'float32' or 'bfloat16', got {m.dtype!r}")
+    if m.name:
+        from amap_jax.io.pretrained import NAMES
+
+        if m.name not in NAMES:
+            raise ValueError(f"model.name {m.name!r} is not one of {', '.join(NAMES)}")
+        if c.train.epochs == 0 and not m.checkpoint:
+            raise ValueError(
+                f"{m.name} with train.epochs=0 needs pretrained weights: --config.model.checkpoint"
+            )
+    if m.checkpoint and not os.path.exists(m.checkpoint):
+        raise FileNotFoundError(f"model.checkpoint {m.checkpoint} does not exist")
     if c.checkpoint_every < 1:
         raise ValueError(f"checkpoint_every must be >= 1, got {c.checkpoint_every}")

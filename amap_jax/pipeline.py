@@ -17,10 +17,10 @@ import optax
 
 from amap_jax import config as config_lib
 from amap_jax import models
-from amap_jax.data import load_source, train_batches
-from amap_jax.io import pruned
+from amap_jax.data.splits import open_split
+from amap_jax.io import pretrained, pruned
 from amap_jax.logs import log as logging
-from amap_jax.models.arch import ViTArch, vit_arch
+from amap_jax.models.arch import swin_arch, vit_arch
 from amap_jax.models.block import INDICATORS, SIMILARITY
 from amap_jax.models.vit import dummy_input
 from amap_jax.pruning import amap, export, macs, similarity
@@ -35,8 +35,8 @@ class Context:
     config: object
     workdir: str
     mesh: object
-    train_src: object
-    test_src: object
+    train: object  # data.splits.ArraySplit or RecipeSplit
+    test: object
     inputs: steps.Input
     process_index: int = 0
     process_count: int = 1
@@ -50,12 +50,11 @@ class Context:
 
     def steps(self, stage) -> tuple[int, int]:
         """(total steps, steps per epoch) of a stage."""
-        per_epoch = max(len(self.train_src) // stage.batch_size, 1)
+        per_epoch = max(len(self.train) // stage.batch_size, 1)
         return int(math.ceil(stage.epochs * per_epoch)), per_epoch
 
     def batches(self, batch_size: int, seed: int):
-        return lambda start: train_batches(
-            self.train_src,
+        return lambda start: self.train.train_batches(
             batch_size,
             seed=seed,
             start_step=start,
@@ -85,31 +84,50 @@ class Context:
         return lambda _, state: {"test_top1": self.evaluate(model, state.trainable)["top1"]}
 
     def evaluate(self, model, variables) -> dict:
-        return evaluate(
-            model,
-            variables,
-            self.test_src,
-            self.inputs,
-            self.config.eval.batch_size,
-            self.mesh,
-            self.process_index,
-            self.process_count,
+        batches = self.test.eval_batches(
+            self.config.eval.batch_size, self.process_index, self.process_count
+        )
+        return evaluate(model, variables, batches, self.inputs, self.mesh)
+
+    def build(self, arch, prune=None):
+        """The module for `arch` in the configured compute dtype."""
+        dtype = jnp.bfloat16 if self.config.model.dtype == "bfloat16" else jnp.float32
+        return models.build(arch, prune=prune, dtype=dtype)
+
+    def objective(self, arch, stage, **kw) -> steps.Objective:
+        d = self.config.data
+        return steps.Objective(
+            arch.num_classes,
+            stage.label_smoothing,
+            mixup_alpha=d.mixup_alpha,
+            cutmix_alpha=d.cutmix_alpha,
+            mix_prob=d.mix_prob,
+            mix_switch_prob=d.mix_switch_prob,
+            **kw,
         )
 
 
-def build_arch(config, info) -> ViTArch:
-    h, w, c = info.image_shape
+def build_arch(config, info):
+    """The dense architecture: a published one (normalised as it was trained) or one of the
+    families at the data's size and statistics."""
+    h, _, c = info.image_shape
     m = config.model
-    return vit_arch(
-        m.variant,
+    size = config.data.image_size or h or None
+    if m.name:
+        if c != 3:
+            raise ValueError(f"{m.name} takes RGB images; {info.name} has {c} channels")
+        return pretrained.named_arch(m.name, image_size=size, num_classes=info.num_classes)
+    kw = dict(
         num_classes=info.num_classes,
         in_chans=c,
-        pattern=m.pattern or None,
-        image_size=h if h else None,
+        image_size=size,
         mean=tuple(info.mean),
         std=tuple(info.std),
         gelu_approximate=m.gelu_approximate,
     )
+    if m.family == "swin":
+        return swin_arch(m.variant, pattern=m.pattern or "SSSS", **kw)
+    return vit_arch(m.variant, pattern=m.pattern or None, **kw)
 
 
 def _optimizer(stage, total: int, per_epoch: int, extra: dict | None = None):
@@ -129,16 +147,27 @@ def _check_export_dir(ctx: Context, export_dir: str) -> None:
         )
 
 
-def train_dense(ctx: Context, arch: ViTArch):
-    cfg = ctx.config.train
+def dense_params(ctx: Context, arch):
+    """Imported pretrained weights, or a fresh initialisation."""
+    path = ctx.config.model.checkpoint
+    if path:
+        _, variables = pretrained.import_pretrained(path, arch)
+        logging.info("imported %s weights from %s", arch.name, path)
+        return variables["params"]
     model = models.build(arch)
-    params = model.init(jax.random.key(ctx.config.seed), dummy_input(arch))["params"]
+    return model.init(jax.random.key(ctx.config.seed), dummy_input(arch))["params"]
+
+
+def train_dense(ctx: Context, arch):
+    cfg = ctx.config.train
+    model = ctx.build(arch)
+    params = dense_params(ctx, arch)
     total, per_epoch = ctx.steps(cfg)
     if total == 0:
         return jax.device_get(params)
     tx = _optimizer(cfg, total, per_epoch)
     state = steps.create_state({"params": params}, tx)
-    objective = steps.Objective(arch.num_classes, cfg.label_smoothing)
+    objective = ctx.objective(arch, cfg)
     step = jax.jit(
         steps.make_train_step(model, tx, ctx.inputs, objective, ctx.config.seed), donate_argnums=0
     )
@@ -149,18 +178,22 @@ def train_dense(ctx: Context, arch: ViTArch):
 
 
 def prune_spec(cfg) -> PruneSpec:
-    return PruneSpec(min_keep=cfg.min_keep, multiple=cfg.multiple, head_balanced=cfg.head_balanced)
+    return PruneSpec(
+        min_keep=cfg.min_keep,
+        min_keep_fraction=cfg.min_keep_fraction,
+        multiple=cfg.multiple,
+        head_balanced=cfg.head_balanced,
+    )
 
 
-def search(ctx: Context, arch: ViTArch, dense_params):
+def search(ctx: Context, arch, dense_params):
     """AMAP search; returns (search arch, variables with fixed final masks)."""
     cfg = ctx.config.search
     spec = prune_spec(cfg)
     s_arch, params = amap.add_reweight(arch, dense_params) if cfg.reweight else (arch, dense_params)
     calib = None
     if cfg.init == "attn_diff":
-        idx = np.arange(min(cfg.calibration_batch, len(ctx.train_src)))
-        calib = ctx.inputs(jnp.asarray(ctx.train_src.get(idx)["image"]))
+        calib = ctx.inputs(jnp.asarray(ctx.train.calibration_images(cfg.calibration_batch)))
     indicators = amap.init_indicators(s_arch, params, cfg, calib)
     sim_fn = jax.jit(lambda p: similarity.similarity_weights(s_arch, p))
     sim = sim_fn(params) if cfg.similarity else amap.constant_indicators(s_arch, 1.0)
@@ -169,15 +202,15 @@ def search(ctx: Context, arch: ViTArch, dense_params):
     ind_tx = optax.adam(cfg.indicator_lr)
     tx = _optimizer(cfg, total, per_epoch, {INDICATORS: ind_tx})
     state = steps.create_state({"params": params, INDICATORS: indicators}, tx, {SIMILARITY: sim})
-    model = models.build(s_arch, prune=spec)
-    objective = steps.Objective(
-        arch.num_classes,
-        cfg.label_smoothing,
-        cfg.kd_weight,
-        cfg.kd_temperature,
+    model = ctx.build(s_arch, prune=spec)
+    objective = ctx.objective(
+        arch,
+        cfg,
+        kd_weight=cfg.kd_weight,
+        kd_temperature=cfg.kd_temperature,
         regularizer=amap.macs_regularizer(s_arch, cfg.target, cfg.macs_weight, cfg.macs_loss),
     )
-    teacher = models.build(arch) if cfg.kd_weight > 0 else None
+    teacher = ctx.build(arch) if cfg.kd_weight > 0 else None
     step = jax.jit(
         steps.make_train_step(model, tx, ctx.inputs, objective, ctx.config.seed + 1, teacher),
         donate_argnums=0,
@@ -207,18 +240,16 @@ def search(ctx: Context, arch: ViTArch, dense_params):
     return s_arch, variables, model
 
 
-def finetune(ctx: Context, arch: ViTArch, params, teacher_arch, teacher_params):
+def finetune(ctx: Context, arch, params, teacher_arch, teacher_params):
     cfg = ctx.config.finetune
-    model = models.build(arch)
+    model = ctx.build(arch)
     total, per_epoch = ctx.steps(cfg)
     if total == 0:
         return params
     tx = _optimizer(cfg, total, per_epoch)
     state = steps.create_state({"params": params}, tx)
-    objective = steps.Objective(
-        arch.num_classes, cfg.label_smoothing, cfg.kd_weight, cfg.kd_temperature
-    )
-    teacher = models.build(teacher_arch) if cfg.kd_weight > 0 else None
+    objective = ctx.objective(arch, cfg, kd_weight=cfg.kd_weight, kd_temperature=cfg.kd_temperature)
+    teacher = ctx.build(teacher_arch) if cfg.kd_weight > 0 else None
     step = jax.jit(
         steps.make_train_step(model, tx, ctx.inputs, objective, ctx.config.seed + 2, teacher),
         donate_argnums=0,
@@ -236,12 +267,21 @@ def finetune(ctx: Context, arch: ViTArch, params, teacher_arch, teacher_params):
     return jax.device_get(state.trainable["params"])
 
 
+def _export_gap(ctx: Context, masked_model, variables, p_arch, p_params, n: int = 8) -> float:
+    """Max |logit| difference of the masked and the exported model on a few test images:
+    export is exact, so this is float rounding (fp32: ~1e-6)."""
+    images = ctx.inputs(jnp.asarray(ctx.test.calibration_images(n)))
+    masked = jax.jit(masked_model.apply)(variables, images)
+    exported = jax.jit(ctx.build(p_arch).apply)({"params": p_params}, images)
+    return float(jnp.max(jnp.abs(masked - exported)))
+
+
 def _count(params) -> int:
     return int(sum(np.size(x) for x in jax.tree.leaves(params)))
 
 
-def _report(ctx: Context, arch: ViTArch, params, top1: float) -> dict:
-    model = models.build(arch)
+def _report(ctx: Context, arch, params, top1: float) -> dict:
+    model = ctx.build(arch)
     bench = ctx.config.eval
     return {
         "params": _count(params),
@@ -256,23 +296,22 @@ def _report(ctx: Context, arch: ViTArch, params, top1: float) -> dict:
     }
 
 
-def make_context(config, workdir: str) -> tuple[Context, ViTArch]:
+def make_context(config, workdir: str) -> tuple:
     """Checks the config, opens the data and builds the dense architecture; writes nothing."""
     config_lib.validate(config)
     mesh = parallel.make_mesh(config.num_devices or None)
     d = config.data
-    train_src = load_source(d.name, d.train_split, d.data_dir or None)
-    test_src = load_source(d.name, d.test_split, d.data_dir or None)
+    train, test = open_split(d, d.train_split), open_split(d, d.test_split)
     for stage in ("train", "search", "finetune"):
         parallel.check_batch_size(config[stage].batch_size, mesh)
-    arch = build_arch(config, train_src.info)
+    arch = build_arch(config, train.info)
     inputs = steps.Input(arch.mean, arch.std, arch.image_size, d.crop_padding, d.flip)
     ctx = Context(
         config,
         os.path.abspath(workdir),
         mesh,
-        train_src,
-        test_src,
+        train,
+        test,
         inputs,
         jax.process_index(),
         jax.process_count(),
@@ -299,24 +338,27 @@ def run(config, workdir: str) -> dict:
             n_params,
             macs.model_macs(arch) / 1e6,
             config.data.name,
-            len(ctx.train_src),
-            len(ctx.test_src),
+            len(ctx.train),
+            len(ctx.test),
             ctx.mesh.devices.size,
         )
 
     dense_params = train_dense(ctx, arch)
-    dense_eval = ctx.evaluate(models.build(arch), {"params": dense_params})
+    dense_eval = ctx.evaluate(ctx.build(arch), {"params": dense_params})
 
     s_arch, variables, masked_model = search(ctx, arch, dense_params)
     masked_eval = ctx.evaluate(masked_model, variables)
     spec = prune_spec(config.search)
     p_arch, p_params = export.export(s_arch, variables, spec)
-    exported_eval = ctx.evaluate(models.build(p_arch), {"params": p_params})
+    exported_eval = ctx.evaluate(ctx.build(p_arch), {"params": p_params})
+    export_diff = _export_gap(ctx, masked_model, variables, p_arch, p_params)
     logging.info(
-        "search done: masked top1 %.2f, exported top1 %.2f, MACs ratio %.3f",
+        "search done: masked top1 %.2f, exported top1 %.2f, MACs ratio %.3f, "
+        "max |masked - exported logit| %.2e",
         masked_eval["top1"],
         exported_eval["top1"],
         macs.model_macs(p_arch) / macs.model_macs(arch),
+        export_diff,
     )
 
     p_params = finetune(ctx, p_arch, p_params, arch, dense_params)
@@ -339,6 +381,7 @@ def run(config, workdir: str) -> dict:
         "pruned": _report(ctx, p_arch, loaded["params"], pruned_eval["top1"]),
         "pruned_before_finetune_top1": round(exported_eval["top1"], 2),
         "masked_top1": round(masked_eval["top1"], 2),
+        "export_max_logit_diff": export_diff,
         "arch": {
             "dense": arch.name,
             "pruned_blocks": [
@@ -346,6 +389,7 @@ def run(config, workdir: str) -> dict:
             ],
         },
         "export_dir": export_dir,
+        "reference": config.reference,
     }
     s = summary
     s["macs_ratio"] = round(s["pruned"]["macs"] / s["dense"]["macs"], 4)
@@ -376,4 +420,6 @@ def format_summary(s: dict) -> str:
         f"top-1 change {s['pruned']['top1'] - s['dense']['top1']:+.2f}, "
         f"speedup {s['speedup']:.2f}x (ideal {s['ideal_speedup']:.2f}x), method {s['method']}"
     )
+    if s.get("reference"):
+        lines.append(f"published: {s['reference']}")
     return "\n".join(lines)

@@ -10,30 +10,31 @@ import time
 import jax
 import numpy as np
 
+from amap_jax import models
+from amap_jax.io.pretrained import NAMES, named_arch
 from amap_jax.models.arch import vit_arch
-from amap_jax.models.vit import INDICATORS, SIMILARITY, ViT, dummy_input
+from amap_jax.models.block import INDICATORS, SIMILARITY
 from amap_jax.pruning import amap, export, similarity
 from amap_jax.pruning.projection import PruneSpec
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 
 
-def dense_and_pruned(
-    variant: str,
-    pattern: str | None,
-    target: float,
-    *,
-    in_chans: int = 3,
-    num_classes: int = 1000,
-    seed: int = 0,
-):
+def parse_arch(spec: str):
+    """A published name (e.g. flatten_swin_tiny_patch4_224) or a ViT 'variant[:pattern]'."""
+    if spec in NAMES:
+        return named_arch(spec)
+    variant, _, pattern = spec.partition(":")
+    return vit_arch(variant, pattern=pattern or None)
+
+
+def dense_and_pruned(arch, target: float, *, seed: int = 0):
     """A dense model and its AMAP export at `target` MACs, with random weights and indicators.
 
     Widths come from `amap.finalize`, so they are what a search would produce for that target
     (which channels are kept does not change the speed).
     """
-    arch = vit_arch(variant, pattern=pattern, in_chans=in_chans, num_classes=num_classes)
-    params = ViT(arch).init(jax.random.key(seed), dummy_input(arch))["params"]
+    params = models.build(arch).init(jax.random.key(seed), models.dummy_input(arch))["params"]
     rng = np.random.default_rng(seed)
     ind = jax.tree.map(
         lambda x: x + rng.normal(size=x.shape).astype(np.float32),

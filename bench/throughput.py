@@ -1,6 +1,7 @@
 """Exported (pruned) vs dense inference throughput, with the ideal MACs ratio beside it.
 
-  python bench/throughput.py [--variants Ti,S] [--batch 32] [--targets 0.7,0.5]
+  python -m bench.throughput [--models Ti,S:LLLLLLSSSSSS,flatten_swin_tiny_patch4_224]
+      [--batch 32] [--targets 0.7,0.5]
 
 Models have random weights: speed does not depend on the values. Writes
 bench/results/throughput_<backend>.json.
@@ -12,12 +13,15 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags
 
-from amap_jax.models.vit import ViT
+from amap_jax import models
 from amap_jax.pruning.macs import model_macs
 from bench import common
 
-_VARIANTS = flags.DEFINE_list("variants", ["Ti", "S"], "ViT variants (224px).")
-_PATTERNS = flags.DEFINE_list("patterns", ["", "LLLLLLSSSSSS"], "'' = all softmax.")
+_MODELS = flags.DEFINE_list(
+    "models",
+    ["Ti", "Ti:LLLLLLSSSSSS", "S", "S:LLLLLLSSSSSS"],
+    "Published names (e.g. flatten_swin_tiny_patch4_224) or ViT variant[:pattern] (224px).",
+)
 _TARGETS = flags.DEFINE_list("targets", ["0.7", "0.5"], "MACs ratios to prune to.")
 _BATCH = flags.DEFINE_integer("batch", 32, "Batch size.")
 _SECONDS = flags.DEFINE_float("seconds", 5.0, "Timing seconds per model.")
@@ -25,31 +29,31 @@ _SECONDS = flags.DEFINE_float("seconds", 5.0, "Timing seconds per model.")
 
 def main(_):
     rows = []
-    for variant in _VARIANTS.value:
-        for pattern in _PATTERNS.value:
-            for target in map(float, _TARGETS.value):
-                arch, params, p_arch, p_params = common.dense_and_pruned(
-                    variant, pattern or None, target
-                )
-                x = jnp.ones((_BATCH.value, arch.image_size, arch.image_size, arch.in_chans))
-                fwd = jax.jit(ViT(arch).apply)
-                p_fwd = jax.jit(ViT(p_arch).apply)
+    for spec in _MODELS.value:
+        arch = common.parse_arch(spec)
+        fwd = jax.jit(models.build(arch).apply)
+        x = jnp.ones((_BATCH.value, arch.image_size, arch.image_size, arch.in_chans))
+        t_dense = None
+        for target in map(float, _TARGETS.value):
+            _, params, p_arch, p_params = common.dense_and_pruned(arch, target)
+            if t_dense is None:  # one dense timing per model, shared by its targets
                 t_dense = common.time_fn(fwd, {"params": params}, x, seconds=_SECONDS.value)
-                t_pruned = common.time_fn(p_fwd, {"params": p_params}, x, seconds=_SECONDS.value)
-                ideal = model_macs(arch) / model_macs(p_arch)
-                speedup = t_dense / t_pruned
-                rows.append(
-                    {
-                        "model": arch.name,
-                        "target": target,
-                        "dense_img_s": round(_BATCH.value / t_dense, 1),
-                        "pruned_img_s": round(_BATCH.value / t_pruned, 1),
-                        "speedup": round(speedup, 3),
-                        "ideal": round(ideal, 3),
-                        "efficiency": round(speedup / ideal, 3),
-                    }
-                )
-                print(common.table(rows[-1:], list(rows[-1])), flush=True)
+            p_fwd = jax.jit(models.build(p_arch).apply)
+            t_pruned = common.time_fn(p_fwd, {"params": p_params}, x, seconds=_SECONDS.value)
+            ideal = model_macs(arch) / model_macs(p_arch)
+            speedup = t_dense / t_pruned
+            rows.append(
+                {
+                    "model": arch.name,
+                    "target": target,
+                    "dense_img_s": round(_BATCH.value / t_dense, 1),
+                    "pruned_img_s": round(_BATCH.value / t_pruned, 1),
+                    "speedup": round(speedup, 3),
+                    "ideal": round(ideal, 3),
+                    "efficiency": round(speedup / ideal, 3),
+                }
+            )
+            print(common.table(rows[-1:], list(rows[-1])), flush=True)
     path = common.write(
         f"throughput_{jax.default_backend()}", rows, {"batch": _BATCH.value, "dtype": "float32"}
     )

@@ -69,6 +69,7 @@ def test_run_writes_summary_and_export(finished_run):
     assert summary["dense"]["top1"] > 50 and summary["pruned"]["top1"] > 50
     # Export is exact: the masked model and the exported model agree before fine-tuning.
     assert summary["masked_top1"] == summary["pruned_before_finetune_top1"]
+    assert summary["export_max_logit_diff"] <= 1e-5
     table = pipeline.format_summary(summary)
     assert "dense" in table and "pruned" in table and "ideal" in table
 
@@ -189,3 +190,48 @@ def test_run_on_mock_tfds_dataset(tmp_path):
     model, variables = amap_jax.load_pruned(summary["export_dir"])
     assert model.arch.image_size == 32 and model.arch.in_chans == 3
     assert summary["pruned"]["macs"] <= 0.6 * summary["dense"]["macs"]
+
+
+def test_swin_from_timm_weights_on_mock_imagenet(tmp_path):
+    """Import -> search -> export -> finetune -> eval for a small Swin from a timm checkpoint,
+    on mock ImageNet with the DeiT recipe (RandAugment, erasing, mixup/cutmix)."""
+    import tensorflow_datasets as tfds
+    import torch_reference
+
+    torch, _ = torch_reference.load()
+    ref = torch_reference.timm_model(
+        "swin_tiny_patch4_window7_224",
+        img_size=32,
+        patch_size=2,
+        window_size=4,
+        embed_dim=16,
+        depths=(2, 2, 2, 2),
+        num_heads=(2, 2, 4, 4),
+    )
+    checkpoint = str(tmp_path / "swin_micro.pth")
+    torch.save(ref.state_dict(), checkpoint)
+
+    c = tiny_config()
+    c.data.name = "imagenet2012"
+    c.data.train_split, c.data.test_split = "train", "validation"
+    c.data.image_size = 32
+    c.data.mixup_alpha, c.data.cutmix_alpha = 0.8, 1.0
+    c.model.family, c.model.variant, c.model.pattern = "swin", "micro", "SSSS"
+    c.model.gelu_approximate = False
+    c.model.checkpoint = checkpoint
+    c.train.epochs = 0.0
+    for stage in ("search", "finetune"):
+        c[stage].batch_size = 8
+    c.search.epochs = c.finetune.epochs = 1.0
+    c.finetune.kd_weight = 0.0
+    c.search.calibration_batch = 8
+    c.eval.batch_size = 8
+    with tfds.testing.mock_data(num_examples=24):
+        summary = pipeline.run(c, str(tmp_path / "run"))
+    assert summary["arch"]["dense"] == "Swin-micro"
+    assert summary["pruned"]["macs"] <= 0.6 * summary["dense"]["macs"]
+    assert summary["masked_top1"] == summary["pruned_before_finetune_top1"]
+    assert summary["export_max_logit_diff"] <= 1e-5
+    # The export is a Swin with the searched widths and the same windows.
+    model, variables = amap_jax.load_pruned(os.path.join(str(tmp_path / "run"), "export"))
+    assert model.arch.depths == (2, 2, 2, 2) and model.arch.blocks[1].shift == 2

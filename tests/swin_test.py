@@ -171,3 +171,14 @@ def test_swin_masked_equals_exported(pattern, seed):
     want = jax.tree.map(lambda s: s.shape, param_shapes(models.build(small_arch))["params"])
     assert jax.tree.map(np.shape, small_params) == want
     assert macs.model_macs(small_arch) < macs.model_macs(arch)
+
+
+def test_bfloat16_compute_stays_close_to_float32():
+    arch = swin_arch("micro", num_classes=10, pattern="LLSS")
+    params = random_params(param_shapes(models.build(arch))["params"], 0)
+    images = random_images(arch, 2, 0)
+    full = np.asarray(models.build(arch).apply({"params": params}, images))
+    half = models.build(arch, dtype=jnp.bfloat16).apply({"params": params}, images)
+    assert half.dtype == jnp.float32  # logits are returned in fp32
+    assert np.abs(np.asarray(half) - full).max() <= 0.05 * np.abs(full).max()
+    assert np.abs(np.asarray(half) - full).max() > 0  # really computed in bf16

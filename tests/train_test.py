@@ -163,6 +163,20 @@ def test_finalize_meets_target_from_dense():
                 assert len(set(kept)) == 1 and kept[0] % 2 == 0
 
 
+def test_finalize_respects_min_keep_fraction():
+    """Flat importances: the fix-up may not empty the groups with the most MACs per channel."""
+    params = ViT(ARCH).init(jax.random.key(0), dummy_input(ARCH))["params"]
+    variables = {"params": params, INDICATORS: amap.constant_indicators(ARCH, 5.0)}
+    spec = PruneSpec(min_keep_fraction=0.5)
+    fixed = amap.finalize(ARCH, variables, spec, 0.6)
+    assert amap.hard_ratio(ARCH, {INDICATORS: fixed}, spec) <= 0.6
+    for i, block in enumerate(ARCH.blocks):
+        for g, width in (("qk", block.qk_dim), ("v", block.v_dim), ("hidden", block.mlp_dim)):
+            assert (np.asarray(fixed[f"block_{i}"][g]) > 0).sum(-1).min() >= width / 2
+    with pytest.raises(ValueError, match="at its floor"):
+        amap.finalize(ARCH, variables, spec, 0.3)
+
+
 def test_attention_difference_init_ranks_channels(digits):
     """A linear block's q/k channel that is ReLU-dead on every token -> lowest initial logit."""
     params = ViT(ARCH).init(jax.random.key(0), dummy_input(ARCH))["params"]

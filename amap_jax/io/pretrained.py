@@ -239,7 +239,8 @@ def _swin_rules(arch: SwinArch, state: Mapping[str, np.ndarray]) -> dict:
     return rules
 
 
-def _convert(rules: dict, state: dict[str, np.ndarray], target, name: str, head_ok: bool):
+def _convert(rules: dict, state: dict[str, np.ndarray], target, name: str):
+    """Our params from `state` by `rules`; a head for another number of classes starts at 0."""
     used, missing, shapes = set(), [], []
 
     def leaf(path, shape_struct):
@@ -256,7 +257,7 @@ def _convert(rules: dict, state: dict[str, np.ndarray], target, name: str, head_
             missing.append(key)
             return None
         used.add(key)
-        if head_ok and keys[0] in ("head", "head_dist"):
+        if keys[0] in ("head", "head_dist"):
             if state[key].shape[0] != (want[-1] if keys[-1] == "kernel" else want[0]):
                 return np.zeros(want, np.float32)  # another number of classes: a fresh head
         value = np.asarray(fn(state[key], want), np.float32)
@@ -281,22 +282,30 @@ def _convert(rules: dict, state: dict[str, np.ndarray], target, name: str, head_
 
 def import_pretrained(
     source,
-    name: str,
+    arch,
     *,
     image_size: int | None = None,
     num_classes: int | None = None,
 ):
-    """(model, variables) from a reference checkpoint (path or state dict) and its model name.
+    """(model, variables) from a reference checkpoint (path or state dict).
 
-    `image_size` resizes position embeddings (ViT `pos_embed`, FLatten `positional_encoding`)
-    bicubically; `num_classes` other than the checkpoint's gives a fresh zero-initialised head.
+    `arch` is a published name (see `NAMES`) or an architecture description of the same layout
+    (e.g. a small Swin for tests). `image_size` resizes position embeddings (ViT `pos_embed`,
+    FLatten `positional_encoding`) and relative position tables bicubically; a number of classes
+    other than the checkpoint's gives a fresh zero-initialised head.
     """
     state = read_state_dict(source)
-    head = state.get("head.fc.weight", state.get("head.weight"))
-    ckpt_classes = int(head.shape[0]) if head is not None else 1000
-    arch = named_arch(name, image_size=image_size, num_classes=num_classes or ckpt_classes)
+    if isinstance(arch, str):
+        name = arch
+        head = state.get("head.fc.weight", state.get("head.weight"))
+        classes = num_classes or (int(head.shape[0]) if head is not None else 1000)
+        arch = named_arch(name, image_size=image_size, num_classes=classes)
+    else:
+        name = arch.name or type(arch).__name__
+        if image_size or num_classes:
+            raise ValueError("with an architecture description, set its image_size/num_classes")
     model = models.build(arch)
     target = jax.eval_shape(model.init, jax.random.key(0), models.dummy_input(arch))["params"]
     rules = _swin_rules(arch, state) if isinstance(arch, SwinArch) else _vit_rules(arch)
-    params = _convert(rules, state, target, name, head_ok=num_classes is not None)
+    params = _convert(rules, state, target, name)
     return model, {"params": params}

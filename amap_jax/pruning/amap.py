@@ -130,13 +130,14 @@ def finalize(arch, variables, spec: PruneSpec, target: float):
     """
     ind, sim = variables[INDICATORS], variables.get(SIMILARITY)
     balanced = spec.head_balanced
-    imp, scores, counts, heads = {}, {}, {}, {}
+    imp, scores, counts, heads, widths = {}, {}, {}, {}, {}
     for i in range(len(arch.blocks)):
         for g in _GROUPS:
             logits = ind[f"block_{i}"][g]
             w = None if sim is None else sim[f"block_{i}"][g]
             imp[i, g] = a = np.asarray(projection.importance(logits, w))
             heads[i, g] = 1 if balanced else a.shape[0]
+            widths[i, g] = a.shape[1]
             pool = a if balanced else a.reshape(1, -1)  # unbalanced: one pool per layer
             scores[i, g] = -np.sort(-pool, axis=-1)  # descending per head (or pool)
             mask = np.asarray(projection.hard_mask(logits, w, spec))
@@ -156,7 +157,7 @@ def finalize(arch, variables, spec: PruneSpec, target: float):
     while total > budget:
         best, best_cost, best_saving = None, np.inf, 0.0
         for (i, g), k in counts.items():
-            if k - step < spec.min_keep * heads[i, g]:
+            if k - step < projection.min_count(spec, widths[i, g]) * heads[i, g]:
                 continue
             w = list(widths_of(i))
             now = block(i, tuple(w))
@@ -166,7 +167,10 @@ def finalize(arch, variables, spec: PruneSpec, target: float):
             if cost < best_cost:
                 best, best_cost, best_saving = (i, g), cost, saving
         if best is None:
-            raise ValueError(f"cannot reach MACs ratio {target}: every group is at min_keep")
+            raise ValueError(
+                f"cannot reach MACs ratio {target}: every group is at its floor "
+                "(search.min_keep, search.min_keep_fraction)"
+            )
         counts[best] -= step
         total -= best_saving
     return {

@@ -8,6 +8,7 @@ pass sees the importance scores (straight-through estimator).
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -21,15 +22,21 @@ class PruneSpec:
     """How a model turns its `indicators` collection into masks (hashable: a module field)."""
 
     min_keep: int = 1
+    min_keep_fraction: float = 0.0  # per-head floor as a share of the width (uninformed searches)
     multiple: int = 1
     head_balanced: bool = True
     straight_through: bool = True
 
 
+def min_count(spec: PruneSpec, width: int) -> int:
+    """The fewest channels a head of `width` may keep."""
+    return min(max(spec.min_keep, math.ceil(spec.min_keep_fraction * width)), width)
+
+
 def keep_count(logits: jax.Array, spec: PruneSpec) -> jax.Array:
     """Channels each head keeps: the soft count sum(sigmoid) shared evenly over the heads."""
     heads, width = logits.shape
-    k = jnp.clip(jnp.round(jnp.sum(jax.nn.sigmoid(logits)) / heads), spec.min_keep, width)
+    k = jnp.clip(jnp.round(jnp.sum(jax.nn.sigmoid(logits)) / heads), min_count(spec, width), width)
     if spec.multiple > 1:
         k = jnp.minimum(jnp.ceil(k / spec.multiple) * spec.multiple, width)
     return k.astype(jnp.int32)
@@ -39,7 +46,7 @@ def _layer_count(logits: jax.Array, spec: PruneSpec) -> jax.Array:
     """Channels the whole layer keeps when heads are not balanced."""
     heads, width = logits.shape
     k = jnp.round(jnp.sum(jax.nn.sigmoid(logits)))
-    return jnp.clip(k, heads * min(spec.min_keep, width), heads * width).astype(jnp.int32)
+    return jnp.clip(k, heads * min_count(spec, width), heads * width).astype(jnp.int32)
 
 
 def importance(logits: jax.Array, weights: jax.Array | None) -> jax.Array:
@@ -55,11 +62,11 @@ def rank(scores: jax.Array) -> jax.Array:
 
 def keep_top(scores: jax.Array, count, spec: PruneSpec) -> jax.Array:
     """Boolean [heads, width]: the top `count` per head, or (unbalanced) in the whole layer
-    plus the top `min_keep` of every head."""
+    plus the top `min_count` of every head."""
     if spec.head_balanced:
         return rank(scores) < count
     flat_rank = rank(scores.reshape(-1)).reshape(scores.shape)
-    return jnp.logical_or(flat_rank < count, rank(scores) < spec.min_keep)
+    return jnp.logical_or(flat_rank < count, rank(scores) < min_count(spec, scores.shape[-1]))
 
 
 def hard_mask(logits: jax.Array, weights: jax.Array | None, spec: PruneSpec) -> jax.Array:

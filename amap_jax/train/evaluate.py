@@ -9,7 +9,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from amap_jax.data import eval_batches
 from amap_jax.train import parallel
 from amap_jax.train.steps import Input, make_eval_step
 
@@ -20,21 +19,12 @@ def _eval_step(model, inputs: Input):
     return jax.jit(make_eval_step(model, inputs))
 
 
-def evaluate(
-    model,
-    variables,
-    source,
-    inputs: Input,
-    batch_size: int,
-    mesh,
-    process_index: int = 0,
-    process_count: int = 1,
-) -> dict[str, float]:
-    """Accuracy and mean loss over every example of `source` exactly once."""
+def evaluate(model, variables, batches, inputs: Input, mesh) -> dict[str, float]:
+    """Accuracy and mean loss over one evaluation pass (`mask` marks the real examples)."""
     step = _eval_step(model, inputs)
     variables = parallel.replicate(variables, mesh)
     totals = {"correct": 0.0, "loss": 0.0, "count": 0.0}
-    for batch in eval_batches(source, batch_size, process_index, process_count):
+    for batch in batches:
         out = jax.device_get(step(variables, parallel.shard_batch(batch, mesh)))
         for k in totals:
             totals[k] += float(out[k])

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from amap_jax.data import augment, preprocess
+from amap_jax.data import augment, mixing, preprocess
 
 
 @flax.struct.dataclass
@@ -81,11 +81,6 @@ def create_state(trainable, tx, extra=None) -> TrainState:
     )
 
 
-def cross_entropy(logits, labels, num_classes: int, smoothing: float = 0.0):
-    targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), smoothing)
-    return optax.softmax_cross_entropy(logits, targets).mean()
-
-
 def distillation(student_logits, teacher_logits, temperature: float):
     t = temperature
     p = jax.nn.softmax(teacher_logits / t)
@@ -101,6 +96,26 @@ class Objective:
     kd_weight: float = 0.0
     kd_temperature: float = 1.0
     regularizer: Callable[[Any], tuple[jax.Array, dict]] | None = None
+    mixup_alpha: float = 0.0  # mixup / cutmix of the DeiT recipe, on device (data.mixing)
+    cutmix_alpha: float = 0.0
+    mix_prob: float = 1.0
+    mix_switch_prob: float = 0.5
+
+    def targets(self, rng, x, labels):
+        """(inputs, soft targets): smoothed one-hot labels, mixed with the images if asked."""
+        if self.mixup_alpha <= 0 and self.cutmix_alpha <= 0:
+            return x, mixing.smooth_targets(labels, self.num_classes, self.label_smoothing)
+        return mixing.mixup_cutmix(
+            rng,
+            x,
+            labels,
+            self.num_classes,
+            mixup_alpha=self.mixup_alpha,
+            cutmix_alpha=self.cutmix_alpha,
+            prob=self.mix_prob,
+            switch_prob=self.mix_switch_prob,
+            smoothing=self.label_smoothing,
+        )
 
 
 def make_train_step(model, tx, inputs: Input, objective: Objective, seed: int, teacher=None):
@@ -111,13 +126,12 @@ def make_train_step(model, tx, inputs: Input, objective: Objective, seed: int, t
 
     def step(state: TrainState, batch, teacher_variables=None):
         rng = jax.random.fold_in(jax.random.key(seed), state.step)
-        x = inputs(batch["image"], rng)
+        aug_rng, mix_rng = jax.random.split(rng)
+        x, targets = objective.targets(mix_rng, inputs(batch["image"], aug_rng), batch["label"])
 
         def loss_fn(trainable):
             logits = model.apply({**trainable, **state.extra}, x)
-            ce = cross_entropy(
-                logits, batch["label"], objective.num_classes, objective.label_smoothing
-            )
+            ce = optax.softmax_cross_entropy(logits, targets).mean()
             loss, metrics = ce, {"ce": ce}
             if teacher is not None and objective.kd_weight > 0:
                 t_logits = jax.lax.stop_gradient(teacher.apply(teacher_variables, x))

@@ -1,0 +1,117 @@
+"""A split as the training program consumes it, whatever reads it.
+
+Small data sets (`load_source`) are random-access arrays batched on the host by index; ImageNet
+and image folders are tf.data pipelines with the DeiT/Swin recipe (`data.imagenet`). Both give
+the same three things: endless training batches from any step, one ordered evaluation pass,
+and a calibration batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+
+from amap_jax.data import imagenet, pipeline
+from amap_jax.data.sources import DatasetInfo, Source, load_source
+
+# Data sets read through tf.data with the ImageNet recipe (any prepared tfds image data set
+# with variable-size images works the same way).
+RECIPE_DATASETS = ("imagenet2012",)
+
+
+class ArraySplit:
+    def __init__(self, source: Source):
+        self.source, self.info = source, source.info
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def train_batches(self, batch_size, *, seed, start_step, process_index, process_count):
+        return pipeline.train_batches(
+            self.source,
+            batch_size,
+            seed=seed,
+            start_step=start_step,
+            process_index=process_index,
+            process_count=process_count,
+        )
+
+    def eval_batches(self, batch_size, process_index=0, process_count=1) -> Iterator:
+        return pipeline.eval_batches(self.source, batch_size, process_index, process_count)
+
+    def calibration_images(self, n: int) -> np.ndarray:
+        return self.source.get(np.arange(min(n, len(self.source))))["image"]
+
+
+class RecipeSplit:
+    """A tf.data split: augmented crops for training, resize + centre crop for evaluation."""
+
+    def __init__(self, split: imagenet.ImageSplit, recipe: imagenet.Recipe):
+        self.split, self.recipe = split, recipe
+        i = split.info
+        size = recipe.image_size
+        self.info = DatasetInfo(
+            i.name, i.split, i.num_examples, i.num_classes, (size, size, 3), i.mean, i.std
+        )
+
+    def __len__(self) -> int:
+        return self.info.num_examples
+
+    def train_batches(self, batch_size, *, seed, start_step, process_index, process_count):
+        return imagenet.train_batches(
+            self.split,
+            batch_size,
+            self.recipe,
+            seed=seed,
+            start_step=start_step,
+            process_index=process_index,
+            process_count=process_count,
+        )
+
+    def eval_batches(self, batch_size, process_index=0, process_count=1) -> Iterator:
+        return imagenet.eval_batches(
+            self.split,
+            batch_size,
+            self.recipe,
+            process_index=process_index,
+            process_count=process_count,
+        )
+
+    def calibration_images(self, n: int) -> np.ndarray:
+        """The first n evaluation crops (deterministic, unaugmented)."""
+        images, total = [], 0
+        for batch in self.eval_batches(min(n, 256)):
+            keep = batch["mask"] > 0
+            images.append(batch["image"][keep])
+            total += int(keep.sum())
+            if total >= n or not keep.all():
+                break
+        return np.concatenate(images)[:n]
+
+
+def open_split(data, split: str) -> ArraySplit | RecipeSplit:
+    """`data` is the config's `data` section."""
+    if data.image_folder or data.name in RECIPE_DATASETS:
+        opened = imagenet.open_imagenet(
+            split,
+            data.data_dir or None,
+            image_folder=data.image_folder or None,
+            name=data.name,
+        )
+        return RecipeSplit(opened, recipe(data))
+    return ArraySplit(load_source(data.name, split, data.data_dir or None))
+
+
+def recipe(data) -> imagenet.Recipe:
+    r = data.recipe
+    return imagenet.Recipe(
+        image_size=data.image_size or 224,
+        random_crop=r.random_crop,
+        flip=r.flip,
+        randaugment_ops=r.randaugment_ops,
+        randaugment_magnitude=r.randaugment_magnitude,
+        randaugment_std=r.randaugment_std,
+        erasing_prob=r.erasing_prob,
+        eval_crop_fraction=r.eval_crop_fraction,
+    )
