@@ -48,7 +48,7 @@ def main(argv):
     logs.setup()
     try:
         summary = pipeline.run(_CONFIG.value, _WORKDIR.value)
-    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError, ImportError) as e:
         _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
     print(pipeline.format_summary(summary))
 

@@ -28,7 +28,7 @@ def parse_arch(spec: str):
     return vit_arch(variant, pattern=pattern or None)
 
 
-def dense_and_pruned(arch, target: float, *, seed: int = 0):
+def dense_and_pruned(arch, target: float, *, seed: int = 0, spec: PruneSpec | None = None):
     """A dense model and its AMAP export at `target` MACs, with random weights and indicators.
 
     Widths come from `amap.finalize`, so they are what a search would produce for that target
@@ -40,7 +40,7 @@ def dense_and_pruned(arch, target: float, *, seed: int = 0):
         lambda x: x + rng.normal(size=x.shape).astype(np.float32),
         amap.constant_indicators(arch, 2.0),
     )
-    spec = PruneSpec()
+    spec = spec or PruneSpec()
     variables = {
         "params": params,
         INDICATORS: ind,

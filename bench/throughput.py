@@ -15,6 +15,7 @@ from absl import app, flags
 
 from amap_jax import models
 from amap_jax.pruning.macs import model_macs
+from amap_jax.pruning.projection import PruneSpec
 from bench import common
 
 _MODELS = flags.DEFINE_list(
@@ -25,6 +26,10 @@ _MODELS = flags.DEFINE_list(
 _TARGETS = flags.DEFINE_list("targets", ["0.7", "0.5"], "MACs ratios to prune to.")
 _BATCH = flags.DEFINE_integer("batch", 32, "Batch size.")
 _SECONDS = flags.DEFINE_float("seconds", 5.0, "Timing seconds per model.")
+_FLOOR = flags.DEFINE_float(
+    "min_keep_fraction", 0.0, "Per-head floor of kept channels (search.min_keep_fraction)."
+)
+_TAG = flags.DEFINE_string("tag", "", "Suffix of the results file name.")
 
 
 def main(_):
@@ -35,7 +40,8 @@ def main(_):
         x = jnp.ones((_BATCH.value, arch.image_size, arch.image_size, arch.in_chans))
         t_dense = None
         for target in map(float, _TARGETS.value):
-            _, params, p_arch, p_params = common.dense_and_pruned(arch, target)
+            spec = PruneSpec(min_keep_fraction=_FLOOR.value)
+            _, params, p_arch, p_params = common.dense_and_pruned(arch, target, spec=spec)
             if t_dense is None:  # one dense timing per model, shared by its targets
                 t_dense = common.time_fn(fwd, {"params": params}, x, seconds=_SECONDS.value)
             p_fwd = jax.jit(models.build(p_arch).apply)
@@ -54,9 +60,9 @@ def main(_):
                 }
             )
             print(common.table(rows[-1:], list(rows[-1])), flush=True)
-    path = common.write(
-        f"throughput_{jax.default_backend()}", rows, {"batch": _BATCH.value, "dtype": "float32"}
-    )
+    name = f"throughput_{jax.default_backend()}" + (f"_{_TAG.value}" if _TAG.value else "")
+    meta = {"batch": _BATCH.value, "dtype": "float32", "min_keep_fraction": _FLOOR.value}
+    path = common.write(name, rows, meta)
     print(common.table(rows, list(rows[0])))
     print(f"wrote {path}")
 

@@ -78,15 +78,31 @@ def test_mismatched_checkpoint_lists_every_problem(deit_state):
         import_pretrained(state, "deit_huge_patch16_224")
 
 
-def test_pth_with_pickled_objects_is_refused(tmp_path):
+def test_official_training_checkpoint_loads_weights_only(tmp_path, monkeypatch):
+    """The official FLatten code saves {'model', 'optimizer', ..., 'config': yacs CfgNode}: the
+    weights load (the config as an inert dict); any other pickled object is refused."""
     torch, _ = torch_reference.load()
-    path = tmp_path / "train_state.pth"
-    torch.save({"model": {"w": torch.zeros(2)}, "config": _Config()}, path)
+    package = tmp_path / "yacs"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "config.py").write_text("class CfgNode(dict):\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from yacs.config import CfgNode
+
+    path = tmp_path / "ckpt_epoch_299.pth"
+    weights = {"head.weight": torch.ones(2, 3)}
+    config = CfgNode(MODEL=CfgNode(TYPE="flatten_swin"))
+    torch.save({"model": weights, "epoch": 299, "max_accuracy": 82.1, "config": config}, path)
+    state = read_state_dict(path)
+    assert list(state) == ["head.weight"] and state["head.weight"].shape == (2, 3)
+
+    other = tmp_path / "other.pth"
+    torch.save({"model": weights, "config": _Config()}, other)
     with pytest.raises(CheckpointMismatchError, match="never unpickled"):
-        read_state_dict(path)
+        read_state_dict(other)
 
 
-class _Config:  # stands in for a training config object pickled into a checkpoint
+class _Config:  # stands in for an arbitrary object pickled into a checkpoint
     pass
 
 

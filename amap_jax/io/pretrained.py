@@ -8,6 +8,7 @@ buffers the model recomputes): anything else is a `CheckpointMismatchError` list
 
 from __future__ import annotations
 
+import collections
 import os
 import pickle
 import re
@@ -79,8 +80,13 @@ def read_state_dict(source) -> dict[str, np.ndarray]:
                 raise ImportError(
                     f"reading {path} needs torch; or convert it to .safetensors"
                 ) from e
+            # Training checkpoints of the official FLatten code also hold their yacs config:
+            # read it as a plain (inert) OrderedDict; anything else outside the tensor
+            # allow-list is refused.
+            config_as_dict = [(collections.OrderedDict, "yacs.config.CfgNode")]
             try:
-                source = torch.load(path, map_location="cpu", weights_only=True)
+                with torch.serialization.safe_globals(config_as_dict):
+                    source = torch.load(path, map_location="cpu", weights_only=True)
             except pickle.UnpicklingError as e:
                 raise CheckpointMismatchError(
                     f"{path} holds objects other than tensors (e.g. a training config), which "
