@@ -121,6 +121,16 @@ class Block(nn.Module):
         return x + mlp(norm("norm2")(x), m.get("hidden"))
 
 
+def embed_patches(arch, images: jax.Array, dtype) -> jax.Array:
+    """Non-overlapping patches -> tokens [B, N, embed_dim]: a strided conv named `embedding`
+    (call from a compact method: the conv belongs to the calling model)."""
+    p = arch.patch_size
+    x = nn.Conv(
+        arch.embed_dim, (p, p), strides=(p, p), padding="VALID", dtype=dtype, name="embedding"
+    )(images.astype(dtype))
+    return x.reshape(x.shape[0], -1, arch.embed_dim)
+
+
 def attention(arch, i: int) -> Attention:
     """Block i's attention alone, to apply to its recorded `attn_input` with its `attn` params."""
     b, g = arch.blocks[i], arch.geometry()[i]

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 
 from amap_jax.models.arch import SwinArch
 from amap_jax.models.attention import dense_init
-from amap_jax.models.block import blocks
+from amap_jax.models.block import blocks, embed_patches
 from amap_jax.pruning.projection import PruneSpec
 
 
@@ -47,16 +47,7 @@ class Swin(nn.Module):
     @nn.compact
     def __call__(self, images):
         a = self.arch
-        x = nn.Conv(
-            a.embed_dim,
-            (a.patch_size, a.patch_size),
-            strides=(a.patch_size, a.patch_size),
-            padding="VALID",
-            dtype=self.dtype,
-            name="embedding",
-        )(images.astype(self.dtype))
-        b = x.shape[0]
-        x = x.reshape(b, -1, a.embed_dim)
+        x = embed_patches(a, images, self.dtype)
         x = nn.LayerNorm(a.norm_eps, dtype=self.dtype, name="embedding_norm")(x)
         stage = 0
         for block, s in zip(

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 
 from amap_jax.models.arch import ViTArch
 from amap_jax.models.attention import dense_init
-from amap_jax.models.block import INDICATORS, SIMILARITY, blocks, group_shapes
+from amap_jax.models.block import INDICATORS, SIMILARITY, blocks, embed_patches, group_shapes
 from amap_jax.pruning.projection import PruneSpec
 
 __all__ = ["INDICATORS", "SIMILARITY", "ViT", "dummy_input", "group_shapes"]
@@ -26,16 +26,8 @@ class ViT(nn.Module):
     @nn.compact
     def __call__(self, images):
         a = self.arch
-        x = nn.Conv(
-            a.embed_dim,
-            (a.patch_size, a.patch_size),
-            strides=(a.patch_size, a.patch_size),
-            padding="VALID",
-            dtype=self.dtype,
-            name="embedding",
-        )(images.astype(self.dtype))
+        x = embed_patches(a, images, self.dtype)
         b = x.shape[0]
-        x = x.reshape(b, -1, a.embed_dim)
         tokens = [self.param("cls", nn.initializers.zeros, (1, 1, a.embed_dim))]
         if a.distilled:
             tokens.append(self.param("dist_token", nn.initializers.zeros, (1, 1, a.embed_dim)))
