@@ -59,9 +59,9 @@ def import_tf() -> Any:
 
 @dataclasses.dataclass(frozen=True)
 class Recipe:
-    """DeiT/Swin ImageNet augmentation; 0 or False switches a step off.
+    """The host side of the DeiT/Swin ImageNet recipe; 0 or False switches a step off.
 
-    The mixing fields are for `data.mixing.mixup_cutmix`, which runs on device.
+    Mixup/cutmix and label smoothing mix whole batches on device (`train.steps.Objective`).
     """
 
     image_size: int = 224
@@ -74,11 +74,6 @@ class Recipe:
     randaugment_std: float = 0.5
     erasing_prob: float = 0.25
     eval_crop_fraction: float = 0.875  # Eval resizes the shorter side to image_size / this.
-    mixup_alpha: float = 0.8
-    cutmix_alpha: float = 1.0
-    mix_prob: float = 1.0
-    mix_switch_prob: float = 0.5
-    label_smoothing: float = 0.1
 
 
 class ImageSplit(Protocol):
