@@ -157,12 +157,13 @@ def resize_grid(x: np.ndarray, side: int) -> np.ndarray:
 
 
 def _block(prefix: str, block: arch_lib.BlockArch) -> dict:
-    attn = {
-        n: {"kernel": (f"{prefix}.attn.qkv.weight", _qkv_part(i, False))}
+    attn = {  # one fused [3C, C] qkv layer in the reference -> q, k, v
+        n: {
+            "kernel": (f"{prefix}.attn.qkv.weight", _qkv_part(i, False)),
+            "bias": (f"{prefix}.attn.qkv.bias", _qkv_part(i, True)),
+        }
         for i, n in enumerate("qkv")
     }
-    for i, n in enumerate("qkv"):
-        attn[n]["bias"] = (f"{prefix}.attn.qkv.bias", _qkv_part(i, True))
     attn["proj"] = _linear(f"{prefix}.attn.proj")
     if block.attn == LINEAR:
         side = lambda shape: int(round(np.sqrt(shape[0])))  # noqa: E731
