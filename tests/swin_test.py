@@ -4,6 +4,7 @@ on window-softmax and global-linear blocks."""
 from __future__ import annotations
 
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +21,7 @@ from conftest import (
 )
 
 from amap_jax import models
+from amap_jax.io.pretrained import import_pretrained
 from amap_jax.models.arch import LINEAR, SOFTMAX, SwinArch, arch_from_dict, swin_arch, vit_arch
 from amap_jax.models.attention import relative_position_index, shift_mask
 from amap_jax.models.block import INDICATORS, SIMILARITY, from_windows, to_windows
@@ -182,3 +184,44 @@ def test_bfloat16_compute_stays_close_to_float32():
     assert half.dtype == jnp.float32  # logits are returned in fp32
     assert np.abs(np.asarray(half) - full).max() <= 0.05 * np.abs(full).max()
     assert np.abs(np.asarray(half) - full).max() > 0  # really computed in bf16
+
+
+def _official_state_dict(seed: int) -> tuple[dict, int]:
+    """Random arrays under the official FLatten-Swin-T state-dict names and shapes (recorded
+    from the reference code in tests/data), wrapped as its training checkpoints are."""
+    path = os.path.join(os.path.dirname(__file__), "data", "flatten_swin_tiny_state_dict.txt")
+    rng = np.random.default_rng(seed)
+    state, n_params = {}, 0
+    with open(path) as f:
+        for line in f:
+            if line.startswith("#"):
+                continue
+            kind, name, shape = line.split()
+            shape = tuple(int(d) for d in shape.strip("(),").split(",") if d)
+            state[name] = rng.standard_normal(shape).astype(np.float32)
+            n_params += int(np.prod(shape)) if kind == "P" else 0
+    return {"model": state}, n_params
+
+
+def test_official_flatten_swin_layout_imports_whole():
+    """Every entry of an official checkpoint finds its place and nothing is left over."""
+    checkpoint, n_params = _official_state_dict(0)
+    model, variables = import_pretrained(checkpoint, "flatten_swin_tiny_patch4_224")
+    assert count_params(variables["params"]) == n_params == 29_192_384
+    state = checkpoint["model"]
+    p = variables["params"]
+    qkv = state["layers.0.blocks.0.attn.qkv.weight"]  # [3C, C], rows q | k | v
+    np.testing.assert_array_equal(p["block_0"]["attn"]["k"]["kernel"], qkv[96:192].T)
+    np.testing.assert_array_equal(
+        p["block_0"]["attn"]["positional_encoding"],
+        state["layers.0.blocks.0.attn.positional_encoding"][0],
+    )
+    # Original layout: the merge after stage 0 is the first merge, merge_1.
+    np.testing.assert_array_equal(
+        p["merge_1"]["reduction"]["kernel"], state["layers.0.downsample.reduction.weight"].T
+    )
+    np.testing.assert_array_equal(p["head"]["kernel"], state["head.weight"].T)
+    # At 448 px the global linear windows double: positional encodings are resized.
+    _, big = import_pretrained(checkpoint, "flatten_swin_tiny_patch4_224", image_size=448)
+    assert big["params"]["block_0"]["attn"]["positional_encoding"].shape == (112 * 112, 96)
+    assert big["params"]["block_2"]["attn"]["positional_encoding"].shape == (56 * 56, 192)
