@@ -3,6 +3,7 @@ on window-softmax and global-linear blocks."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 
@@ -225,3 +226,30 @@ def test_official_flatten_swin_layout_imports_whole():
     _, big = import_pretrained(checkpoint, "flatten_swin_tiny_patch4_224", image_size=448)
     assert big["params"]["block_0"]["attn"]["positional_encoding"].shape == (112 * 112, 96)
     assert big["params"]["block_2"]["attn"]["positional_encoding"].shape == (56 * 56, 192)
+
+
+@pytest.mark.parametrize("pruned", [False, True], ids=["dense", "pruned"])
+@pytest.mark.parametrize("pattern", ["SSSS", "LLSS"])
+def test_closed_form_macs_match_xla(pattern, pruned):
+    """Within 2% of XLA's count (which adds element-wise work), dense and with kept widths of
+    60-80%, per-head depthwise kernels included. tanh GELU: XLA counts erf as many FLOPs."""
+    arch = swin_arch("T", pattern=pattern, gelu_approximate=True)
+    if pruned:
+        rng = np.random.default_rng(0)
+        kept = lambda n: int(round(n * rng.uniform(0.6, 0.8)))  # noqa: E731
+        blocks = tuple(
+            dataclasses.replace(
+                b,
+                qk_dim=kept(b.qk_dim),
+                v_dim=kept(b.v_dim),
+                mlp_dim=kept(b.mlp_dim),
+                qk_scale=b.scale,
+                dwc_per_head=b.attn == LINEAR,
+            )
+            for b in arch.blocks
+        )
+        arch = arch.replace(blocks=blocks)
+    model = models.build(arch)
+    images = jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.float32)
+    counted = macs.xla_macs(model.apply, param_shapes(model), images)
+    assert abs(counted / macs.model_macs(arch) - 1) < 0.02
