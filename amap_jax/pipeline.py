@@ -20,9 +20,8 @@ from amap_jax import models
 from amap_jax.data.splits import open_split
 from amap_jax.io import pretrained, pruned
 from amap_jax.logs import log as logging
-from amap_jax.models.arch import swin_arch, vit_arch
+from amap_jax.models.arch import Arch, swin_arch, vit_arch
 from amap_jax.models.block import INDICATORS, SIMILARITY
-from amap_jax.models.vit import dummy_input
 from amap_jax.pruning import amap, export, macs, similarity
 from amap_jax.pruning.projection import PruneSpec
 from amap_jax.train import checkpoint, parallel, steps
@@ -107,7 +106,7 @@ class Context:
         )
 
 
-def build_arch(config, info):
+def build_arch(config, info) -> Arch:
     """The dense architecture: a published one (normalised as it was trained) or one of the
     families at the data's size and statistics."""
     h, _, c = info.image_shape
@@ -147,7 +146,7 @@ def _check_export_dir(ctx: Context, export_dir: str) -> None:
         )
 
 
-def dense_params(ctx: Context, arch):
+def dense_params(ctx: Context, arch: Arch):
     """Imported pretrained weights, or a fresh initialisation."""
     path = ctx.config.model.checkpoint
     if path:
@@ -155,10 +154,10 @@ def dense_params(ctx: Context, arch):
         logging.info("imported %s weights from %s", arch.name, path)
         return variables["params"]
     model = models.build(arch)
-    return model.init(jax.random.key(ctx.config.seed), dummy_input(arch))["params"]
+    return model.init(jax.random.key(ctx.config.seed), models.dummy_input(arch))["params"]
 
 
-def train_dense(ctx: Context, arch):
+def train_dense(ctx: Context, arch: Arch):
     cfg = ctx.config.train
     model = ctx.build(arch)
     params = dense_params(ctx, arch)
@@ -186,7 +185,7 @@ def prune_spec(cfg) -> PruneSpec:
     )
 
 
-def search(ctx: Context, arch, dense_params):
+def search(ctx: Context, arch: Arch, dense_params):
     """AMAP search; returns (search arch, variables with fixed final masks)."""
     cfg = ctx.config.search
     spec = prune_spec(cfg)
@@ -240,7 +239,7 @@ def search(ctx: Context, arch, dense_params):
     return s_arch, variables, model
 
 
-def finetune(ctx: Context, arch, params, teacher_arch, teacher_params):
+def finetune(ctx: Context, arch: Arch, params, teacher_arch: Arch, teacher_params):
     cfg = ctx.config.finetune
     model = ctx.build(arch)
     total, per_epoch = ctx.steps(cfg)
@@ -280,7 +279,7 @@ def _count(params) -> int:
     return int(sum(np.size(x) for x in jax.tree.leaves(params)))
 
 
-def _report(ctx: Context, arch, params, top1: float) -> dict:
+def _report(ctx: Context, arch: Arch, params, top1: float) -> dict:
     model = ctx.build(arch)
     bench = ctx.config.eval
     return {
@@ -296,7 +295,7 @@ def _report(ctx: Context, arch, params, top1: float) -> dict:
     }
 
 
-def make_context(config, workdir: str) -> tuple:
+def make_context(config, workdir: str) -> tuple[Context, Arch]:
     """Checks the config, opens the data and builds the dense architecture; writes nothing."""
     config_lib.validate(config)
     mesh = parallel.make_mesh(config.num_devices or None)
@@ -330,7 +329,9 @@ def run(config, workdir: str) -> dict:
     if ctx.is_chief:
         checkpoint.write_json(os.path.join(workdir, "config.json"), config.to_dict())
         n_params = _count(
-            jax.eval_shape(models.build(arch).init, jax.random.key(0), dummy_input(arch))["params"]
+            jax.eval_shape(models.build(arch).init, jax.random.key(0), models.dummy_input(arch))[
+                "params"
+            ]
         )
         logging.info(
             "model %s: %d params, %.2f MMACs; data %s (%d train / %d test), %d devices",

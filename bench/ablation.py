@@ -20,7 +20,8 @@ import numpy as np
 from absl import app, flags
 
 from amap_jax import logs, pipeline
-from amap_jax.models.vit import INDICATORS, ViT
+from amap_jax.models.block import INDICATORS
+from amap_jax.models.vit import ViT
 from amap_jax.pruning import amap, export, macs, similarity
 from amap_jax.pruning.projection import PruneSpec, fixed_logits
 from amap_jax.train import checkpoint

@@ -15,8 +15,10 @@ import jax.numpy as jnp
 import optax
 from absl import app, flags
 
+from amap_jax.models import dummy_input
 from amap_jax.models.arch import vit_arch
-from amap_jax.models.vit import INDICATORS, SIMILARITY, ViT, dummy_input
+from amap_jax.models.block import INDICATORS, SIMILARITY
+from amap_jax.models.vit import ViT
 from amap_jax.pruning import amap, similarity
 from amap_jax.pruning.projection import PruneSpec
 from amap_jax.train import steps

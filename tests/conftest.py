@@ -6,8 +6,10 @@ import flax.linen as nn
 import jax
 import numpy as np
 
+from amap_jax.models import dummy_input
 from amap_jax.models.arch import ViTArch
-from amap_jax.models.vit import ViT, dummy_input, group_shapes
+from amap_jax.models.block import group_shapes
+from amap_jax.models.vit import ViT
 from amap_jax.pruning import projection
 
 # Eight fake CPU devices for the data-parallel tests; set before any backend starts.

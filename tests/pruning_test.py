@@ -20,7 +20,8 @@ from conftest import (
 )
 
 from amap_jax.models.arch import LINEAR, SOFTMAX, BlockArch, vit_arch
-from amap_jax.models.vit import INDICATORS, SIMILARITY, ViT, group_shapes
+from amap_jax.models.block import INDICATORS, SIMILARITY, group_shapes
+from amap_jax.models.vit import ViT
 from amap_jax.pruning import macs, projection, similarity
 from amap_jax.pruning.export import export
 from amap_jax.pruning.projection import PruneSpec

@@ -8,8 +8,10 @@ import pytest
 
 from amap_jax import config as config_lib
 from amap_jax.data import load_source, train_batches
+from amap_jax.models import dummy_input
 from amap_jax.models.arch import BlockArch, ViTArch
-from amap_jax.models.vit import INDICATORS, SIMILARITY, ViT, dummy_input
+from amap_jax.models.block import INDICATORS, SIMILARITY
+from amap_jax.models.vit import ViT
 from amap_jax.pruning import amap, similarity
 from amap_jax.pruning.projection import PruneSpec
 from amap_jax.train import parallel, steps

@@ -11,7 +11,7 @@ import shutil
 import jax
 
 from amap_jax import models
-from amap_jax.models.arch import arch_from_dict
+from amap_jax.models.arch import Arch, arch_from_dict
 from amap_jax.train import checkpoint
 
 FORMAT = 1
@@ -23,7 +23,7 @@ def is_finished(directory: str) -> bool:
     return os.path.exists(os.path.join(directory, MODEL_JSON))
 
 
-def save_pruned(directory: str, arch, params, **extra) -> None:
+def save_pruned(directory: str, arch: Arch, params, **extra) -> None:
     """Writes an exported model; refuses to overwrite a finished export."""
     if is_finished(directory):
         raise FileExistsError(
@@ -50,7 +50,7 @@ def save_pruned(directory: str, arch, params, **extra) -> None:
     checkpoint.write_json(os.path.join(directory, MODEL_JSON), meta)
 
 
-def read_arch(directory: str):
+def read_arch(directory: str) -> Arch:
     path = os.path.join(directory, MODEL_JSON)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{directory} holds no finished export (no {MODEL_JSON})")

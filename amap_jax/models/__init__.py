@@ -2,19 +2,27 @@
 
 from __future__ import annotations
 
-from amap_jax.models.arch import SwinArch, ViTArch, arch_from_dict
+import jax
+import jax.numpy as jnp
+
+from amap_jax.models.arch import Arch, SwinArch, ViTArch, arch_from_dict
 from amap_jax.models.block import attention
 from amap_jax.models.swin import Swin
-from amap_jax.models.vit import ViT, dummy_input
+from amap_jax.models.vit import ViT
 from amap_jax.pruning.projection import PruneSpec
 
 __all__ = ["Swin", "ViT", "arch_from_dict", "attention", "build", "dummy_input"]
 
 
-def build(arch: ViTArch | SwinArch, prune: PruneSpec | None = None, **kw):
+def build(arch: Arch, prune: PruneSpec | None = None, **kw):
     """The module for `arch` (dense, or searchable with `prune`)."""
     if isinstance(arch, SwinArch):
         return Swin(arch, prune=prune, **kw)
     if isinstance(arch, ViTArch):
         return ViT(arch, prune=prune, **kw)
     raise TypeError(f"not an architecture description: {type(arch).__name__}")
+
+
+def dummy_input(arch: Arch, batch: int = 1) -> jax.Array:
+    """Zero images of the model's input shape, for `init` and tracing."""
+    return jnp.zeros((batch, arch.image_size, arch.image_size, arch.in_chans), jnp.float32)

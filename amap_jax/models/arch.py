@@ -219,7 +219,10 @@ class SwinArch(_Arch):
         return self.stage_dim(len(self.depths) - 1)
 
 
-def arch_from_dict(d: dict[str, Any]) -> ViTArch | SwinArch:
+Arch = ViTArch | SwinArch  # what every model, MACs count, search and export take
+
+
+def arch_from_dict(d: dict[str, Any]) -> Arch:
     kinds = {c.TYPE: c for c in (ViTArch, SwinArch)}
     kind = d.get("type", ViTArch.TYPE)
     if kind not in kinds:

@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from amap_jax.models.arch import ViTArch
 from amap_jax.models.attention import dense_init
-from amap_jax.models.block import INDICATORS, SIMILARITY, blocks, embed_patches, group_shapes
+from amap_jax.models.block import blocks, embed_patches
 from amap_jax.pruning.projection import PruneSpec
-
-__all__ = ["INDICATORS", "SIMILARITY", "ViT", "dummy_input", "group_shapes"]
 
 
 class ViT(nn.Module):
@@ -45,7 +42,3 @@ class ViT(nn.Module):
         if a.distilled:  # inference: the mean of the class and distillation heads
             logits = (logits + head("head_dist")(x[:, 1])) / 2
         return logits.astype(jnp.float32)
-
-
-def dummy_input(arch, batch: int = 1) -> jax.Array:
-    return jnp.zeros((batch, arch.image_size, arch.image_size, arch.in_chans), jnp.float32)

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from amap_jax import models
-from amap_jax.models.arch import LINEAR
+from amap_jax.models.arch import LINEAR, Arch
 from amap_jax.models.block import INDICATORS, SIMILARITY, group_shapes
 from amap_jax.pruning import macs, projection
 from amap_jax.pruning.projection import PruneSpec
@@ -20,7 +20,7 @@ from amap_jax.pruning.projection import PruneSpec
 _GROUPS = ("qk", "v", "hidden")
 
 
-def add_reweight(arch, params) -> tuple:
+def add_reweight(arch: Arch, params) -> tuple[Arch, dict]:
     """Adds reweight scales (init 1: the function is unchanged) to every block."""
     params = dict(params)
     for i, b in enumerate(arch.blocks):
@@ -31,14 +31,14 @@ def add_reweight(arch, params) -> tuple:
     return arch.replace(reweight=True), params
 
 
-def constant_indicators(arch, logit: float):
+def constant_indicators(arch: Arch, logit: float):
     return {
         f"block_{i}": {g: jnp.full(s, logit, jnp.float32) for g, s in group_shapes(b).items()}
         for i, b in enumerate(arch.blocks)
     }
 
 
-def attention_difference(arch, params, images, *, softmax_too: bool = False, chunk: int = 16):
+def attention_difference(arch: Arch, params, images, *, softmax_too: bool = False, chunk: int = 16):
     """Per block, relative change of the attention output when one channel is removed.
 
     Returns {'block_i': {'qk': [H, dqk], 'v': [H, dv]}} for linear-attention blocks (and
@@ -76,7 +76,7 @@ def logits_from_scores(scores: jax.Array, base: float, spread: float) -> jax.Arr
     return base + spread * z
 
 
-def init_indicators(arch, params, cfg, calib_images=None):
+def init_indicators(arch: Arch, params, cfg, calib_images=None):
     """Indicator logits as the config says: constant, or attention-difference where measured."""
     ind = constant_indicators(arch, cfg.init_logit)
     if cfg.init == "constant":
@@ -92,7 +92,7 @@ def init_indicators(arch, params, cfg, calib_images=None):
     return ind
 
 
-def macs_regularizer(arch, target: float, weight: float, kind: str = "square"):
+def macs_regularizer(arch: Arch, target: float, weight: float, kind: str = "square"):
     """`trainable -> (loss, metrics)`: weight * (MACs_soft / MACs_dense - target)^2 (or hinge)."""
     if kind not in ("square", "hinge"):
         raise ValueError(f"search.macs_loss must be 'square' or 'hinge', got {kind!r}")
@@ -107,7 +107,7 @@ def macs_regularizer(arch, target: float, weight: float, kind: str = "square"):
     return reg
 
 
-def hard_widths(arch, variables, spec: PruneSpec) -> list[tuple[int, int, int]]:
+def hard_widths(arch: Arch, variables, spec: PruneSpec) -> list[tuple[int, int, int]]:
     """Per-head widths the masks keep now (what export would produce)."""
     ind = variables[INDICATORS]
     return [
@@ -116,11 +116,11 @@ def hard_widths(arch, variables, spec: PruneSpec) -> list[tuple[int, int, int]]:
     ]
 
 
-def hard_ratio(arch, variables, spec: PruneSpec) -> float:
+def hard_ratio(arch: Arch, variables, spec: PruneSpec) -> float:
     return float(macs.model_macs(arch, hard_widths(arch, variables, spec)) / macs.model_macs(arch))
 
 
-def finalize(arch, variables, spec: PruneSpec, target: float):
+def finalize(arch: Arch, variables, spec: PruneSpec, target: float):
     """Fixed indicator logits whose masks meet `target` MACs ratio.
 
     Starts from the masks the search ended with and, while the hard MACs are over the target,

@@ -11,13 +11,13 @@ import dataclasses
 import jax
 import numpy as np
 
-from amap_jax.models.arch import LINEAR, BlockArch
+from amap_jax.models.arch import LINEAR, Arch, BlockArch
 from amap_jax.models.block import INDICATORS, SIMILARITY
 from amap_jax.pruning import projection
 from amap_jax.pruning.projection import PruneSpec
 
 
-def kept_channels(variables, arch, spec: PruneSpec) -> list[dict[str, np.ndarray]]:
+def kept_channels(variables, arch: Arch, spec: PruneSpec) -> list[dict[str, np.ndarray]]:
     """Per block and group, the kept channel indices as [heads, k] (sorted within a head).
 
     Without head balancing, heads keep different counts: every head is padded to the widest
@@ -75,16 +75,14 @@ def _export_block(block: BlockArch, p, keep) -> tuple[BlockArch, dict]:
     v_scale = np.asarray(attn["reweight"])[v_cols] if "reweight" in attn else np.ones(len(v_cols))
     v_scale = np.where(v_pad.reshape(-1), 0.0, v_scale)  # padded value channels reach nothing
     hidden_scale = np.asarray(mlp["reweight"])[hidden_cols] if "reweight" in mlp else None
-    # Per-head parameters (relative position bias) are untouched: heads are never removed.
     new_attn = {
-        k: np.asarray(val) for k, val in attn.items() if k == "relative_position_bias_table"
-    }
-    new_attn |= {
         "q": _dense(attn["q"], cols=qk_cols),
         "k": _dense(attn["k"], cols=qk_cols),
         "v": _dense(attn["v"], cols=v_cols),
         "proj": _dense(attn["proj"], rows=v_cols, row_scale=v_scale.astype(np.float32)),
     }
+    if "relative_position_bias_table" in attn:  # per head: untouched, heads are never removed
+        new_attn["relative_position_bias_table"] = np.asarray(attn["relative_position_bias_table"])
     pad = qk_pad.reshape(-1)
     for name in ("q", "k"):  # padded q/k channels: zero before the ReLU
         for leaf in ("kernel", "bias"):
@@ -123,7 +121,7 @@ def _export_block(block: BlockArch, p, keep) -> tuple[BlockArch, dict]:
     return new_block, {**new_p, "attn": new_attn, "mlp": new_mlp}
 
 
-def export(arch, variables, spec: PruneSpec | None = None) -> tuple:
+def export(arch: Arch, variables, spec: PruneSpec | None = None) -> tuple[Arch, dict]:
     """(arch, {params, indicators[, similarity]}) -> (smaller arch, smaller params)."""
     spec = spec or PruneSpec()
     params = jax.tree.map(np.asarray, variables["params"])

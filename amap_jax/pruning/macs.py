@@ -10,7 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from amap_jax.models.arch import SOFTMAX, BlockArch, Geometry, SwinArch, ViTArch
+from amap_jax.models.arch import SOFTMAX, Arch, BlockArch, Geometry, SwinArch
 
 Widths = tuple  # (qk_dim, v_dim, mlp_dim) per block; floats or ints
 
@@ -32,7 +32,7 @@ def block_macs(
     return total + 2 * t * d * mlp
 
 
-def fixed_macs(arch: ViTArch | SwinArch) -> int:
+def fixed_macs(arch: Arch) -> int:
     """What pruning does not touch: patch embedding, patch merging, classifier heads."""
     total = (arch.image_size // arch.patch_size) ** 2 * arch.patch_size**2 * arch.in_chans
     total *= arch.embed_dim
@@ -43,7 +43,7 @@ def fixed_macs(arch: ViTArch | SwinArch) -> int:
     return total + arch.embed_dim * arch.num_classes * (2 if arch.distilled else 1)
 
 
-def model_macs(arch: ViTArch | SwinArch, widths: list[Widths] | None = None):
+def model_macs(arch: Arch, widths: list[Widths] | None = None):
     """MACs of one image through `arch`, optionally with other per-block widths."""
     total = fixed_macs(arch)
     for i, (block, g) in enumerate(zip(arch.blocks, arch.geometry(), strict=True)):
@@ -52,7 +52,7 @@ def model_macs(arch: ViTArch | SwinArch, widths: list[Widths] | None = None):
     return total
 
 
-def soft_widths(arch, indicators) -> list[Widths]:
+def soft_widths(arch: Arch, indicators) -> list[Widths]:
     """Expected per-head widths: sum of keep-probabilities over a group, divided by its heads."""
     out = []
     for i, block in enumerate(arch.blocks):
@@ -66,7 +66,7 @@ def soft_widths(arch, indicators) -> list[Widths]:
     return out
 
 
-def soft_ratio(arch, indicators) -> jax.Array:
+def soft_ratio(arch: Arch, indicators) -> jax.Array:
     """Differentiable MACs(indicators) / MACs(dense)."""
     return model_macs(arch, soft_widths(arch, indicators)) / float(model_macs(arch))
 

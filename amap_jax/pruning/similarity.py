@@ -10,7 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from amap_jax.models.arch import ViTArch
+from amap_jax.models.arch import Arch
 
 EPS = 1e-3  # floor, so a fully redundant channel still ranks by its indicator
 
@@ -50,7 +50,7 @@ def redundancy_weights(desc: jax.Array) -> jax.Array:
     return jnp.maximum(w, EPS)
 
 
-def similarity_weights(arch: ViTArch, params):
+def similarity_weights(arch: Arch, params):
     """Weights for every block, in the shape of the `indicators` collection."""
     return {
         f"block_{i}": {
