@@ -6,12 +6,13 @@ import os
 
 import ml_collections
 
-METHODS = ("amap",)
+from amap_jax import methods
 
 
 def defaults() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    c.method = "amap"
+    c.method = "amap"  # amap | vtp | magnitude | random (amap_jax.methods)
+    c.method_widths_from = ""  # magnitude/random: copy per-layer widths from this run's export
     c.seed = 0
     c.num_devices = 0  # 0: all visible devices
     c.checkpoint_every = 200  # steps
@@ -68,35 +69,22 @@ def defaults() -> ml_collections.ConfigDict:
         label_smoothing=0.1,
         grad_clip=1.0,
     )
+    # The search stage of every method: its weights' schedule, the MACs target, distillation.
     c.search = dict(
         epochs=1.0,
         batch_size=256,
-        lr=5e-4,  # weights (and reweight scales) while searching
-        indicator_lr=0.05,
+        lr=5e-4,  # weights (and a method's scales in params) while searching
         warmup_epochs=0.1,
         weight_decay=0.05,
         label_smoothing=0.1,
         grad_clip=1.0,
         target=0.7,  # MACs(pruned) / MACs(dense)
-        macs_weight=20.0,
-        macs_loss="square",  # or "hinge"
-        similarity=True,
-        similarity_every=50,
-        head_balanced=True,
-        reweight=True,
-        init="attn_diff",  # or "constant"
-        init_on_softmax=False,
-        init_logit=5.0,
-        init_spread=1.0,
-        calibration_batch=64,
-        min_keep=1,
-        # Floor per head as a share of its width: keeps the final MACs fix-up from emptying
-        # the layers with the most MACs per channel when a short search left importances flat.
-        min_keep_fraction=0.0,
-        multiple=1,
         kd_weight=0.0,
         kd_temperature=1.0,
     )
+    # Each method's own settings (defaults and meaning: amap_jax/methods/).
+    for name, settings in methods.default_sections().items():
+        c[name] = settings
     c.finetune = dict(
         epochs=3.0,
         batch_size=256,
@@ -112,10 +100,27 @@ def defaults() -> ml_collections.ConfigDict:
     return c
 
 
+def _unknown_keys(c: ml_collections.ConfigDict) -> None:
+    """A key the defaults do not have (typed into a config file) names where it belongs."""
+    ref = defaults()
+    for section, value in c.items():
+        if section not in ref:
+            raise ValueError(f"unknown config key {section!r}")
+        if not isinstance(value, ml_collections.ConfigDict):
+            continue
+        for key in value:
+            if key in ref[section]:
+                continue
+            homes = [
+                s for s, v in ref.items() if isinstance(v, ml_collections.ConfigDict) and key in v
+            ]
+            where = f"; it is a setting of {', '.join(homes)}" if homes else ""
+            raise ValueError(f"{section}.{key} is not a setting of {section}{where}")
+
+
 def validate(c: ml_collections.ConfigDict) -> None:
     """Raises ValueError with one line for the first thing wrong."""
-    if c.method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {c.method!r}")
+    _unknown_keys(c)
     t = c.search.target
     if not 0.0 < t <= 1.0:
         raise ValueError(f"search.target must be in (0, 1] (MACs kept), got {t}")
@@ -127,18 +132,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
             raise ValueError(f"{stage}.batch_size must be >= 1, got {s.batch_size}")
         if s.lr <= 0:
             raise ValueError(f"{stage}.lr must be > 0, got {s.lr}")
-    if c.search.init not in ("constant", "attn_diff"):
-        raise ValueError(f"search.init must be 'constant' or 'attn_diff', got {c.search.init!r}")
-    if c.search.macs_loss not in ("square", "hinge"):
-        raise ValueError(
-            f"search.macs_loss must be 'square' or 'hinge', got {c.search.macs_loss!r}"
-        )
-    if c.search.min_keep < 1 or c.search.multiple < 1:
-        raise ValueError("search.min_keep and search.multiple must be >= 1")
-    if not 0.0 <= c.search.min_keep_fraction <= 1.0:
-        raise ValueError(
-            f"search.min_keep_fraction must be in [0, 1], got {c.search.min_keep_fraction}"
-        )
+    methods.from_config(c)  # the method checks its own section
+    if c.method_widths_from and c.method not in ("magnitude", "random"):
+        raise ValueError(f"method_widths_from is for magnitude/random, not {c.method!r}")
     m = c.model
     if m.family not in ("vit", "swin"):
         raise ValueError(f"model.family must be 'vit' or 'swin', got {m.family!r}")

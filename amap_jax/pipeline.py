@@ -13,20 +13,18 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from amap_jax import config as config_lib
-from amap_jax import models
+from amap_jax import methods, models
 from amap_jax.data.splits import open_split
 from amap_jax.io import pretrained, pruned
 from amap_jax.logs import log as logging
+from amap_jax.methods import Method
 from amap_jax.models.arch import Arch, swin_arch, vit_arch
-from amap_jax.models.block import INDICATORS, SIMILARITY
-from amap_jax.pruning import amap, export, macs, similarity
-from amap_jax.pruning.projection import PruneSpec
+from amap_jax.pruning import macs
 from amap_jax.train import checkpoint, parallel, steps
 from amap_jax.train.evaluate import evaluate, throughput
-from amap_jax.train.loop import Hook, fit
+from amap_jax.train.loop import fit
 
 
 @dataclasses.dataclass
@@ -88,10 +86,14 @@ class Context:
         )
         return evaluate(model, variables, batches, self.inputs, self.mesh)
 
-    def build(self, arch, prune=None):
-        """The module for `arch` in the configured compute dtype."""
+    def build(self, arch, method: Method | None = None):
+        """The module for `arch` in the configured compute dtype, with `method` at its sites."""
         dtype = jnp.bfloat16 if self.config.model.dtype == "bfloat16" else jnp.float32
-        return models.build(arch, prune=prune, dtype=dtype)
+        return models.build(arch, sites=method, dtype=dtype)
+
+    def calibration(self, n: int) -> jax.Array:
+        """n preprocessed training images (the same ones on every call)."""
+        return self.inputs(jnp.asarray(self.train.calibration_images(n)))
 
     def objective(self, arch, stage, **kw) -> steps.Objective:
         d = self.config.data
@@ -176,51 +178,35 @@ def train_dense(ctx: Context, arch: Arch):
     return jax.device_get(state.trainable["params"])  # host copy: later steps donate buffers
 
 
-def prune_spec(cfg) -> PruneSpec:
-    return PruneSpec(
-        min_keep=cfg.min_keep,
-        min_keep_fraction=cfg.min_keep_fraction,
-        multiple=cfg.multiple,
-        head_balanced=cfg.head_balanced,
-    )
-
-
-def search(ctx: Context, arch: Arch, dense_params):
-    """AMAP search; returns (search arch, variables with fixed final masks)."""
+def search(ctx: Context, arch: Arch, dense_params, method: Method):
+    """The method's search: its collections trained with the weights, then its final
+    multipliers fixed. Returns (variables, masked model)."""
     cfg = ctx.config.search
-    spec = prune_spec(cfg)
-    s_arch, params = amap.add_reweight(arch, dense_params) if cfg.reweight else (arch, dense_params)
-    calib = None
-    if cfg.init == "attn_diff":
-        calib = ctx.inputs(jnp.asarray(ctx.train.calibration_images(cfg.calibration_batch)))
-    indicators = amap.init_indicators(s_arch, params, cfg, calib)
-    sim_fn = jax.jit(lambda p: similarity.similarity_weights(s_arch, p))
-    sim = sim_fn(params) if cfg.similarity else amap.constant_indicators(s_arch, 1.0)
-
+    seed = ctx.config.seed + 1
+    variables = method.initialize(arch, dense_params, calibration=ctx.calibration, seed=seed)
+    trainable_names = ("params", *method.trainable)
     total, per_epoch = ctx.steps(cfg)
-    ind_tx = optax.adam(cfg.indicator_lr)
-    tx = _optimizer(cfg, total, per_epoch, {INDICATORS: ind_tx})
-    state = steps.create_state({"params": params, INDICATORS: indicators}, tx, {SIMILARITY: sim})
-    model = ctx.build(s_arch, prune=spec)
+    tx = _optimizer(cfg, total, per_epoch, method.optimizers())
+    trainable = {k: variables[k] for k in trainable_names}
+    extra = {k: v for k, v in variables.items() if k not in trainable_names}
+    state = steps.create_state(trainable, tx, extra)
+    model = ctx.build(arch, method)
     objective = ctx.objective(
         arch,
         cfg,
         kd_weight=cfg.kd_weight,
         kd_temperature=cfg.kd_temperature,
-        regularizer=amap.macs_regularizer(s_arch, cfg.target, cfg.macs_weight, cfg.macs_loss),
+        regularizer=method.loss(arch),
     )
     teacher = ctx.build(arch) if cfg.kd_weight > 0 else None
     step = jax.jit(
-        steps.make_train_step(model, tx, ctx.inputs, objective, ctx.config.seed + 1, teacher),
+        steps.make_train_step(model, tx, ctx.inputs, objective, seed, teacher),
         donate_argnums=0,
     )
-    hooks = ()
-    if cfg.similarity:
-        refresh = jax.jit(lambda st: st.replace(extra={SIMILARITY: sim_fn(st.trainable["params"])}))
-        hooks = (Hook(cfg.similarity_every, refresh),)
 
     def on_epoch(_, st):
-        return {"hard_macs_ratio": amap.hard_ratio(s_arch, st.trainable, spec)}
+        now = {**jax.device_get(st.trainable), **jax.device_get(st.extra)}
+        return {"hard_macs_ratio": method.macs_ratio(arch, now)}
 
     if total:
         state = ctx.fit(
@@ -229,14 +215,13 @@ def search(ctx: Context, arch: Arch, dense_params):
             cfg,
             state,
             step,
-            ctx.config.seed + 1,
-            hooks=hooks,
+            seed,
+            hooks=method.hooks(arch),
             on_epoch=on_epoch,
             step_args=({"params": dense_params},) if teacher else (),
         )
     variables = {**jax.device_get(state.trainable), **jax.device_get(state.extra)}
-    variables[INDICATORS] = amap.finalize(s_arch, variables, spec, cfg.target)
-    return s_arch, variables, model
+    return method.finalize(arch, variables), model
 
 
 def finetune(ctx: Context, arch: Arch, params, teacher_arch: Arch, teacher_params):
@@ -347,10 +332,10 @@ def run(config, workdir: str) -> dict:
     dense_params = train_dense(ctx, arch)
     dense_eval = ctx.evaluate(ctx.build(arch), {"params": dense_params})
 
-    s_arch, variables, masked_model = search(ctx, arch, dense_params)
+    method = methods.from_config(config)
+    variables, masked_model = search(ctx, arch, dense_params, method)
     masked_eval = ctx.evaluate(masked_model, variables)
-    spec = prune_spec(config.search)
-    p_arch, p_params = export.export(s_arch, variables, spec)
+    p_arch, p_params = method.export(arch, variables)
     exported_eval = ctx.evaluate(ctx.build(p_arch), {"params": p_params})
     export_diff = _export_gap(ctx, masked_model, variables, p_arch, p_params)
     logging.info(
@@ -377,6 +362,7 @@ def run(config, workdir: str) -> dict:
 
     summary = {
         "method": config.method,
+        "method_settings": config[method.section].to_dict(),
         "target_macs_ratio": config.search.target,
         "dense": _report(ctx, arch, dense_params, dense_eval["top1"]),
         "pruned": _report(ctx, p_arch, loaded["params"], pruned_eval["top1"]),
@@ -385,8 +371,10 @@ def run(config, workdir: str) -> dict:
         "export_max_logit_diff": export_diff,
         "arch": {
             "dense": arch.name,
+            # per block: attention kind, heads, q/k and v per head, MLP, q/k/v and fc1 inputs
             "pruned_blocks": [
-                [b.attn, b.heads, b.qk_dim, b.v_dim, b.mlp_dim] for b in p_arch.blocks
+                [b.attn, b.heads, b.qk_dim, b.v_dim, b.mlp_dim, *macs.widths(b, g.dim)[3:]]
+                for b, g in zip(p_arch.blocks, p_arch.geometry(), strict=True)
             ],
         },
         "export_dir": export_dir,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
@@ -12,10 +13,9 @@ import numpy as np
 
 from amap_jax import models
 from amap_jax.io.pretrained import NAMES, named_arch
+from amap_jax.methods import amap, similarity
+from amap_jax.methods.amap import INDICATORS, SIMILARITY, Amap
 from amap_jax.models.arch import vit_arch
-from amap_jax.models.block import INDICATORS, SIMILARITY
-from amap_jax.pruning import amap, export, similarity
-from amap_jax.pruning.projection import PruneSpec
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 
@@ -28,10 +28,10 @@ def parse_arch(spec: str):
     return vit_arch(variant, pattern=pattern or None)
 
 
-def dense_and_pruned(arch, target: float, *, seed: int = 0, spec: PruneSpec | None = None):
+def dense_and_pruned(arch, target: float, *, seed: int = 0, method: Amap | None = None):
     """A dense model and its AMAP export at `target` MACs, with random weights and indicators.
 
-    Widths come from `amap.finalize`, so they are what a search would produce for that target
+    Widths come from AMAP's finalize, so they are what a search would produce for that target
     (which channels are kept does not change the speed).
     """
     params = models.build(arch).init(jax.random.key(seed), models.dummy_input(arch))["params"]
@@ -40,14 +40,13 @@ def dense_and_pruned(arch, target: float, *, seed: int = 0, spec: PruneSpec | No
         lambda x: x + rng.normal(size=x.shape).astype(np.float32),
         amap.constant_indicators(arch, 2.0),
     )
-    spec = spec or PruneSpec()
+    method = dataclasses.replace(method or Amap(), target=target)
     variables = {
         "params": params,
         INDICATORS: ind,
         SIMILARITY: similarity.similarity_weights(arch, params),
     }
-    variables[INDICATORS] = amap.finalize(arch, variables, spec, target)
-    p_arch, p_params = export.export(arch, variables, spec)
+    p_arch, p_params = method.export(arch, method.finalize(arch, variables))
     return arch, params, p_arch, p_params
 
 

@@ -15,12 +15,11 @@ import jax.numpy as jnp
 import optax
 from absl import app, flags
 
+from amap_jax.methods import amap, similarity
+from amap_jax.methods.amap import INDICATORS, SIMILARITY, Amap
 from amap_jax.models import dummy_input
 from amap_jax.models.arch import vit_arch
-from amap_jax.models.block import INDICATORS, SIMILARITY
 from amap_jax.models.vit import ViT
-from amap_jax.pruning import amap, similarity
-from amap_jax.pruning.projection import PruneSpec
 from amap_jax.train import steps
 from bench import common
 
@@ -50,7 +49,7 @@ def main(_):
         dense = steps.create_state({"params": params}, tx)
         dense_step = jax.jit(steps.make_train_step(ViT(arch), tx, inputs, objective, 0))
 
-        s_arch, s_params = amap.add_reweight(arch, params)
+        s_arch, s_params = arch, amap.add_reweight(arch, params)
         s_tx = steps.per_collection({"params": optax.adamw(1e-4), INDICATORS: optax.adam(0.05)})
         search = steps.create_state(
             {"params": s_params, INDICATORS: amap.constant_indicators(s_arch, 3.0)},
@@ -61,7 +60,7 @@ def main(_):
             arch.num_classes, 0.1, regularizer=amap.macs_regularizer(s_arch, 0.7, 10.0)
         )
         search_step = jax.jit(
-            steps.make_train_step(ViT(s_arch, prune=PruneSpec()), s_tx, inputs, s_obj, 0)
+            steps.make_train_step(ViT(s_arch, sites=Amap()), s_tx, inputs, s_obj, 0)
         )
         t_dense = common.time_fn(_loss(dense_step), dense, batch, seconds=_SECONDS.value)
         t_search = common.time_fn(_loss(search_step), search, batch, seconds=_SECONDS.value)

@@ -14,8 +14,8 @@ import jax.numpy as jnp
 from absl import app, flags
 
 from amap_jax import models
+from amap_jax.methods import Amap
 from amap_jax.pruning.macs import model_macs
-from amap_jax.pruning.projection import PruneSpec
 from bench import common
 
 _MODELS = flags.DEFINE_list(
@@ -27,7 +27,7 @@ _TARGETS = flags.DEFINE_list("targets", ["0.7", "0.5"], "MACs ratios to prune to
 _BATCH = flags.DEFINE_integer("batch", 32, "Batch size.")
 _SECONDS = flags.DEFINE_float("seconds", 5.0, "Timing seconds per model.")
 _FLOOR = flags.DEFINE_float(
-    "min_keep_fraction", 0.0, "Per-head floor of kept channels (search.min_keep_fraction)."
+    "min_keep_fraction", 0.0, "Per-head floor of kept channels (amap.min_keep_fraction)."
 )
 _TAG = flags.DEFINE_string("tag", "", "Suffix of the results file name.")
 
@@ -40,8 +40,8 @@ def main(_):
         x = jnp.ones((_BATCH.value, arch.image_size, arch.image_size, arch.in_chans))
         t_dense = None
         for target in map(float, _TARGETS.value):
-            spec = PruneSpec(min_keep_fraction=_FLOOR.value)
-            _, params, p_arch, p_params = common.dense_and_pruned(arch, target, spec=spec)
+            method = Amap(min_keep_fraction=_FLOOR.value)
+            _, params, p_arch, p_params = common.dense_and_pruned(arch, target, method=method)
             if t_dense is None:  # one dense timing per model, shared by its targets
                 t_dense = common.time_fn(fwd, {"params": params}, x, seconds=_SECONDS.value)
             p_fwd = jax.jit(models.build(p_arch).apply)

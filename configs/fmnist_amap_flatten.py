@@ -7,5 +7,5 @@ def get_config():
     c = defaults()
     c.model.variant = "mini"
     c.model.pattern = "LLSS"
-    c.search.init = "attn_diff"
+    c.amap.init = "attn_diff"
     return c

@@ -7,5 +7,5 @@ def get_config():
     c = defaults()
     c.model.variant = "mini"
     c.model.pattern = "SSSS"
-    c.search.init = "constant"  # attention-difference init is for linear attention
+    c.amap.init = "constant"  # attention-difference init is for linear attention
     return c

@@ -6,11 +6,11 @@ import flax.linen as nn
 import jax
 import numpy as np
 
+from amap_jax.methods import projection
+from amap_jax.methods.amap import group_shapes
 from amap_jax.models import dummy_input
 from amap_jax.models.arch import ViTArch
-from amap_jax.models.block import group_shapes
 from amap_jax.models.vit import ViT
-from amap_jax.pruning import projection
 
 # Eight fake CPU devices for the data-parallel tests; set before any backend starts.
 jax.config.update("jax_num_cpu_devices", 8)
@@ -39,7 +39,7 @@ def random_params(shapes, seed: int, noise: float = 0.2):
         z = rng.standard_normal(leaf.shape).astype(np.float32)
         if names[-1] == "kernel":
             return z / np.float32(np.sqrt(np.prod(leaf.shape[:-1])))
-        if names[-1] == "reweight" or (
+        if names[-1].startswith("reweight") or (
             names[-1] == "scale" and len(names) > 1 and names[-2].startswith("norm")
         ):
             return 1.0 + noise * z

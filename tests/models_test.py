@@ -74,18 +74,6 @@ def test_param_count(variant, in_chans, num_classes, pattern, expected):
     assert _formula_count(arch) == expected
 
 
-@pytest.mark.parametrize("pattern", ["SS", "LS"])
-def test_reweight_adds_one_scale_per_value_channel_and_hidden_unit(pattern):
-    arch = vit_arch("micro", in_chans=1, num_classes=10, pattern=pattern)
-    dense = param_shapes(ViT(arch))["params"]
-    shapes = param_shapes(ViT(arch.replace(reweight=True)))["params"]
-    extra = sum(b.heads * b.v_dim + b.mlp_dim for b in arch.blocks)
-    assert count_params(shapes) - count_params(dense) == extra
-    for i, b in enumerate(arch.blocks):
-        assert shapes[f"block_{i}"]["attn"]["reweight"].shape == (b.heads * b.v_dim,)
-        assert shapes[f"block_{i}"]["mlp"]["reweight"].shape == (b.mlp_dim,)
-
-
 def test_linear_block_param_shapes():
     arch = vit_arch("mini", in_chans=1, num_classes=10, pattern=_half_linear("mini"))
     p = param_shapes(ViT(arch))["params"]
@@ -126,11 +114,13 @@ def test_arch_json_round_trip():
     # A pruned arch: uneven widths, pinned softmax scale, per-head depthwise conv.
     blocks = list(arch.blocks)
     blocks[0] = BlockArch(LINEAR, 3, 7, 5, 100, qk_scale=32**-0.5, dwc_per_head=True)
-    blocks[-1] = BlockArch(SOFTMAX, 3, 9, 11, 200, qk_scale=32**-0.5)
-    pruned = arch.replace(blocks=tuple(blocks), reweight=True, gelu_approximate=True)
+    blocks[-1] = BlockArch(SOFTMAX, 3, 9, 11, 200, qk_scale=32**-0.5, attn_in=(0, 5, 63))
+    blocks[1] = BlockArch(LINEAR, 2, 32, 32, 256, mlp_in=tuple(range(1, 64, 2)))
+    pruned = arch.replace(blocks=tuple(blocks), gelu_approximate=True)
     back = ViTArch.from_json(pruned.to_json())
     assert back == pruned
     assert back.blocks[0].dwc_per_head and back.blocks[-1].scale == 32**-0.5
+    assert back.blocks[-1].attn_in == (0, 5, 63) and len(back.blocks[1].mlp_in) == 32
     assert isinstance(back.blocks, tuple) and isinstance(back.mean, tuple)
 
 
@@ -254,11 +244,10 @@ ATTN_CASES = {
 @pytest.mark.parametrize("case", list(ATTN_CASES))
 def test_attention_matches_numpy_reference(case, masked):
     block = ATTN_CASES[case]
-    reweight = masked
-    attn = Attention(block, GEOMETRY, reweight=reweight)
+    attn = Attention(block, GEOMETRY)
     x = np.random.default_rng(0).standard_normal((2, TOKENS, EMBED)).astype(np.float32)
     params = random_params(param_shapes(attn, x)["params"], seed=2, noise=0.5)
-    qk_mask = v_mask = None
+    qk_mask = v_scale = None
     if masked:
         rng = np.random.default_rng(3)
         # Few q/k channels kept: many tokens then have all kept q (or k) channels at the +1e-6
@@ -266,10 +255,8 @@ def test_attention_matches_numpy_reference(case, masked):
         qk_mask = (rng.random(block.heads * block.qk_dim) < 0.25).astype(np.float32)
         v_mask = (rng.random(block.heads * block.v_dim) < 0.6).astype(np.float32)
         qk_mask[0] = v_mask[0] = 1.0
-    got = jax.jit(attn.apply)({"params": params}, x, qk_mask, v_mask)
-    v_scale = None
-    if masked:
-        v_scale = v_mask * np.asarray(params["reweight"], np.float64)
+        v_scale = v_mask * rng.uniform(0.5, 1.5, v_mask.shape).astype(np.float32)  # reweighted
+    got = jax.jit(attn.apply)({"params": params}, x, qk_mask, v_scale)
     want = _np_attention(block, params, x, qk_mask, v_scale)
     assert got.shape == (2, TOKENS, EMBED)
     assert np.abs(want).max() > 0.1  # a non-trivial output

@@ -29,7 +29,7 @@ def tiny_config():
     c.train.epochs = 2.0
     c.search.epochs = 1.0
     c.search.target = 0.6
-    c.search.calibration_batch = 16
+    c.amap.calibration_batch = 16
     c.finetune.epochs = 1.0
     c.eval.batch_size = 100
     c.eval.bench_batch = 8
@@ -78,7 +78,11 @@ def test_load_pruned_gives_logits(finished_run):
     workdir, summary = finished_run
     model, variables = amap_jax.load_pruned(os.path.join(workdir, "export"))
     arch = model.arch
-    assert arch.num_classes == 10 and arch.image_size == 8 and not arch.reweight
+    assert arch.num_classes == 10 and arch.image_size == 8
+    assert set(variables) == {"params"}  # nothing of the method is left
+    assert not any(
+        "reweight" in str(path) for path, _ in jax.tree_util.tree_leaves_with_path(variables)
+    )
     x = np.random.default_rng(0).normal(size=(3, 8, 8, 1)).astype(np.float32)
     logits = model.apply(variables, x)
     assert logits.shape == (3, 10) and np.isfinite(np.asarray(logits)).all()
@@ -181,7 +185,7 @@ def test_run_on_mock_tfds_dataset(tmp_path):
     c.data.name = "cifar10"
     c.data.data_dir = str(tmp_path / "tfds")
     c.train.epochs = c.search.epochs = c.finetune.epochs = 1.0
-    c.search.init = "constant"
+    c.amap.init = "constant"
     for stage in ("train", "search", "finetune"):
         c[stage].batch_size = 16
     c.eval.batch_size = 16
@@ -224,7 +228,7 @@ def test_swin_from_timm_weights_on_mock_imagenet(tmp_path):
         c[stage].batch_size = 8
     c.search.epochs = c.finetune.epochs = 1.0
     c.finetune.kd_weight = 0.0
-    c.search.calibration_batch = 8
+    c.amap.calibration_batch = 8
     c.eval.batch_size = 8
     with tfds.testing.mock_data(num_examples=24):
         summary = pipeline.run(c, str(tmp_path / "run"))

@@ -19,17 +19,23 @@ from conftest import (
     random_params,
 )
 
+from amap_jax.methods import amap, projection, similarity
+from amap_jax.methods.amap import INDICATORS, SIMILARITY, Amap, group_shapes
+from amap_jax.methods.projection import PruneSpec
 from amap_jax.models.arch import LINEAR, SOFTMAX, BlockArch, vit_arch
-from amap_jax.models.block import INDICATORS, SIMILARITY, group_shapes
 from amap_jax.models.vit import ViT
-from amap_jax.pruning import macs, projection, similarity
-from amap_jax.pruning.export import export
-from amap_jax.pruning.projection import PruneSpec
+from amap_jax.pruning import macs
 
 SPEC = PruneSpec()
+AMAP = Amap()  # with reweight scales
+AMAP_NO_REWEIGHT = Amap(reweight=False)
 
 
-def _arch(variant, pattern=None, reweight=True):
+def _amap(reweight: bool) -> Amap:
+    return AMAP if reweight else AMAP_NO_REWEIGHT
+
+
+def _arch(variant, pattern=None):
     """A small arch for 28x28x1 inputs and 10 classes.
 
     `pattern=None`: focused linear attention in the first half of the blocks, softmax after.
@@ -40,13 +46,14 @@ def _arch(variant, pattern=None, reweight=True):
         pattern = LINEAR * (depth // 2) + SOFTMAX * (depth - depth // 2)
     full = (pattern * depth)[:depth]
     arch = vit_arch(variant, in_chans=1, num_classes=10, pattern=full)
-    return arch.replace(blocks=arch.blocks[: len(pattern)], reweight=reweight)
+    return arch.replace(blocks=arch.blocks[: len(pattern)])
 
 
 @functools.cache
-def _apply(arch, prune=None):
-    """One compiled forward per (arch, spec), shared by the tests (compiling dominates run time)."""
-    return jax.jit(ViT(arch, prune=prune).apply)
+def _apply(arch, method=None):
+    """One compiled forward per (arch, method), shared by the tests (compiling dominates run
+    time)."""
+    return jax.jit(ViT(arch, sites=method).apply)
 
 
 def _random_similarity(arch, rng):
@@ -84,9 +91,9 @@ EXPORT_CASES = [
 
 
 def _export_case(variant, pattern, seed, reweight, same_v):
-    arch = _arch(variant, pattern, reweight)
+    arch = _arch(variant, pattern)
     rng = np.random.default_rng(seed)
-    model = ViT(arch, prune=SPEC)
+    model = ViT(arch, sites=_amap(reweight))
     shapes = param_shapes(model)
     assert set(shapes) == {"params", INDICATORS, SIMILARITY}
     params = random_params(shapes["params"], seed)
@@ -103,9 +110,10 @@ def _export_case(variant, pattern, seed, reweight, same_v):
 def test_masked_equals_exported(variant, pattern, seed, reweight, same_v, reexport):
     arch, model, variables, masks = _export_case(variant, pattern, seed, reweight, same_v)
     images = random_images(arch, 2, seed)
-    apply = _apply(arch, SPEC)
+    method = _amap(reweight)
+    apply = _apply(arch, method)
     masked = apply(variables, images)
-    small_arch, small_params = export(arch, variables, SPEC)
+    small_arch, small_params = method.export(arch, variables)
     apply_small = _apply(small_arch)
     exported = apply_small({"params": small_params}, images)
 
@@ -117,7 +125,6 @@ def test_masked_equals_exported(variant, pattern, seed, reweight, same_v, reexpo
     assert _max_diff(masked, dense_like) > 1e-3
 
     # Widths are the mask counts; the softmax scale is the dense one; no reweight is left.
-    assert small_arch.reweight is False
     assert small_arch.pattern == arch.pattern
     for i, (dense_block, block) in enumerate(zip(arch.blocks, small_arch.blocks, strict=True)):
         m = masks[f"block_{i}"]
@@ -140,8 +147,8 @@ def test_masked_equals_exported(variant, pattern, seed, reweight, same_v, reexpo
     if not reexport:
         return
     # Re-exporting the exported model with every channel kept changes nothing.
-    again_arch, again_params = export(
-        small_arch, {"params": small_params, INDICATORS: logits_for(all_kept(small_arch))}, SPEC
+    again_arch, again_params = method.export(
+        small_arch, {"params": small_params, INDICATORS: logits_for(all_kept(small_arch))}
     )
     assert again_arch == small_arch
     a, b = _leaves_with_paths(small_params), _leaves_with_paths(again_params)
@@ -152,12 +159,12 @@ def test_masked_equals_exported(variant, pattern, seed, reweight, same_v, reexpo
 
 
 def test_all_kept_masked_model_equals_dense_model():
-    arch = _arch("mini", "LS", reweight=False)  # as in an export case: the same compiled model
+    arch = _arch("mini", "LS")  # as in an export case: the same compiled model
     params = random_params(param_shapes(ViT(arch))["params"], 3)
     images = random_images(arch, 2, 1)
     dense = _apply(arch)({"params": params}, images)
     ones = all_kept(arch)
-    masked = _apply(arch, SPEC)(
+    masked = _apply(arch, AMAP_NO_REWEIGHT)(
         {"params": params, INDICATORS: logits_for(ones), SIMILARITY: ones}, images
     )
     assert _max_diff(dense, masked) <= 1e-6
@@ -275,7 +282,7 @@ def test_mask_gradient_is_the_importance_gradient():
 
 def test_straight_through_gradients_reach_every_indicator_group():
     arch = _arch("micro", "LS")
-    model = ViT(arch, prune=SPEC)
+    model = ViT(arch, sites=AMAP)
     rng = np.random.default_rng(0)
     shapes = param_shapes(model)
     params = random_params(shapes["params"], 0)
@@ -351,7 +358,7 @@ def _orthogonal_head(block_params, group, heads, head, rng):
 @pytest.mark.parametrize("group", ["qk", "v", "hidden"])
 def test_duplicated_channel_weighs_less_than_distinct_ones(group):
     # micro: every group's descriptors of one head fit orthonormally (width <= features).
-    arch = _arch("micro", "LS", reweight=False)
+    arch = _arch("micro", "LS")
     rng = np.random.default_rng(0)
     params = random_params(param_shapes(ViT(arch))["params"], 0)
     heads, width = group_shapes(arch.blocks[1])[group]
@@ -379,7 +386,7 @@ def test_duplicated_channel_weighs_less_than_distinct_ones(group):
 @pytest.mark.parametrize("group,seed", [("qk", 0), ("v", 1), ("hidden", 2)])
 def test_duplicating_a_channel_lowers_its_weight(group, seed):
     """On random (non-orthogonal) params: the copied channel's weight drops, its twin's too."""
-    arch = _arch("mini", reweight=False)
+    arch = _arch("mini")
     params = random_params(param_shapes(ViT(arch))["params"], seed)
     rng = np.random.default_rng(seed)
     block_params = params[f"block_{int(rng.integers(len(arch.blocks)))}"]
@@ -401,7 +408,7 @@ def test_duplicating_a_channel_lowers_its_weight(group, seed):
 
 
 def test_similarity_weights_have_mean_one_per_head():
-    arch = _arch("mini", reweight=True)
+    arch = _arch("mini")
     params = random_params(param_shapes(ViT(arch))["params"], 0)
     weights = similarity.similarity_weights(arch, params)
     for i, block in enumerate(arch.blocks):
@@ -476,15 +483,15 @@ def test_closed_form_macs_match_xla(pattern, pruned):
 def test_soft_ratio_equals_hard_ratio_for_fixed_logits():
     arch = _arch("mini")
     rng = np.random.default_rng(0)
-    params = random_params(param_shapes(ViT(arch, prune=SPEC))["params"], 0)
+    params = random_params(param_shapes(ViT(arch, sites=AMAP))["params"], 0)
     masks = random_masks(arch, rng)
     indicators = logits_for(masks)
-    small_arch, _ = export(arch, {"params": params, INDICATORS: indicators}, SPEC)
+    small_arch, _ = AMAP.export(arch, {"params": params, INDICATORS: indicators})
     hard = macs.model_macs(small_arch) / macs.model_macs(arch)
-    soft = float(macs.soft_ratio(arch, indicators))
+    soft = float(amap.soft_ratio(arch, indicators))
     assert hard < 0.9
     assert soft == pytest.approx(hard, rel=1e-6)
-    assert float(macs.soft_ratio(arch, logits_for(all_kept(arch)))) == pytest.approx(1.0, rel=1e-6)
+    assert float(amap.soft_ratio(arch, logits_for(all_kept(arch)))) == pytest.approx(1.0, rel=1e-6)
 
 
 def test_soft_ratio_equals_hard_ratio_at_deit_s_size():
@@ -502,15 +509,15 @@ def test_soft_ratio_equals_hard_ratio_at_deit_s_size():
         for i, b in enumerate(arch.blocks)
     )
     hard = macs.model_macs(arch.replace(blocks=blocks)) / macs.model_macs(arch)
-    assert float(macs.soft_ratio(arch, logits_for(masks))) == pytest.approx(hard, rel=1e-6)
+    assert float(amap.soft_ratio(arch, logits_for(masks))) == pytest.approx(hard, rel=1e-6)
 
 
 def test_soft_ratio_is_differentiable():
     arch = _arch("mini")
     rng = np.random.default_rng(2)
-    shapes = param_shapes(ViT(arch, prune=SPEC))[INDICATORS]
+    shapes = param_shapes(ViT(arch, sites=AMAP))[INDICATORS]
     ind = jax.tree.map(lambda s: rng.normal(0.5, 2.0, s.shape).astype(np.float32), shapes)
-    ratio = lambda t: macs.soft_ratio(arch, t)  # noqa: E731
+    ratio = lambda t: amap.soft_ratio(arch, t)  # noqa: E731
     value, grads = jax.jit(jax.value_and_grad(ratio))(ind)
     assert 0.0 < float(value) < 1.0
     for g in jax.tree.leaves(grads):
@@ -531,10 +538,10 @@ def test_soft_ratio_is_differentiable():
 @pytest.mark.parametrize("pattern,seed", [("SS", 0), ("LL", 1), ("LS", 2)])
 def test_unbalanced_masks_export_padded_to_widest_head(pattern, seed):
     """Without head balancing, export pads every head to the widest; logits stay the same."""
-    spec = PruneSpec(head_balanced=False)
-    arch = _arch("micro", pattern, reweight=True)
+    method = Amap(head_balanced=False)
+    arch = _arch("micro", pattern)
     rng = np.random.default_rng(seed)
-    params = random_params(param_shapes(ViT(arch, prune=spec))["params"], seed)
+    params = random_params(param_shapes(ViT(arch, sites=method))["params"], seed)
     masks = {}
     for i, b in enumerate(arch.blocks):
         masks[f"block_{i}"] = {}
@@ -549,8 +556,8 @@ def test_unbalanced_masks_export_padded_to_widest_head(pattern, seed):
         SIMILARITY: _random_similarity(arch, rng),
     }
     images = random_images(arch, 2, seed)
-    masked = _apply(arch, spec)(variables, images)
-    small_arch, small_params = export(arch, variables, spec)
+    masked = _apply(arch, method)(variables, images)
+    small_arch, small_params = method.export(arch, variables)
     exported = _apply(small_arch)({"params": small_params}, images)
     assert np.abs(np.asarray(masked)).max() > 0.1
     assert _max_diff(masked, exported) <= 1e-5

@@ -23,14 +23,13 @@ from conftest import (
 
 from amap_jax import models
 from amap_jax.io.pretrained import import_pretrained
+from amap_jax.methods.amap import INDICATORS, SIMILARITY, Amap
 from amap_jax.models.arch import LINEAR, SOFTMAX, SwinArch, arch_from_dict, swin_arch, vit_arch
 from amap_jax.models.attention import relative_position_index, shift_mask
-from amap_jax.models.block import INDICATORS, SIMILARITY, from_windows, to_windows
+from amap_jax.models.block import from_windows, to_windows
 from amap_jax.pruning import macs
-from amap_jax.pruning.export import export
-from amap_jax.pruning.projection import PruneSpec
 
-SPEC = PruneSpec()
+AMAP = Amap()
 
 # Parameter counts of the reference implementations: timm's swin_*_patch4_window7_224 and
 # deit_base_distilled_patch16_224 (timm 1.0.31), and the official FLatten-Transformer code's
@@ -133,14 +132,14 @@ def test_relative_position_index():
 
 
 @functools.cache
-def _apply(arch, prune=None):
-    return jax.jit(models.build(arch, prune=prune).apply)
+def _apply(arch, method=None):
+    return jax.jit(models.build(arch, sites=method).apply)
 
 
 @pytest.mark.parametrize("pattern,seed", [("SSSS", 0), ("LLSS", 1)])
 def test_swin_masked_equals_exported(pattern, seed):
-    arch = swin_arch("micro", num_classes=10, pattern=pattern).replace(reweight=True)
-    shapes = param_shapes(models.build(arch, prune=SPEC))
+    arch = swin_arch("micro", num_classes=10, pattern=pattern)
+    shapes = param_shapes(models.build(arch, sites=AMAP))
     assert set(shapes) == {"params", INDICATORS, SIMILARITY}
     rng = np.random.default_rng(seed)
     masks = random_masks(arch, rng)
@@ -150,12 +149,12 @@ def test_swin_masked_equals_exported(pattern, seed):
         SIMILARITY: jax.tree.map(lambda s: rng.uniform(0.1, 2, s.shape), shapes[SIMILARITY]),
     }
     images = random_images(arch, 2, seed)
-    masked = _apply(arch, SPEC)(variables, images)
-    small_arch, small_params = export(arch, variables, SPEC)
+    masked = _apply(arch, AMAP)(variables, images)
+    small_arch, small_params = AMAP.export(arch, variables)
     exported = _apply(small_arch)({"params": small_params}, images)
     assert np.abs(np.asarray(masked)).max() > 0.1
     assert float(np.abs(masked - exported).max()) <= 1e-5
-    dense_like = _apply(arch, SPEC)({**variables, INDICATORS: logits_for(all_kept(arch))}, images)
+    dense_like = _apply(arch, AMAP)({**variables, INDICATORS: logits_for(all_kept(arch))}, images)
     assert float(np.abs(masked - dense_like).max()) > 1e-3
     # Windows, shifts and per-head tables survive; widths are the mask counts.
     for i, (b, small) in enumerate(zip(arch.blocks, small_arch.blocks, strict=True)):

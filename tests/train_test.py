@@ -8,12 +8,12 @@ import pytest
 
 from amap_jax import config as config_lib
 from amap_jax.data import load_source, train_batches
+from amap_jax.methods import amap, similarity
+from amap_jax.methods.amap import INDICATORS, SIMILARITY, Amap
+from amap_jax.methods.projection import PruneSpec
 from amap_jax.models import dummy_input
 from amap_jax.models.arch import BlockArch, ViTArch
-from amap_jax.models.block import INDICATORS, SIMILARITY
 from amap_jax.models.vit import ViT
-from amap_jax.pruning import amap, similarity
-from amap_jax.pruning.projection import PruneSpec
 from amap_jax.train import parallel, steps
 from amap_jax.train.checkpoint import Checkpointer, CheckpointError
 from amap_jax.train.loop import fit
@@ -120,10 +120,9 @@ def test_checkpoint_of_another_model_is_a_clear_error(tmp_path, digits):
 
 def test_search_reaches_macs_target(digits):
     """The MACs loss alone drives the hard MACs ratio to the target."""
-    cfg = config_lib.defaults().search
-    s_arch, params = amap.add_reweight(
-        ARCH, ViT(ARCH).init(jax.random.key(0), dummy_input(ARCH))["params"]
-    )
+    cfg = config_lib.defaults().amap
+    s_arch = ARCH
+    params = amap.add_reweight(ARCH, ViT(ARCH).init(jax.random.key(0), dummy_input(ARCH))["params"])
     spec = PruneSpec()
     ind = amap.constant_indicators(s_arch, 5.0)
     sim = similarity.similarity_weights(s_arch, params)
@@ -133,7 +132,7 @@ def test_search_reaches_macs_target(digits):
     objective = steps.Objective(
         10, regularizer=amap.macs_regularizer(s_arch, target, 50.0, cfg.macs_loss)
     )
-    step = _step(ViT(s_arch, prune=spec), tx, objective)
+    step = _step(ViT(s_arch, sites=Amap()), tx, objective)
     assert amap.hard_ratio(s_arch, state.trainable, spec) > 0.95
     batches = train_batches(digits, 32, seed=0)
     for _ in range(150):
@@ -142,7 +141,7 @@ def test_search_reaches_macs_target(digits):
     assert abs(float(metrics["macs_ratio"]) - target) < 0.02
     assert abs(ratio - target) < 0.05
     variables = {**state.trainable, **state.extra}
-    fixed = amap.finalize(s_arch, variables, spec, target)
+    fixed = amap.finalize_indicators(s_arch, variables, spec, target)
     assert amap.hard_ratio(s_arch, {**variables, INDICATORS: fixed}, spec) <= target
 
 
@@ -156,7 +155,7 @@ def test_finalize_meets_target_from_dense():
         SIMILARITY: similarity.similarity_weights(ARCH, params),
     }
     for target in (0.9, 0.6, 0.3):
-        fixed = amap.finalize(ARCH, variables, spec, target)
+        fixed = amap.finalize_indicators(ARCH, variables, spec, target)
         ratio = amap.hard_ratio(ARCH, {INDICATORS: fixed}, spec)
         assert target - 0.1 < ratio <= target
         for blk in fixed.values():
@@ -170,13 +169,13 @@ def test_finalize_respects_min_keep_fraction():
     params = ViT(ARCH).init(jax.random.key(0), dummy_input(ARCH))["params"]
     variables = {"params": params, INDICATORS: amap.constant_indicators(ARCH, 5.0)}
     spec = PruneSpec(min_keep_fraction=0.5)
-    fixed = amap.finalize(ARCH, variables, spec, 0.6)
+    fixed = amap.finalize_indicators(ARCH, variables, spec, 0.6)
     assert amap.hard_ratio(ARCH, {INDICATORS: fixed}, spec) <= 0.6
     for i, block in enumerate(ARCH.blocks):
         for g, width in (("qk", block.qk_dim), ("v", block.v_dim), ("hidden", block.mlp_dim)):
             assert (np.asarray(fixed[f"block_{i}"][g]) > 0).sum(-1).min() >= width / 2
     with pytest.raises(ValueError, match="at its floor"):
-        amap.finalize(ARCH, variables, spec, 0.3)
+        amap.finalize_indicators(ARCH, variables, spec, 0.3)
 
 
 def test_attention_difference_init_ranks_channels(digits):
@@ -188,7 +187,7 @@ def test_attention_difference_init_ranks_channels(digits):
         p["kernel"] = p["kernel"].at[:, dead].set(0.0)
         p["bias"] = p["bias"].at[dead].set(-1.0)  # ReLU(.) = 0: only the 1e-6 floor is left
     images = INPUTS(jnp.asarray(digits.get(np.arange(16))["image"]))
-    cfg = config_lib.defaults().search
+    cfg = Amap(init="attn_diff")
     ind = amap.init_indicators(ARCH, params, cfg, images)
     qk = np.asarray(ind["block_0"]["qk"])
     assert qk.reshape(-1).argmin() == dead

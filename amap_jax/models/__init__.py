@@ -6,20 +6,29 @@ import jax
 import jax.numpy as jnp
 
 from amap_jax.models.arch import Arch, SwinArch, ViTArch, arch_from_dict
-from amap_jax.models.block import attention
+from amap_jax.models.block import SITES, Sites, attention, site_shapes
 from amap_jax.models.swin import Swin
 from amap_jax.models.vit import ViT
-from amap_jax.pruning.projection import PruneSpec
 
-__all__ = ["Swin", "ViT", "arch_from_dict", "attention", "build", "dummy_input"]
+__all__ = [
+    "SITES",
+    "Sites",
+    "Swin",
+    "ViT",
+    "arch_from_dict",
+    "attention",
+    "build",
+    "dummy_input",
+    "site_shapes",
+]
 
 
-def build(arch: Arch, prune: PruneSpec | None = None, **kw):
-    """The module for `arch` (dense, or searchable with `prune`)."""
+def build(arch: Arch, sites: Sites | None = None, **kw):
+    """The module for `arch`: dense, or with a pruning method at its sites."""
     if isinstance(arch, SwinArch):
-        return Swin(arch, prune=prune, **kw)
+        return Swin(arch, sites=sites, **kw)
     if isinstance(arch, ViTArch):
-        return ViT(arch, prune=prune, **kw)
+        return ViT(arch, sites=sites, **kw)
     raise TypeError(f"not an architecture description: {type(arch).__name__}")
 
 

@@ -18,8 +18,11 @@ LINEAR = "L"
 class BlockArch:
     """Widths of one transformer block.
 
-    `qk_dim`/`v_dim` are per head; every head has the same width (head-balanced pruning keeps it
-    that way). `qk_scale` pins the softmax scale to the dense model's 1/sqrt(d) after pruning.
+    `qk_dim`/`v_dim` are per head; every head has the same width (a method that keeps different
+    counts per head is exported padded to the widest). `qk_scale` pins the softmax scale to the
+    dense model's 1/sqrt(d) after pruning. `attn_in`/`mlp_in` list the residual channels that
+    feed q/k/v and fc1 after input-dimension pruning (a gather of the LayerNorm output; empty:
+    all of them).
     `dwc_per_head` is set by export when heads keep different value channels of the shared
     depthwise conv of focused linear attention. `window` > 0 cuts a hierarchical model's token map
     into `window` x `window` windows (softmax ones get a relative position bias), cyclically
@@ -35,6 +38,8 @@ class BlockArch:
     dwc_per_head: bool = False
     window: int = 0
     shift: int = 0
+    attn_in: tuple[int, ...] = ()
+    mlp_in: tuple[int, ...] = ()
 
     def __post_init__(self):
         if self.attn not in (SOFTMAX, LINEAR):
@@ -44,6 +49,10 @@ class BlockArch:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.shift and not 0 < self.shift < self.window:
             raise ValueError(f"shift {self.shift} must lie in (0, window={self.window})")
+        for name in ("attn_in", "mlp_in"):
+            idx = getattr(self, name)
+            if list(idx) != sorted(set(idx)) or (idx and idx[0] < 0):
+                raise ValueError(f"{name} must list distinct channels in increasing order")
 
     @property
     def scale(self) -> float:
@@ -60,6 +69,13 @@ class Geometry:
     windows: int  # attention calls per image
     grid: int  # side of the token grid inside one attention call (depthwise conv)
     resolution: int = 0  # side of the image's token map (hierarchical models), 0 for ViT
+
+
+def _block_from_dict(d: dict[str, Any]) -> BlockArch:
+    d = dict(d)
+    for key in ("attn_in", "mlp_in"):
+        d[key] = tuple(d.get(key, ()))
+    return BlockArch(**d)
 
 
 class _Arch:
@@ -86,7 +102,9 @@ class _Arch:
         unknown = sorted(set(d) - names)
         if unknown:
             raise ValueError(f"unknown architecture fields: {unknown}")
-        d["blocks"] = tuple(BlockArch(**b) for b in d["blocks"])
+        if d.pop("reweight", False):  # exports before methods owned the reweight scales
+            raise ValueError("architectures with reweight scales are search-time only")
+        d["blocks"] = tuple(_block_from_dict(b) for b in d["blocks"])
         for key in ("mean", "std", "depths"):
             if key in d:
                 d[key] = tuple(d[key])
@@ -126,7 +144,6 @@ class ViTArch(_Arch):
     blocks: tuple[BlockArch, ...]
     focusing_factor: float = 3.0
     kernel_size: int = 5
-    reweight: bool = False
     gelu_approximate: bool = False
     mean: tuple[float, ...] = (0.5,)
     std: tuple[float, ...] = (0.5,)
@@ -173,7 +190,6 @@ class SwinArch(_Arch):
     blocks: tuple[BlockArch, ...]
     focusing_factor: float = 3.0
     kernel_size: int = 5
-    reweight: bool = False
     gelu_approximate: bool = False
     mean: tuple[float, ...] = (0.5,)
     std: tuple[float, ...] = (0.5,)

@@ -1,8 +1,9 @@
 """Softmax and focused linear attention behind one interface.
 
-Both take `qk_mask` (one mask for the paired q and k channels) and `v_scale` (value-channel mask
-times reweight scales), flat over heads. Masks are applied where a pruned model would not have the
-channel at all, so a masked model and its exported smaller model compute the same function.
+Both take `qk_mask` (one multiplier for the paired q and k channels) and `v_scale` (one per
+value channel, before the output projection), flat over heads: the `qk` and `v` sites. They are
+applied where a pruned model would not have the channel at all, so a masked model and its
+exported smaller model compute the same function.
 """
 
 from __future__ import annotations
@@ -63,11 +64,10 @@ class Attention(nn.Module):
     geometry: Geometry
     focusing_factor: float = 3.0
     kernel_size: int = 5
-    reweight: bool = False
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, qk_mask=None, v_mask=None):
+    def __call__(self, x, qk_mask=None, v_scale=None):
         a, g = self.arch, self.geometry
         dense = lambda n, name: nn.Dense(n, kernel_init=dense_init, dtype=self.dtype, name=name)  # noqa: E731
         q = dense(a.heads * a.qk_dim, "q")(x)
@@ -77,10 +77,6 @@ class Attention(nn.Module):
             out = self._softmax(q, k, v, qk_mask)
         else:
             out = self._focused_linear(q, k, v, qk_mask)
-        v_scale = v_mask
-        if self.reweight:
-            r = self.param("reweight", nn.initializers.ones, (a.heads * a.v_dim,))
-            v_scale = r if v_scale is None else v_scale * r
         if v_scale is not None:
             out = out * v_scale.astype(out.dtype)
         return dense(g.dim, "proj")(out)

@@ -1,11 +1,24 @@
-"""The transformer block every model is built from, and its pruning hooks.
+"""The transformer block every model is built from, and the sites where a method may act.
 
-With a `PruneSpec`, a block declares its pruning indicators in the `indicators` collection and
-its channel-similarity weights in the `similarity` collection, and masks itself with the
-head-balanced projection. Without one it is a plain dense block.
+A block knows no pruning method. It exposes five named **sites**, vectors a method may multiply
+onto the features, and asks one `Sites` object (the method, or nothing for a dense model) what
+to put there:
+
+| site      | shape    | what it scales                                                  |
+|-----------|----------|-----------------------------------------------------------------|
+| `attn_in` | [1, D]   | LayerNorm-1 output feeding q/k/v                                |
+| `qk`      | [H, dqk] | q and k channel pairs (after the ReLU of focused attention)     |
+| `v`       | [H, dv]  | value = attention-output channels, before the output projection |
+| `mlp_in`  | [1, D]   | LayerNorm-2 output feeding fc1                                  |
+| `hidden`  | [1, F]   | MLP hidden units, before fc2                                    |
+
+A zero multiplier is where an exported model has no channel at all, so the masked model and the
+exported smaller model compute the same function.
 """
 
 from __future__ import annotations
+
+from typing import Protocol
 
 import flax.linen as nn
 import jax
@@ -13,37 +26,43 @@ import jax.numpy as jnp
 
 from amap_jax.models.arch import BlockArch, Geometry
 from amap_jax.models.attention import Attention, dense_init
-from amap_jax.pruning import projection
-from amap_jax.pruning.projection import PruneSpec
 
-INDICATORS = "indicators"
-SIMILARITY = "similarity"
+SITES = ("attn_in", "qk", "v", "mlp_in", "hidden")
 
 
-def group_shapes(block: BlockArch) -> dict[str, tuple[int, int]]:
-    """Prunable channel groups of a block as [heads, width]; the MLP is one 'head'."""
+def site_shapes(block: BlockArch, dim: int) -> dict[str, tuple[int, int]]:
+    """Every site of a block as [heads, width]; input dims and the MLP are one 'head'."""
     return {
+        "attn_in": (1, len(block.attn_in) or dim),
         "qk": (block.heads, block.qk_dim),
         "v": (block.heads, block.v_dim),
+        "mlp_in": (1, len(block.mlp_in) or dim),
         "hidden": (1, block.mlp_dim),
     }
+
+
+class Sites(Protocol):
+    """What a block asks for its multipliers (a pruning method implements this).
+
+    Must be hashable: it is a field of the Flax modules.
+    """
+
+    def declare(self, block: nn.Module, shapes: dict[str, tuple[int, int]]) -> dict[str, jax.Array]:
+        """Declares the method's variables in `block`'s scope; returns {site: multiplier [H, w]}
+        for the sites it uses."""
+        ...
 
 
 class Mlp(nn.Module):
     hidden: int
     out: int
-    reweight: bool = False
     gelu_approximate: bool = False
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, mask=None):
+    def __call__(self, x, scale=None):
         h = nn.Dense(self.hidden, kernel_init=dense_init, dtype=self.dtype, name="fc1")(x)
         h = nn.gelu(h, approximate=self.gelu_approximate)
-        scale = mask
-        if self.reweight:
-            r = self.param("reweight", nn.initializers.ones, (self.hidden,))
-            scale = r if scale is None else scale * r
         if scale is not None:
             h = h * scale.astype(h.dtype)
         return nn.Dense(self.out, kernel_init=dense_init, dtype=self.dtype, name="fc2")(h)
@@ -69,56 +88,42 @@ def from_windows(x: jax.Array, block: BlockArch, resolution: int) -> jax.Array:
     return x.reshape(-1, r * r, c)
 
 
+def _input(y: jax.Array, kept: tuple[int, ...], scale: jax.Array | None) -> jax.Array:
+    """A LayerNorm output as its consumers see it: kept channels gathered, then scaled."""
+    if kept:
+        y = jnp.take(y, jnp.asarray(kept), axis=-1)
+    return y if scale is None else y * scale.astype(y.dtype)
+
+
 class Block(nn.Module):
     arch: BlockArch
     geometry: Geometry
     focusing_factor: float = 3.0
     kernel_size: int = 5
-    reweight: bool = False
     gelu_approximate: bool = False
     norm_eps: float = 1e-6
-    prune: PruneSpec | None = None
-    init_logit: float = 3.0
+    sites: Sites | None = None
     dtype: jnp.dtype = jnp.float32
-
-    def masks(self) -> dict[str, jax.Array] | None:
-        if self.prune is None:
-            return None
-        out = {}
-        for name, shape in group_shapes(self.arch).items():
-            s = self.variable(INDICATORS, name, lambda s=shape: jnp.full(s, self.init_logit)).value
-            w = None  # similarity weights are optional at apply time
-            if self.is_initializing() or self.has_variable(SIMILARITY, name):
-                w = self.variable(SIMILARITY, name, lambda s=shape: jnp.ones(s)).value
-            out[name] = projection.mask(s, w, self.prune).reshape(-1)
-        return out
 
     @nn.compact
     def __call__(self, x):
-        m = self.masks() or {}
-        g = self.geometry
+        g, a = self.geometry, self.arch
+        m = {}
+        if self.sites is not None:
+            shapes = site_shapes(a, g.dim)
+            m = {k: v.reshape(-1) for k, v in self.sites.declare(self, shapes).items()}
         norm = lambda name: nn.LayerNorm(self.norm_eps, dtype=self.dtype, name=name)  # noqa: E731
-        y = norm("norm1")(x)
+        y = _input(norm("norm1")(x), a.attn_in, m.get("attn_in"))
         if g.resolution:
-            y = to_windows(y, self.arch, g.resolution)
+            y = to_windows(y, a, g.resolution)
         self.sow("intermediates", "attn_input", y)
-        attn = Attention(
-            self.arch,
-            g,
-            self.focusing_factor,
-            self.kernel_size,
-            self.reweight,
-            self.dtype,
-            name="attn",
-        )
+        attn = Attention(a, g, self.focusing_factor, self.kernel_size, self.dtype, name="attn")
         y = attn(y, m.get("qk"), m.get("v"))
         if g.resolution:
-            y = from_windows(y, self.arch, g.resolution)
+            y = from_windows(y, a, g.resolution)
         x = x + y
-        mlp = Mlp(
-            self.arch.mlp_dim, g.dim, self.reweight, self.gelu_approximate, self.dtype, name="mlp"
-        )
-        return x + mlp(norm("norm2")(x), m.get("hidden"))
+        mlp = Mlp(a.mlp_dim, g.dim, self.gelu_approximate, self.dtype, name="mlp")
+        return x + mlp(_input(norm("norm2")(x), a.mlp_in, m.get("mlp_in")), m.get("hidden"))
 
 
 def embed_patches(arch, images: jax.Array, dtype) -> jax.Array:
@@ -134,10 +139,10 @@ def embed_patches(arch, images: jax.Array, dtype) -> jax.Array:
 def attention(arch, i: int) -> Attention:
     """Block i's attention alone, to apply to its recorded `attn_input` with its `attn` params."""
     b, g = arch.blocks[i], arch.geometry()[i]
-    return Attention(b, g, arch.focusing_factor, arch.kernel_size, arch.reweight)
+    return Attention(b, g, arch.focusing_factor, arch.kernel_size)
 
 
-def blocks(arch, prune: PruneSpec | None, init_logit: float, dtype) -> list[Block]:
+def blocks(arch, sites: Sites | None, dtype) -> list[Block]:
     """Every block of `arch`, named `block_{i}` in one flat sequence (stages included)."""
     return [
         Block(
@@ -145,11 +150,9 @@ def blocks(arch, prune: PruneSpec | None, init_logit: float, dtype) -> list[Bloc
             g,
             arch.focusing_factor,
             arch.kernel_size,
-            arch.reweight,
             arch.gelu_approximate,
             arch.norm_eps,
-            prune,
-            init_logit,
+            sites,
             dtype,
             name=f"block_{i}",
         )

@@ -12,8 +12,7 @@ import jax.numpy as jnp
 
 from amap_jax.models.arch import SwinArch
 from amap_jax.models.attention import dense_init
-from amap_jax.models.block import blocks, embed_patches
-from amap_jax.pruning.projection import PruneSpec
+from amap_jax.models.block import Sites, blocks, embed_patches
 
 
 class PatchMerging(nn.Module):
@@ -40,8 +39,7 @@ class PatchMerging(nn.Module):
 
 class Swin(nn.Module):
     arch: SwinArch
-    prune: PruneSpec | None = None
-    init_logit: float = 3.0
+    sites: Sites | None = None  # a pruning method, or None: dense
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
@@ -50,9 +48,7 @@ class Swin(nn.Module):
         x = embed_patches(a, images, self.dtype)
         x = nn.LayerNorm(a.norm_eps, dtype=self.dtype, name="embedding_norm")(x)
         stage = 0
-        for block, s in zip(
-            blocks(a, self.prune, self.init_logit, self.dtype), a.stages(), strict=True
-        ):
+        for block, s in zip(blocks(a, self.sites, self.dtype), a.stages(), strict=True):
             if s != stage:
                 merge = PatchMerging(a.stage_dim(s), a.norm_eps, self.dtype, name=f"merge_{s}")
                 x, stage = merge(x, a.resolution(stage)), s

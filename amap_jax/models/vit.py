@@ -7,8 +7,7 @@ import jax.numpy as jnp
 
 from amap_jax.models.arch import ViTArch
 from amap_jax.models.attention import dense_init
-from amap_jax.models.block import blocks, embed_patches
-from amap_jax.pruning.projection import PruneSpec
+from amap_jax.models.block import Sites, blocks, embed_patches
 
 
 class ViT(nn.Module):
@@ -16,8 +15,7 @@ class ViT(nn.Module):
     position embedding."""
 
     arch: ViTArch
-    prune: PruneSpec | None = None
-    init_logit: float = 3.0
+    sites: Sites | None = None  # a pruning method, or None: dense
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
@@ -32,7 +30,7 @@ class ViT(nn.Module):
         x = jnp.concatenate([*prefix, x], 1)
         pos = self.param("pos_embedding", dense_init, (1, a.num_tokens, a.embed_dim))
         x = x + pos.astype(x.dtype)
-        for block in blocks(a, self.prune, self.init_logit, self.dtype):
+        for block in blocks(a, self.sites, self.dtype):
             x = block(x)
         x = nn.LayerNorm(a.norm_eps, dtype=self.dtype, name="norm")(x)
         head = lambda name: nn.Dense(  # noqa: E731

@@ -1,35 +1,60 @@
 """Closed-form multiply-accumulate counts (MACs) per image.
 
-One place for MACs counting. Widths may be floats (soft counts from indicators, for the MACs
-loss) or ints (the exported architecture, for reporting). Element-wise work (norms, softmax,
+One place for MACs counting. Widths may be floats (soft counts from a method's variables, for a
+MACs loss) or ints (an exported architecture, for reporting). Element-wise work (norms, softmax,
 activations) is not counted; XLA's cost analysis counts it, plus 2 FLOPs per multiply-add.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
-import jax.numpy as jnp
 
 from amap_jax.models.arch import SOFTMAX, Arch, BlockArch, Geometry, SwinArch
 
-Widths = tuple  # (qk_dim, v_dim, mlp_dim) per block; floats or ints
+
+class Widths(NamedTuple):
+    """What a block's MACs depend on: per-head q/k and v widths, MLP width, and how many residual
+    channels feed q/k/v (`attn_in`) and fc1 (`mlp_in`). Floats or ints."""
+
+    qk: float
+    v: float
+    hidden: float
+    attn_in: float
+    mlp_in: float
+
+
+def widths(block: BlockArch, dim: int) -> Widths:
+    """The widths an architecture's block has."""
+    return Widths(
+        block.qk_dim,
+        block.v_dim,
+        block.mlp_dim,
+        len(block.attn_in) or dim,
+        len(block.mlp_in) or dim,
+    )
 
 
 def block_macs(
-    block: BlockArch, geometry: Geometry, kernel_size: int, widths: Widths | None = None
+    block: BlockArch, geometry: Geometry, kernel_size: int, w: Widths | tuple | None = None
 ):
-    qk, v, mlp = widths if widths is not None else (block.qk_dim, block.v_dim, block.mlp_dim)
     g = geometry
+    if w is None:
+        w = widths(block, g.dim)
+    elif len(w) == 3:  # (qk, v, hidden): inputs unpruned
+        w = Widths(*w, g.dim, g.dim)
+    qk, v, mlp, d_attn, d_mlp = w
     h, t, d, n = block.heads, g.tokens, g.dim, g.window_tokens
     qk_all, v_all = h * qk, h * v
-    total = t * d * (2 * qk_all + v_all)  # q, k, v projections
+    total = t * d_attn * (2 * qk_all + v_all)  # q, k, v projections
     total = total + t * v_all * d  # output projection
     if block.attn == SOFTMAX:
         total = total + g.windows * n * n * (qk_all + v_all)  # q.k^T and attn.v
     else:
         total = total + g.windows * (2 * n * h * qk * v + n * qk_all)  # k^T v, q (k^T v), q.mean(k)
         total = total + g.windows * g.grid**2 * v_all * kernel_size**2  # depthwise conv on v
-    return total + 2 * t * d * mlp
+    return total + t * (d_mlp + d) * mlp  # fc1, fc2
 
 
 def fixed_macs(arch: Arch) -> int:
@@ -43,32 +68,19 @@ def fixed_macs(arch: Arch) -> int:
     return total + arch.embed_dim * arch.num_classes * (2 if arch.distilled else 1)
 
 
-def model_macs(arch: Arch, widths: list[Widths] | None = None):
-    """MACs of one image through `arch`, optionally with other per-block widths."""
+def model_macs(arch: Arch, block_widths: list | None = None):
+    """MACs of one image through `arch`, optionally with other per-block widths (`Widths`, or
+    (qk, v, hidden) triples with unpruned inputs)."""
     total = fixed_macs(arch)
     for i, (block, g) in enumerate(zip(arch.blocks, arch.geometry(), strict=True)):
-        w = None if widths is None else widths[i]
+        w = None if block_widths is None else block_widths[i]
         total = total + block_macs(block, g, arch.kernel_size, w)
     return total
 
 
-def soft_widths(arch: Arch, indicators) -> list[Widths]:
-    """Expected per-head widths: sum of keep-probabilities over a group, divided by its heads."""
-    out = []
-    for i, block in enumerate(arch.blocks):
-        ind = indicators[f"block_{i}"]
-        out.append(
-            tuple(
-                jnp.sum(jax.nn.sigmoid(ind[g])) / (block.heads if g != "hidden" else 1)
-                for g in ("qk", "v", "hidden")
-            )
-        )
-    return out
-
-
-def soft_ratio(arch: Arch, indicators) -> jax.Array:
-    """Differentiable MACs(indicators) / MACs(dense)."""
-    return model_macs(arch, soft_widths(arch, indicators)) / float(model_macs(arch))
+def ratio(arch: Arch, smaller: Arch) -> float:
+    """MACs(smaller) / MACs(arch)."""
+    return float(model_macs(smaller) / model_macs(arch))
 
 
 def xla_macs(fn, *args) -> float:

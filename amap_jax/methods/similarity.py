@@ -11,30 +11,9 @@ import jax
 import jax.numpy as jnp
 
 from amap_jax.models.arch import Arch
+from amap_jax.pruning.channels import descriptors
 
 EPS = 1e-3  # floor, so a fully redundant channel still ranks by its indicator
-
-
-def _per_head(kernel: jax.Array, heads: int, axis: int) -> jax.Array:
-    """Columns (axis=1) or rows (axis=0) of a kernel grouped as [heads, width, features]."""
-    k = kernel if axis == 1 else kernel.T
-    features = k.shape[0]
-    return k.reshape(features, heads, -1).transpose(1, 2, 0)
-
-
-def descriptors(block_params, heads: int) -> dict[str, jax.Array]:
-    attn, mlp = block_params["attn"], block_params["mlp"]
-    q = _per_head(attn["q"]["kernel"], heads, 1)
-    k = _per_head(attn["k"]["kernel"], heads, 1)
-    v = _per_head(attn["v"]["kernel"], heads, 1)
-    proj = _per_head(attn["proj"]["kernel"], heads, 0)
-    fc1 = _per_head(mlp["fc1"]["kernel"], 1, 1)
-    fc2 = _per_head(mlp["fc2"]["kernel"], 1, 0)
-    return {
-        "qk": jnp.concatenate([q, k], -1),
-        "v": jnp.concatenate([v, proj], -1),
-        "hidden": jnp.concatenate([fc1, fc2], -1),
-    }
 
 
 def redundancy_weights(desc: jax.Array) -> jax.Array:

@@ -1,0 +1,113 @@
+"""The interface every pruning method implements.
+
+A method is one hashable object that the model asks for its site multipliers (`declare`, the
+`models.Sites` protocol) and that the pipeline asks for everything else: its collections and how
+each is optimised, their initialisation, its loss terms, its hooks, and how it fixes the final
+multipliers for a MACs target. Export and MACs counting are generic over sites
+(`pruning.export`, `pruning.macs`): a method only says what it multiplies where.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import flax.linen as nn
+import jax
+import ml_collections
+import numpy as np
+import optax
+
+from amap_jax.models.arch import Arch
+from amap_jax.pruning import export as export_lib
+from amap_jax.pruning import macs
+
+Calibration = Callable[[int], jax.Array]  # n -> n preprocessed training images
+
+
+class SettingError(ValueError):
+    """A method setting that cannot work (one line)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """Base class; subclasses are frozen dataclasses of their settings, checked on construction
+    (`SettingError`, one line)."""
+
+    name: ClassVar[str]
+    section: ClassVar[str]  # the config section holding the settings (the dataclass fields)
+    trainable: ClassVar[tuple[str, ...]] = ()  # collections trained beside `params`
+    target: float = dataclasses.field(default=1.0, metadata={"setting": False})  # search.target
+
+    # -- configuration ---------------------------------------------------------------------
+
+    @classmethod
+    def settings(cls) -> dict[str, Any]:
+        """The config section's keys and their defaults."""
+        return {
+            f.name: f.default for f in dataclasses.fields(cls) if f.metadata.get("setting", True)
+        }
+
+    @classmethod
+    def from_config(cls, config: ml_collections.ConfigDict) -> Method:
+        return cls(target=config.search.target, **dict(config[cls.section]))
+
+    # -- model side ------------------------------------------------------------------------
+
+    def declare(self, block: nn.Module, shapes: dict[str, tuple[int, int]]) -> dict[str, Any]:
+        """Declares this method's variables in a block; returns its multipliers per site."""
+        raise NotImplementedError
+
+    def block_multipliers(self, variables: dict[str, Any]) -> dict[str, jax.Array]:
+        """{site: [heads, width]} from one block's variables ({collection: {name: value}})."""
+        raise NotImplementedError
+
+    # -- search ----------------------------------------------------------------------------
+
+    def initialize(self, arch: Arch, params, *, calibration: Calibration, seed: int) -> dict:
+        """Every collection of the searchable model, starting from dense `params`."""
+        raise NotImplementedError
+
+    def optimizers(self) -> dict[str, optax.GradientTransformation]:
+        """One optimizer per collection in `trainable` (`params` is the stage's)."""
+        return {}
+
+    def loss(self, arch: Arch) -> Callable[[Any], tuple[jax.Array, dict]] | None:
+        """`trainable -> (loss, metrics)` added to the classification loss."""
+        return None
+
+    def hooks(self, arch: Arch) -> tuple:
+        """`train.loop.Hook`s run during the search (e.g. refreshing statistics)."""
+        return ()
+
+    def finalize(self, arch: Arch, variables: dict) -> dict:
+        """Variables whose multipliers are final: what export slices."""
+        return variables
+
+    # -- generic over methods --------------------------------------------------------------
+
+    def multipliers(self, arch: Arch, variables) -> list[dict[str, np.ndarray]]:
+        """Per block, the multiplier of every site this method uses (host arrays)."""
+        out = []
+        for i in range(len(arch.blocks)):
+            name = f"block_{i}"
+            block_vars = {c: tree[name] for c, tree in variables.items() if name in tree}
+            out.append(jax.tree.map(np.asarray, self.block_multipliers(block_vars)))
+        return out
+
+    def export(self, arch: Arch, variables) -> tuple[Arch, dict]:
+        """The smaller dense model: same logits as the masked one."""
+        return export_lib.export(arch, variables["params"], self.multipliers(arch, variables))
+
+    def pruned_arch(self, arch: Arch, variables) -> Arch:
+        return export_lib.pruned_arch(arch, self.multipliers(arch, variables))
+
+    def macs_ratio(self, arch: Arch, variables) -> float:
+        """MACs of the model export would produce now (padding included) / dense MACs."""
+        return macs.ratio(arch, self.pruned_arch(arch, variables))
+
+
+def check(cond: bool, message: str) -> None:
+    if not cond:
+        raise SettingError(message)

@@ -1,0 +1,184 @@
+"""The floors every method must beat: magnitude and random channel choice, head-balanced.
+
+Both fix their masks once, from the dense weights, at per-layer widths that are either uniform
+(one keep fraction for every q/k, v and MLP group, the largest that meets `search.target`) or
+copied from another run's export (`method_widths_from=RUN`), so that "same widths, other channel
+choice" is one command. The search stage then trains the weights under the fixed masks, so a
+floor gets the same training budget as a method that searches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import ClassVar
+
+import jax.numpy as jnp
+import numpy as np
+
+from amap_jax import models
+from amap_jax.methods.base import Method, SettingError, check
+from amap_jax.models.arch import Arch
+from amap_jax.pruning import channels, macs
+
+MASKS = "masks"
+BALANCED = ("qk", "v", "hidden")  # what uniform widths prune (AMAP's sites)
+
+Counts = tuple  # per block: ((site, kept per head), ...)
+
+
+@dataclasses.dataclass(frozen=True)
+class Floor(Method):
+    section: ClassVar[str] = "floor"
+
+    min_keep: int = 1  # per head, with uniform widths
+    # Per-block kept counts copied from an export (read from `method_widths_from`).
+    widths: Counts | None = dataclasses.field(default=None, metadata={"setting": False})
+
+    def __post_init__(self):
+        check(self.min_keep >= 1, f"floor.min_keep must be >= 1, got {self.min_keep}")
+
+    @classmethod
+    def from_config(cls, config) -> Floor:
+        run = config.method_widths_from
+        widths = widths_from_export(run) if run else None
+        return cls(target=config.search.target, widths=widths, **dict(config.floor))
+
+    @property
+    def sites(self) -> tuple[str, ...]:
+        if self.widths is None:
+            return BALANCED
+        return tuple(s for s, _ in self.widths[0])
+
+    def declare(self, block, shapes):
+        masks = {s: block.variable(MASKS, s, jnp.ones, shapes[s]).value for s in self.sites}
+        return self.block_multipliers({MASKS: masks})
+
+    def block_multipliers(self, variables):
+        return dict(variables[MASKS])
+
+    def scores(self, arch: Arch, params, seed: int) -> list[dict[str, np.ndarray]]:
+        """Per block, a [heads, width] score per site: the highest are kept."""
+        raise NotImplementedError
+
+    def initialize(self, arch, params, *, calibration, seed):
+        if self.widths is None:
+            counts = uniform_widths(arch, self)
+        else:
+            counts = self.widths
+            check_counts(counts, arch)
+        scores = self.scores(arch, params, seed)
+        masks = {}
+        for i, (block_counts, block_scores) in enumerate(zip(counts, scores, strict=True)):
+            masks[f"block_{i}"] = {
+                s: keep_top(block_scores[s], k).astype(np.float32) for s, k in block_counts
+            }
+        return {"params": params, MASKS: masks}
+
+
+def keep_top(scores: np.ndarray, k: int) -> np.ndarray:
+    """Boolean [heads, width]: the k highest scores of every head (ties: first channel)."""
+    order = np.argsort(-np.asarray(scores), axis=-1, kind="stable")
+    return np.argsort(order, axis=-1, kind="stable") < k
+
+
+def uniform_widths(arch: Arch, floor: Floor) -> Counts:
+    """One keep fraction for every group, the largest whose MACs meet the target."""
+
+    def counts(f):
+        return tuple(
+            tuple(
+                (s, int(min(max(round(f * w), floor.min_keep), w)))
+                for s, w in (("qk", b.qk_dim), ("v", b.v_dim), ("hidden", b.mlp_dim))
+            )
+            for b in arch.blocks
+        )
+
+    def ratio(f):
+        return macs.model_macs(arch, [tuple(k for _, k in c) for c in counts(f)]) / macs.model_macs(
+            arch
+        )
+
+    if ratio(0.0) > floor.target:
+        raise SettingError(
+            f"{floor.name} cannot reach MACs ratio {floor.target} with floor.min_keep="
+            f"{floor.min_keep} per head"
+        )
+    lo, hi = 0.0, 1.0
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if ratio(mid) <= floor.target else (lo, mid)
+    return counts(lo)
+
+
+def widths_from_export(run: str) -> Counts:
+    """Kept counts per block and site of another run's export (a workdir or an export dir)."""
+    from amap_jax.io import pruned
+
+    directory = os.path.join(run, "export") if os.path.isdir(os.path.join(run, "export")) else run
+    try:
+        other = pruned.read_arch(directory)
+    except (FileNotFoundError, ValueError) as e:
+        raise SettingError(f"method_widths_from: {e}") from None
+    return counts_of(other)
+
+
+def counts_of(arch: Arch) -> Counts:
+    """Per block, the kept count per head of every site an export pruned: q/k, v and MLP
+    always, input dimensions where any block has fewer than the residual width."""
+    shapes = [
+        models.site_shapes(b, g.dim) for b, g in zip(arch.blocks, arch.geometry(), strict=True)
+    ]
+    inputs = [s for s in ("attn_in", "mlp_in") if any(getattr(b, s) for b in arch.blocks)]
+    sites = ("qk", "v", "hidden", *inputs)
+    return tuple(tuple((s, sh[s][1]) for s in sites) for sh in shapes)
+
+
+def check_counts(counts: Counts, arch: Arch) -> None:
+    """Counts copied from an export must fit the dense model: same blocks and heads."""
+    if len(counts) != len(arch.blocks):
+        raise SettingError(
+            f"method_widths_from: the export has {len(counts)} blocks, the model {len(arch.blocks)}"
+        )
+    for i, (c, b, g) in enumerate(zip(counts, arch.blocks, arch.geometry(), strict=True)):
+        shapes = models.site_shapes(b, g.dim)
+        for s, k in c:
+            if not 1 <= k <= shapes[s][1]:
+                raise SettingError(
+                    f"method_widths_from: block {i} keeps {k} {s} channels per head; the model "
+                    f"has {shapes[s][1]}"
+                )
+
+
+@dataclasses.dataclass(frozen=True)
+class Magnitude(Floor):
+    """Keeps the channels whose weights have the largest L1 norm."""
+
+    name: ClassVar[str] = "magnitude"
+
+    def scores(self, arch, params, seed):
+        return [
+            {
+                s: np.asarray(m)
+                for s, m in channels.magnitude(params[f"block_{i}"], b.heads, self.sites).items()
+            }
+            for i, b in enumerate(arch.blocks)
+        ]
+
+
+@dataclasses.dataclass(frozen=True)
+class Random(Floor):
+    """Keeps channels drawn at random (seeded)."""
+
+    name: ClassVar[str] = "random"
+
+    def scores(self, arch, params, seed):
+        rng = np.random.default_rng(seed)
+        return [
+            {
+                s: rng.random(shape)
+                for s, shape in models.site_shapes(b, g.dim).items()
+                if s in self.sites
+            }
+            for b, g in zip(arch.blocks, arch.geometry(), strict=True)
+        ]

@@ -1,0 +1,151 @@
+"""VTP (Zhu, Tang, Han, "Vision Transformer Pruning", arXiv 2104.08500).
+
+Soft importance scores (init 1) multiply the features at the four places the paper names: the
+LayerNorm output feeding q/k/v (`attn_in`), the attention output before the projection (`v`),
+the LayerNorm output feeding fc1 (`mlp_in`) and the MLP hidden units (`hidden`). They are trained
+with the weights under CE + l1_weight * sum |score| ("sparse training"). Pruning is one global
+threshold over every score: either the paper's rule (prune a `rate` of all dimensions) or the
+threshold that makes the exported model meet `search.target` MACs, found by bisection, so that
+VTP compares with AMAP at equal MACs. Kept scores fold into the kernels at export. Value channels
+differ per head, so the exported attention is padded to the widest head; MACs count the padding.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from amap_jax import models
+from amap_jax.methods.base import Method, SettingError, check
+from amap_jax.pruning import export, macs
+
+SCORES = "scores"
+SITES = ("attn_in", "v", "mlp_in", "hidden")
+
+
+@dataclasses.dataclass(frozen=True)
+class Vtp(Method):
+    name: ClassVar[str] = "vtp"
+    section: ClassVar[str] = "vtp"
+    trainable: ClassVar[tuple[str, ...]] = (SCORES,)
+
+    l1_weight: float = 1e-4  # lambda of the L1 penalty on the scores (summed over all of them)
+    score_lr: float = 1e-2  # Adam on the scores (no weight decay: the L1 term is the prior)
+    rule: str = "target"  # "target": threshold meets search.target MACs; "rate": the paper's
+    rate: float = 0.2  # share of all score entries pruned when rule="rate"
+    min_keep: int = 1  # per site, the best-scored channels survive any threshold
+
+    def __post_init__(self):
+        check(
+            self.rule in ("target", "rate"),
+            f"vtp.rule must be 'target' or 'rate', got {self.rule!r}",
+        )
+        check(0.0 <= self.rate < 1.0, f"vtp.rate must be in [0, 1), got {self.rate}")
+        check(self.l1_weight >= 0, f"vtp.l1_weight must be >= 0, got {self.l1_weight}")
+        check(self.score_lr > 0, f"vtp.score_lr must be > 0, got {self.score_lr}")
+        check(self.min_keep >= 1, f"vtp.min_keep must be >= 1, got {self.min_keep}")
+
+    def declare(self, block, shapes):
+        scores = {s: block.variable(SCORES, s, jnp.ones, shapes[s]).value for s in SITES}
+        return self.block_multipliers({SCORES: scores})
+
+    def block_multipliers(self, variables):
+        return {s: variables[SCORES][s] for s in SITES}
+
+    def initialize(self, arch, params, *, calibration, seed):
+        scores = {
+            f"block_{i}": {
+                s: jnp.ones(shape, jnp.float32)
+                for s, shape in models.site_shapes(b, g.dim).items()
+                if s in SITES
+            }
+            for i, (b, g) in enumerate(zip(arch.blocks, arch.geometry(), strict=True))
+        }
+        return {"params": params, SCORES: scores}
+
+    def optimizers(self):
+        return {SCORES: optax.adam(self.score_lr)}
+
+    def loss(self, arch):
+        def l1(trainable):
+            total = sum(jnp.sum(jnp.abs(x)) for x in jax.tree.leaves(trainable[SCORES]))
+            return self.l1_weight * total, {"l1": total}
+
+        return l1
+
+    def finalize(self, arch, variables):
+        scores = variables[SCORES]
+        order, protected = _ranking(arch, scores, self.min_keep)
+        n_all = len(order)  # prunable entries (all but the protected ones)
+
+        def pruned(n):
+            return _prune(arch, scores, order[:n], protected)
+
+        if self.rule == "rate":
+            n = min(int(round(self.rate * (n_all + len(protected)))), n_all)
+        else:
+            ratio = lambda n: macs.ratio(arch, export.pruned_arch(arch, _mults(pruned(n))))  # noqa: E731
+            if ratio(n_all) > self.target:
+                raise SettingError(
+                    f"vtp cannot reach MACs ratio {self.target}: {ratio(n_all):.3f} with every "
+                    "unprotected dimension pruned (vtp.min_keep)"
+                )
+            lo, hi = 0, n_all  # smallest n with ratio(n) <= target: MACs never grow with n
+            while lo < hi:
+                mid = (lo + hi) // 2
+                if ratio(mid) <= self.target:
+                    hi = mid
+                else:
+                    lo = mid + 1
+            n = lo
+        return {**variables, SCORES: pruned(n)}
+
+
+def _flat(arch, scores):
+    """Every score entry as (|score|, block, site, flat index)."""
+    out = []
+    for i in range(len(arch.blocks)):
+        for s in SITES:
+            a = np.abs(np.asarray(scores[f"block_{i}"][s])).reshape(-1)
+            out.extend((float(v), i, s, j) for j, v in enumerate(a))
+    return out
+
+
+def _ranking(arch, scores, min_keep):
+    """Entries in pruning order (smallest |score| first) and the protected best of each site."""
+    entries = _flat(arch, scores)
+    protected = set()
+    for i in range(len(arch.blocks)):
+        for s in SITES:
+            a = np.abs(np.asarray(scores[f"block_{i}"][s])).reshape(-1)
+            best = np.argsort(-a, kind="stable")[:min_keep]
+            protected.update((i, s, int(j)) for j in best)
+    order = sorted((e for e in entries if (e[1], e[2], e[3]) not in protected), key=lambda e: e[0])
+    return [(i, s, j) for _, i, s, j in order], protected
+
+
+def _prune(arch, scores, drop, protected):
+    """Scores with the `drop` entries set to exactly 0 (what the model and export see)."""
+    out = jax.tree.map(lambda x: np.array(x, np.float32), scores)
+    for i, s, j in drop:
+        flat = out[f"block_{i}"][s].reshape(-1)
+        flat[j] = 0.0
+        out[f"block_{i}"][s] = flat.reshape(out[f"block_{i}"][s].shape)
+    return out
+
+
+def _mults(scores):
+    n = len(scores)
+    return [{s: scores[f"block_{i}"][s] for s in SITES} for i in range(n)]
+
+
+def threshold(variables) -> float:
+    """The global |score| threshold a finalized VTP model was cut at (largest pruned |score|
+    is below it): the smallest kept |score|."""
+    kept = [np.abs(x[x != 0]) for x in map(np.asarray, jax.tree.leaves(variables[SCORES]))]
+    return float(min(k.min() for k in kept if k.size))
