@@ -1,0 +1,391 @@
+"""Which method to pick: every method from the same dense checkpoint, same epochs, several seeds.
+
+  python -m bench.compare [--root workdirs/compare] [--configs vit,flatten]
+      [--targets 0.7,0.5] [--methods amap,vtp,magnitude,random] [--seeds 0,1] [--ablations]
+
+Each cell (config, method or AMAP ablation, MACs target, seed) is a whole run (search -> export
+-> fine-tune -> eval) in its own work directory under ROOT, started from a copy of the config's
+one dense checkpoint, so every method starts from the same weights and gets the same search and
+fine-tune epochs. A finished cell is read back, not rerun: the grid can be completed over
+several sittings. Per config and seed there is also "dense, equal budget": the dense model
+trained for the same extra epochs (search + fine-tune) with the fine-tuning recipe, so that a
+pruned model is compared with a dense model of equal training budget.
+
+Writes bench/results/compare.json, compare.md, compare_top1_vs_macs.png, compare_widths.png.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import time
+
+import numpy as np
+from absl import app, flags
+
+from amap_jax import logs, pipeline
+from amap_jax.pruning import macs
+from amap_jax.train import checkpoint
+from bench import common
+
+ROOT_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = {
+    "vit": "configs/fmnist_amap_vit.py",
+    "flatten": "configs/fmnist_amap_flatten.py",
+}
+# AMAP with one component off (on the FLatten config at the first target).
+ABLATIONS = {
+    "amap: no similarity": {"amap.similarity": False},
+    "amap: no reweight": {"amap.reweight": False},
+    "amap: no head balancing": {"amap.head_balanced": False},
+    "amap: init=constant": {"amap.init": "constant"},
+}
+DENSE_BUDGET = "dense, equal budget"
+
+_ROOT = flags.DEFINE_string("root", "workdirs/compare", "Where the cells' work directories go.")
+_CONFIGS = flags.DEFINE_list("configs", list(CONFIGS), "Configs to compare on.")
+_TARGETS = flags.DEFINE_list("targets", ["0.7", "0.5"], "MACs targets.")
+_METHODS = flags.DEFINE_list("methods", ["amap", "vtp", "magnitude", "random"], "Methods.")
+_SEEDS = flags.DEFINE_list("seeds", ["0", "1"], "Seeds (search / fine-tune / random choice).")
+_ABLATIONS = flags.DEFINE_bool("ablations", True, "AMAP ablations on flatten at the first target.")
+_REPORT_ONLY = flags.DEFINE_bool(
+    "report_only", False, "Only rebuild the report from finished cells."
+)
+_TAG = flags.DEFINE_string("tag", "", "Suffix of the results file names.")
+
+
+def load_config(name: str):
+    path = os.path.join(ROOT_DIR, CONFIGS[name])
+    spec = importlib.util.spec_from_file_location(f"compare_config_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def _override(config, overrides: dict):
+    for key, value in overrides.items():
+        section, _, leaf = key.rpartition(".")
+        (config[section] if section else config)[leaf] = value
+    return config
+
+
+def _cell_name(variant: str, target: float, seed: int) -> str:
+    slug = variant.replace(": ", "_").replace(" ", "_").replace("=", "-").replace(",", "")
+    return f"{slug}_t{target}_s{seed}"
+
+
+def dense_stage(name: str, root: str) -> dict:
+    """The config's one dense model: trained once, evaluated, its checkpoint shared by cells."""
+    workdir = os.path.join(root, name, "dense")
+    record = os.path.join(workdir, "dense.json")
+    if os.path.exists(record):
+        return checkpoint.read_json(record)
+    config = load_config(name)
+    t0 = time.time()
+    ctx, arch = pipeline.make_context(config, workdir)
+    os.makedirs(workdir, exist_ok=True)
+    params = pipeline.train_dense(ctx, arch)
+    top1 = ctx.evaluate(ctx.build(arch), {"params": params})["top1"]
+    out = {"top1": round(top1, 2), "macs": int(macs.model_macs(arch)), "wall_s": time.time() - t0}
+    checkpoint.write_json(record, out)
+    return out
+
+
+def _seed_dense(root: str, name: str, workdir: str) -> None:
+    """A cell starts from a copy of the shared dense checkpoint (its `dense` stage is done)."""
+    if not os.path.exists(os.path.join(workdir, "dense")):
+        os.makedirs(workdir, exist_ok=True)
+        shutil.copytree(os.path.join(root, name, "dense", "dense"), os.path.join(workdir, "dense"))
+
+
+def run_cell(root: str, name: str, variant: str, target: float, seed: int) -> dict:
+    workdir = os.path.join(root, name, _cell_name(variant, target, seed))
+    record = os.path.join(workdir, "cell.json")
+    if os.path.exists(record):
+        return checkpoint.read_json(record)
+    config = load_config(name)
+    config.seed = seed
+    config.search.target = target
+    _seed_dense(root, name, workdir)
+    t0 = time.time()
+    if variant == DENSE_BUDGET:
+        result = _dense_budget(config, workdir)
+    else:
+        method, overrides = (
+            (variant, {}) if variant not in ABLATIONS else ("amap", ABLATIONS[variant])
+        )
+        config.method = method
+        _override(config, overrides)
+        s = pipeline.run(config, workdir)
+        result = {
+            "top1": s["pruned"]["top1"],
+            "before_finetune_top1": s["pruned_before_finetune_top1"],
+            "dense_top1": s["dense"]["top1"],
+            "macs_ratio": s["macs_ratio"],
+            "speedup": s["speedup"],
+            "ideal_speedup": s["ideal_speedup"],
+            "export_max_logit_diff": s["export_max_logit_diff"],
+            "pruned_blocks": s["arch"]["pruned_blocks"],
+        }
+    result.update(config=name, variant=variant, target=target, seed=seed)
+    result["wall_s"] = round(time.time() - t0, 1)
+    checkpoint.write_json(record, result)
+    return result
+
+
+def _dense_budget(config, workdir: str) -> dict:
+    """The dense model trained for search + fine-tune epochs more, with the fine-tuning recipe
+    (distillation from the same dense teacher included)."""
+    config.finetune.epochs = config.search.epochs + config.finetune.epochs
+    ctx, arch = pipeline.make_context(config, workdir)
+    dense = pipeline.train_dense(ctx, arch)
+    params = pipeline.finetune(ctx, arch, dense, arch, dense)
+    top1 = ctx.evaluate(ctx.build(arch), {"params": params})["top1"]
+    return {"top1": round(top1, 2), "macs_ratio": 1.0, "speedup": 1.0, "ideal_speedup": 1.0}
+
+
+def grid() -> list[tuple[str, str, float, int]]:
+    targets = [float(t) for t in _TARGETS.value]
+    seeds = [int(s) for s in _SEEDS.value]
+    cells = []
+    for name in _CONFIGS.value:
+        cells += [(name, DENSE_BUDGET, 1.0, s) for s in seeds]
+        cells += [(name, m, t, s) for t in targets for m in _METHODS.value for s in seeds]
+        if _ABLATIONS.value and name == "flatten":
+            cells += [(name, v, targets[0], s) for v in ABLATIONS for s in seeds]
+    return cells
+
+
+def aggregate(results: list[dict]) -> list[dict]:
+    """One row per (config, variant, target): mean and standard deviation over seeds."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in results:
+        groups.setdefault((r["config"], r["variant"], r["target"]), []).append(r)
+    rows = []
+    for (name, variant, target), rs in groups.items():
+        top1 = np.array([r["top1"] for r in rs])
+        row = {
+            "config": name,
+            "variant": variant,
+            "target": target,
+            "seeds": len(rs),
+            "top1_mean": round(float(top1.mean()), 2),
+            "top1_sd": round(float(top1.std(ddof=1)) if len(rs) > 1 else 0.0, 2),
+            "top1_all": [float(t) for t in top1],
+            "macs_ratio": round(float(np.mean([r["macs_ratio"] for r in rs])), 4),
+            "speedup": round(float(np.mean([r["speedup"] for r in rs])), 3),
+            "ideal_speedup": round(float(np.mean([r["ideal_speedup"] for r in rs])), 3),
+            "wall_s": round(float(np.mean([r["wall_s"] for r in rs])), 1),
+        }
+        if "before_finetune_top1" in rs[0]:
+            b = np.array([r["before_finetune_top1"] for r in rs])
+            row["before_finetune_mean"] = round(float(b.mean()), 2)
+            row["before_finetune_sd"] = round(float(b.std(ddof=1)) if len(rs) > 1 else 0.0, 2)
+            row["max_logit_diff"] = max(r["export_max_logit_diff"] for r in rs)
+        rows.append(row)
+    return rows
+
+
+def _find(rows, name, variant, target=None):
+    for r in rows:
+        if r["config"] == name and r["variant"] == variant and target in (None, r["target"]):
+            return r
+    return None
+
+
+def verdicts(rows: list[dict], dense: dict) -> list[str]:
+    """The issue's targets with the measured result beside each."""
+    out = []
+    for name in sorted({r["config"] for r in rows}):
+        budget = _find(rows, name, DENSE_BUDGET)
+        for target, allowed in ((0.7, 0.3), (0.5, 1.0)):
+            a = _find(rows, name, "amap", target)
+            if a and budget:
+                gap = budget["top1_mean"] - a["top1_mean"]
+                ok = "met" if gap <= allowed else "not met"
+                out.append(
+                    f"{name}, {target}: AMAP {a['top1_mean']:.2f} vs equal-budget dense "
+                    f"{budget['top1_mean']:.2f}: {gap:+.2f} points below "
+                    f"(target <= {allowed}): {ok}"
+                )
+            order = [
+                m for m in ("amap", "vtp", "magnitude", "random") if _find(rows, name, m, target)
+            ]
+            if len(order) > 1:
+                got = sorted(order, key=lambda m: -_find(rows, name, m, target)["top1_mean"])
+                ok = "met" if got == order else "not met"
+                scores = ", ".join(
+                    f"{m} {_find(rows, name, m, target)['top1_mean']:.2f}" for m in got
+                )
+                out.append(f"{name}, {target}: order {' > '.join(got)} ({scores}): {ok}")
+    return out
+
+
+def markdown(rows: list[dict], dense: dict, notes: list[str]) -> str:
+    lines = [
+        "| config | MACs target | method | top-1 (mean ± sd) | before fine-tune | MACs ratio "
+        "| speedup (ideal) | seeds | wall per run |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name in sorted({r["config"] for r in rows}):
+        lines.append(
+            f"| {name} | - | dense, {dense[name]['top1']:.2f} after training | | | 1.000 | | 1 | |"
+        )
+        for r in sorted(
+            (r for r in rows if r["config"] == name),
+            key=lambda r: (-r["target"], r["variant"] != "amap", r["variant"]),
+        ):
+            before = (
+                f"{r['before_finetune_mean']:.2f} ± {r['before_finetune_sd']:.2f}"
+                if "before_finetune_mean" in r
+                else ""
+            )
+            target = "-" if r["variant"] == DENSE_BUDGET else r["target"]
+            lines.append(
+                f"| {name} | {target} | {r['variant']} | {r['top1_mean']:.2f} ± {r['top1_sd']:.2f} "
+                f"| {before} | {r['macs_ratio']:.3f} "
+                f"| {r['speedup']:.2f}x ({r['ideal_speedup']:.2f}x) "
+                f"| {r['seeds']} | {r['wall_s'] / 60:.1f} min |"
+            )
+    return "\n".join(lines + [""] + [f"- {n}" for n in notes]) + "\n"
+
+
+def plots(rows: list[dict], results: list[dict], dense: dict, suffix: str) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = sorted({r["config"] for r in rows})
+    paths = []
+    fig, axes = plt.subplots(1, len(names), figsize=(6 * len(names), 4.5), squeeze=False)
+    for ax, name in zip(axes[0], names, strict=True):
+        for variant in ("amap", "vtp", "magnitude", "random"):
+            pts = sorted(
+                (r for r in rows if r["config"] == name and r["variant"] == variant),
+                key=lambda r: r["macs_ratio"],
+            )
+            if pts:
+                ax.errorbar(
+                    [r["macs_ratio"] for r in pts],
+                    [r["top1_mean"] for r in pts],
+                    yerr=[r["top1_sd"] for r in pts],
+                    marker="o",
+                    capsize=3,
+                    label=variant,
+                )
+        budget = _find(rows, name, DENSE_BUDGET)
+        if budget:
+            ax.axhline(budget["top1_mean"], color="k", lw=1, label=DENSE_BUDGET)
+            lo, hi = (
+                budget["top1_mean"] - budget["top1_sd"],
+                budget["top1_mean"] + budget["top1_sd"],
+            )
+            ax.axhspan(lo, hi, color="k", alpha=0.08)
+        ax.axhline(dense[name]["top1"], color="k", lw=1, ls=":", label="dense (before pruning)")
+        ax.set_title(f"Fashion-MNIST, {name}")
+        ax.set_xlabel("MACs ratio (pruned / dense)")
+        ax.set_ylabel("top-1 % (mean ± sd over seeds)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    paths.append(os.path.join(common.RESULTS, f"compare_top1_vs_macs{suffix}.png"))
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+
+    sites = ("attn_in", "qk", "v", "mlp_in", "hidden")
+    fig, axes = plt.subplots(len(names), len(sites), figsize=(16, 3.2 * len(names)), squeeze=False)
+    for row_axes, name in zip(axes, names, strict=True):
+        arch = pipeline_arch(name)
+        full = {
+            "attn_in": [arch.embed_dim] * len(arch.blocks),
+            "qk": [b.qk_dim for b in arch.blocks],
+            "v": [b.v_dim for b in arch.blocks],
+            "mlp_in": [arch.embed_dim] * len(arch.blocks),
+            "hidden": [b.mlp_dim for b in arch.blocks],
+        }
+        col = {"qk": 2, "v": 3, "hidden": 4, "attn_in": 5, "mlp_in": 6}
+        variants = [v for v in ("amap", "vtp", "magnitude", "random")]
+        width = 0.8 / len(variants)
+        for ax, site in zip(row_axes, sites, strict=True):
+            for k, variant in enumerate(variants):
+                cell = [
+                    r
+                    for r in results
+                    if r["config"] == name and r["variant"] == variant and r["target"] == 0.5
+                ]
+                if not cell:
+                    continue
+                kept = [
+                    b[col[site]] / f
+                    for b, f in zip(cell[0]["pruned_blocks"], full[site], strict=True)
+                ]
+                x = np.arange(len(kept)) + (k - (len(variants) - 1) / 2) * width
+                ax.bar(x, kept, width, label=variant)
+            ax.set_title(f"{name}: {site}")
+            ax.set_xlabel("block")
+            ax.set_ylim(0, 1.05)
+            ax.set_xticks(range(len(arch.blocks)))
+        row_axes[0].set_ylabel("kept share (per head), MACs 0.5")
+        row_axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    paths.append(os.path.join(common.RESULTS, f"compare_widths{suffix}.png"))
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+    return paths
+
+
+def pipeline_arch(name: str):
+    """The dense architecture of a config (the data's shape: Fashion-MNIST 28x28x1, 10 classes)."""
+    from amap_jax.models.arch import vit_arch
+
+    c = load_config(name)
+    return vit_arch(c.model.variant, pattern=c.model.pattern, num_classes=10, in_chans=1)
+
+
+def main(_):
+    logs.setup()
+    root = os.path.abspath(_ROOT.value)
+    cells = grid()
+    results, dense = [], {}
+    t_start = time.time()
+    for name in _CONFIGS.value:
+        if not _REPORT_ONLY.value or os.path.exists(
+            os.path.join(root, name, "dense", "dense.json")
+        ):
+            dense[name] = dense_stage(name, root)
+            print(f"dense {name}: top-1 {dense[name]['top1']:.2f}", flush=True)
+    for k, (name, variant, target, seed) in enumerate(cells, 1):
+        record = os.path.join(root, name, _cell_name(variant, target, seed), "cell.json")
+        cached = os.path.exists(record)
+        if _REPORT_ONLY.value and not cached:
+            continue
+        r = run_cell(root, name, variant, target, seed)
+        results.append(r)
+        done = time.time() - t_start
+        how = "cached" if cached else f"{r['wall_s']:.0f} s"
+        print(
+            f"[{k}/{len(cells)}] {name} {variant} target {target} seed {seed}: "
+            f"top-1 {r['top1']:.2f}, MACs {r['macs_ratio']:.3f} ({how}; "
+            f"{done / 60:.0f} min this sitting)",
+            flush=True,
+        )
+    rows = aggregate(results)
+    notes = verdicts(rows, dense)
+    suffix = f"_{_TAG.value}" if _TAG.value else ""
+    path = common.write(
+        f"compare{suffix}",
+        rows,
+        {"dense": dense, "cells": results, "verdicts": notes, "root": root},
+    )
+    md = markdown(rows, dense, notes)
+    with open(os.path.join(common.RESULTS, f"compare{suffix}.md"), "w") as f:
+        f.write(md)
+    pngs = plots(rows, results, dense, suffix)
+    print(md)
+    print(f"wrote {path}, compare{suffix}.md, " + ", ".join(os.path.basename(p) for p in pngs))
+
+
+if __name__ == "__main__":
+    app.run(main)
