@@ -206,7 +206,7 @@ def search(ctx: Context, arch: Arch, dense_params, method: Method):
 
     def on_epoch(_, st):
         now = {**jax.device_get(st.trainable), **jax.device_get(st.extra)}
-        return {"hard_macs_ratio": method.macs_ratio(arch, now)}
+        return method.progress(arch, now)
 
     if total:
         state = ctx.fit(

@@ -81,6 +81,10 @@ class Method:
         """`train.loop.Hook`s run during the search (e.g. refreshing statistics)."""
         return ()
 
+    def progress(self, arch: Arch, variables) -> dict[str, float]:
+        """What to log after each search epoch."""
+        return {"hard_macs_ratio": self.macs_ratio(arch, variables)}
+
     def finalize(self, arch: Arch, variables: dict) -> dict:
         """Variables whose multipliers are final: what export slices."""
         return variables

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from amap_jax import models
+from amap_jax.methods import projection
 from amap_jax.methods.base import Method, SettingError, check
 from amap_jax.models.arch import Arch
 from amap_jax.pruning import channels, macs
@@ -76,10 +77,9 @@ class Floor(Method):
         return {"params": params, MASKS: masks}
 
 
-def keep_top(scores: np.ndarray, k: int) -> np.ndarray:
+def keep_top(scores, k: int) -> np.ndarray:
     """Boolean [heads, width]: the k highest scores of every head (ties: first channel)."""
-    order = np.argsort(-np.asarray(scores), axis=-1, kind="stable")
-    return np.argsort(order, axis=-1, kind="stable") < k
+    return np.asarray(projection.rank(jnp.asarray(scores))) < k
 
 
 def uniform_widths(arch: Arch, floor: Floor) -> Counts:

@@ -35,7 +35,7 @@ class Vtp(Method):
     trainable: ClassVar[tuple[str, ...]] = (SCORES,)
 
     l1_weight: float = 1e-4  # lambda of the L1 penalty on the scores (summed over all of them)
-    score_lr: float = 1e-2  # Adam on the scores (no weight decay: the L1 term is the prior)
+    score_lr: float = 3e-3  # Adam on the scores (no weight decay: the L1 term is the prior)
     rule: str = "target"  # "target": threshold meets search.target MACs; "rate": the paper's
     rate: float = 0.2  # share of all score entries pruned when rule="rate"
     min_keep: int = 1  # per site, the best-scored channels survive any threshold
@@ -80,30 +80,39 @@ class Vtp(Method):
 
     def finalize(self, arch, variables):
         scores = variables[SCORES]
+        order, n = self._cut(arch, scores)
+        return {**variables, SCORES: _prune(scores, order[:n])}
+
+    def progress(self, arch, variables):
+        order, n = self._cut(arch, variables[SCORES])
+        return {"share_cut_now": n / _count(variables[SCORES])}
+
+    def _cut(self, arch, scores) -> tuple[list, int]:
+        """Entries in pruning order, and how many of them the rule cuts."""
         order, protected = _ranking(arch, scores, self.min_keep)
-        n_all = len(order)  # prunable entries (all but the protected ones)
-
-        def pruned(n):
-            return _prune(arch, scores, order[:n], protected)
-
         if self.rule == "rate":
-            n = min(int(round(self.rate * (n_all + len(protected)))), n_all)
-        else:
-            ratio = lambda n: macs.ratio(arch, export.pruned_arch(arch, _mults(pruned(n))))  # noqa: E731
-            if ratio(n_all) > self.target:
-                raise SettingError(
-                    f"vtp cannot reach MACs ratio {self.target}: {ratio(n_all):.3f} with every "
-                    "unprotected dimension pruned (vtp.min_keep)"
-                )
-            lo, hi = 0, n_all  # smallest n with ratio(n) <= target: MACs never grow with n
-            while lo < hi:
-                mid = (lo + hi) // 2
-                if ratio(mid) <= self.target:
-                    hi = mid
-                else:
-                    lo = mid + 1
-            n = lo
-        return {**variables, SCORES: pruned(n)}
+            return order, min(int(round(self.rate * (len(order) + protected))), len(order))
+
+        def ratio(n):
+            return macs.ratio(arch, export.pruned_arch(arch, _mults(_prune(scores, order[:n]))))
+
+        if ratio(len(order)) > self.target:
+            raise SettingError(
+                f"vtp cannot reach MACs ratio {self.target}: {ratio(len(order)):.3f} with every "
+                "unprotected dimension pruned (vtp.min_keep)"
+            )
+        lo, hi = 0, len(order)  # smallest n with ratio(n) <= target: MACs never grow with n
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if ratio(mid) <= self.target:
+                hi = mid
+            else:
+                lo = mid + 1
+        return order, lo
+
+
+def _count(scores) -> int:
+    return sum(np.size(x) for x in jax.tree.leaves(scores))
 
 
 def _flat(arch, scores):
@@ -116,8 +125,9 @@ def _flat(arch, scores):
     return out
 
 
-def _ranking(arch, scores, min_keep):
-    """Entries in pruning order (smallest |score| first) and the protected best of each site."""
+def _ranking(arch, scores, min_keep) -> tuple[list, int]:
+    """Entries in pruning order (smallest |score| first), leaving out the best `min_keep` of
+    each site; and how many were left out."""
     entries = _flat(arch, scores)
     protected = set()
     for i in range(len(arch.blocks)):
@@ -126,10 +136,10 @@ def _ranking(arch, scores, min_keep):
             best = np.argsort(-a, kind="stable")[:min_keep]
             protected.update((i, s, int(j)) for j in best)
     order = sorted((e for e in entries if (e[1], e[2], e[3]) not in protected), key=lambda e: e[0])
-    return [(i, s, j) for _, i, s, j in order], protected
+    return [(i, s, j) for _, i, s, j in order], len(protected)
 
 
-def _prune(arch, scores, drop, protected):
+def _prune(scores, drop):
     """Scores with the `drop` entries set to exactly 0 (what the model and export see)."""
     out = jax.tree.map(lambda x: np.array(x, np.float32), scores)
     for i, s, j in drop:
