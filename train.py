@@ -31,10 +31,18 @@ def _parse(argv):
         hint = re.search(r'Did you mean "([^"]+)"', text)
         bad = [a for a in argv if a.startswith("--config.") and key in a]
         where = " ".join(bad) or "the overrides"
-        _fail(
-            f"unknown config key {key!r} in {where}"
-            + (f" (did you mean {hint.group(1)!r}?)" if hint else "")
-        )
+        from amap_jax import config as config_lib
+
+        homes = [
+            f"--config.{name}.{key}"
+            for name, section in config_lib.defaults().items()
+            if hasattr(section, "keys") and key in section
+        ]
+        if homes:
+            hint_text = f" (it is a setting of {' / '.join(homes)})"
+        else:
+            hint_text = f" (did you mean {hint.group(1)!r}?)" if hint else ""
+        _fail(f"unknown config key {key!r} in {where}{hint_text}")
     except (flags.Error, ValueError, TypeError) as e:
         _fail(str(e).splitlines()[0])
 

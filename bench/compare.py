@@ -22,7 +22,7 @@ import shutil
 import time
 
 import numpy as np
-from absl import app, flags
+from absl import app, flags, logging
 
 from amap_jax import logs, pipeline
 from amap_jax.pruning import macs
@@ -345,6 +345,7 @@ def pipeline_arch(name: str):
 
 
 def main(_):
+    logging.set_verbosity(logging.WARNING)  # as train.py: library INFO chatter off
     logs.setup()
     root = os.path.abspath(_ROOT.value)
     cells = grid()

@@ -74,6 +74,33 @@ def test_run_writes_summary_and_export(finished_run):
     assert "dense" in table and "pruned" in table and "ideal" in table
 
 
+def test_vtp_run_end_to_end(tmp_path):
+    c = tiny_config()
+    c.method = "vtp"
+    summary = pipeline.run(c, str(tmp_path / "w"))
+    assert summary["method"] == "vtp" and summary["method_settings"]["rule"] == "target"
+    assert summary["pruned"]["macs"] <= 0.6 * summary["dense"]["macs"]
+    assert summary["masked_top1"] == summary["pruned_before_finetune_top1"]
+    assert summary["export_max_logit_diff"] <= 1e-5
+    assert summary["dense"]["top1"] > 50 and summary["pruned"]["top1"] > 50
+    # VTP prunes residual inputs of q/k/v and fc1 (last two numbers per block), never q/k.
+    blocks = summary["arch"]["pruned_blocks"]
+    assert all(b[2] == 16 for b in blocks)  # micro: q/k width per head untouched
+    assert any(b[5] < 32 or b[6] < 32 for b in blocks)
+    model, _ = amap_jax.load_pruned(summary["export_dir"])
+    assert any(b.attn_in or b.mlp_in for b in model.arch.blocks)
+
+
+def test_floor_at_the_widths_of_another_run(finished_run, tmp_path):
+    workdir, amap_summary = finished_run
+    c = tiny_config()
+    c.method, c.method_widths_from = "magnitude", workdir
+    summary = pipeline.run(c, str(tmp_path / "w"))
+    assert summary["arch"]["pruned_blocks"] == amap_summary["arch"]["pruned_blocks"]
+    assert summary["pruned"]["macs"] == amap_summary["pruned"]["macs"]
+    assert summary["export_max_logit_diff"] <= 1e-5
+
+
 def test_load_pruned_gives_logits(finished_run):
     workdir, summary = finished_run
     model, variables = amap_jax.load_pruned(os.path.join(workdir, "export"))
@@ -162,6 +189,38 @@ def test_cli_unknown_config_key_is_one_line(tmp_path):
     assert r.stderr.strip() == (
         "error: unknown config key 'tagret' in --config.search.tagret=0.5 (did you mean 'target'?)"
     )
+    assert not (tmp_path / "w").exists()
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        (
+            "--config.search.similarity=False",
+            "error: unknown config key 'similarity' in --config.search.similarity=False "
+            "(it is a setting of --config.amap.similarity)",
+        ),
+        (
+            "--config.amap.l1_weight=0.1",
+            "error: unknown config key 'l1_weight' in --config.amap.l1_weight=0.1 "
+            "(it is a setting of --config.vtp.l1_weight)",
+        ),
+        (
+            "--config.method=vpt",
+            "error: method must be one of amap, vtp, magnitude, random, got 'vpt'",
+        ),
+    ],
+)
+def test_cli_method_errors_are_one_line(tmp_path, override, message):
+    r = _train_py(
+        "--config",
+        os.path.join(ROOT, "configs/fmnist_amap_vit.py"),
+        "--workdir",
+        str(tmp_path / "w"),
+        override,
+    )
+    assert r.returncode == 2
+    assert r.stderr.strip() == message
     assert not (tmp_path / "w").exists()
 
 
