@@ -5,6 +5,7 @@
 """
 
 import re
+import signal
 import sys
 
 from absl import app, flags, logging
@@ -15,9 +16,21 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Work directory (checkpoints, ex
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def _fail(msg: str):
-    print(f"error: {msg}", file=sys.stderr)
-    sys.exit(2)
+def _fail(msg: str, code: int = 2):
+    kind = "stopped" if code in (75, 130) else "error"  # a preemption or Ctrl-C is no error
+    print(f"{kind}: {msg}", file=sys.stderr)
+    sys.exit(code)
+
+
+def _config():
+    """The loaded config, or one line saying why the file did not load."""
+    config = _CONFIG.value
+    try:
+        config.get("method")
+    except OSError as e:
+        missing = re.search(r"No such file or directory: '([^']+)'", str(e))
+        _fail(f"config file {missing.group(1)} not found" if missing else str(e).splitlines()[-1])
+    return config
 
 
 def _parse(argv):
@@ -44,20 +57,36 @@ def _parse(argv):
             hint_text = f" (did you mean {hint.group(1)!r}?)" if hint else ""
         _fail(f"unknown config key {key!r} in {where}{hint_text}")
     except (flags.Error, ValueError, TypeError) as e:
-        _fail(str(e).splitlines()[0])
+        text = str(e)
+        if "Error whilst parsing config file" in text:  # keep the cause, not absl's preamble
+            flag = text.split(": Error whilst", 1)[0]
+            cause = [line for line in text.splitlines() if line.strip()][-1]
+            _fail(f"{flag}: {cause}")
+        _fail(text.splitlines()[0])
+
+
+def _first_interrupt_only(signum, frame):
+    """Ctrl-C stops the run once (a checkpoint is saved); pressing it again changes nothing."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise KeyboardInterrupt
 
 
 def main(argv):
     if len(argv) > 1:
         _fail(f"unexpected arguments: {' '.join(argv[1:])}")
-    from amap_jax import logs, pipeline
+    from amap_jax import cli, logs, pipeline
 
     logging.set_verbosity(logging.WARNING)  # keep library INFO chatter out of the run log
     logs.setup()
+    config = _config()
+    signal.signal(signal.SIGINT, _first_interrupt_only)
     try:
-        summary = pipeline.run(_CONFIG.value, _WORKDIR.value)
-    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError, ImportError) as e:
-        _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+        summary = pipeline.run(config, _WORKDIR.value)
+    except BaseException as e:  # expected failures end in one line; exit codes in amap_jax.cli
+        described = cli.describe(e)
+        if described is None:
+            raise
+        _fail(*described)
     print(pipeline.format_summary(summary))
 
 

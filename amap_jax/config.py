@@ -132,6 +132,14 @@ def validate(c: ml_collections.ConfigDict) -> None:
             raise ValueError(f"{stage}.batch_size must be >= 1, got {s.batch_size}")
         if s.lr <= 0:
             raise ValueError(f"{stage}.lr must be > 0, got {s.lr}")
+    e = c.eval
+    if e.batch_size < 1 or e.bench_batch < 1:
+        raise ValueError(
+            f"eval.batch_size and eval.bench_batch must be >= 1, got {e.batch_size}, "
+            f"{e.bench_batch}"
+        )
+    if e.bench_seconds < 0:
+        raise ValueError(f"eval.bench_seconds must be >= 0, got {e.bench_seconds}")
     methods.from_config(c)  # the method checks its own section
     if c.method_widths_from and c.method not in ("magnitude", "random"):
         raise ValueError(f"method_widths_from is for magnitude/random, not {c.method!r}")

@@ -16,6 +16,7 @@ import numpy as np
 
 from amap_jax import config as config_lib
 from amap_jax import methods, models
+from amap_jax import workdir as workdir_lib
 from amap_jax.data.splits import open_split
 from amap_jax.io import pretrained, pruned
 from amap_jax.logs import log as logging
@@ -60,8 +61,11 @@ class Context:
         )
 
     def fit(self, name: str, directory: str, stage, state, step_fn, seed: int, **kw):
-        """The stage loop with what every stage shares filled in."""
+        """The stage loop with what every stage shares filled in; the work directory remembers
+        the config the stage is made with."""
         total, per_epoch = self.steps(stage)
+        if self.is_chief:
+            workdir_lib.record(self.workdir, self.config, directory)
         return fit(
             name=name,
             directory=self.stage_dir(directory),
@@ -139,8 +143,7 @@ def _optimizer(stage, total: int, per_epoch: int, extra: dict | None = None):
 
 def _check_export_dir(ctx: Context, export_dir: str) -> None:
     """A finished export that this work directory did not write is never overwritten."""
-    marker = os.path.join(ctx.workdir, "export_dir.json")
-    ours = os.path.exists(marker) and checkpoint.read_json(marker)["path"] == export_dir
+    ours = workdir_lib.export_location(ctx.workdir) == export_dir
     if pruned.is_finished(export_dir) and not ours:
         raise FileExistsError(
             f"export directory {export_dir} already holds a finished export; "
@@ -289,6 +292,7 @@ def make_context(config, workdir: str) -> tuple[Context, Arch]:
     for stage in ("train", "search", "finetune"):
         parallel.check_batch_size(config[stage].batch_size, mesh)
     arch = build_arch(config, train.info)
+    methods.from_config(config).check(arch)  # a target the method cannot reach fails now
     inputs = steps.Input(arch.mean, arch.std, arch.image_size, d.crop_padding, d.flip)
     ctx = Context(
         config,
@@ -307,6 +311,7 @@ def run(config, workdir: str) -> dict:
     """Runs (or resumes) every stage and returns the summary written to WORKDIR/summary.json."""
     ctx, arch = make_context(config, workdir)
     workdir = ctx.workdir
+    workdir_lib.check(workdir, config)
     export_dir = os.path.abspath(config.export_dir or os.path.join(workdir, "export"))
     _check_export_dir(ctx, export_dir)
     # Every check passed: only now is anything written.
@@ -349,6 +354,8 @@ def run(config, workdir: str) -> dict:
 
     p_params = finetune(ctx, p_arch, p_params, arch, dense_params)
     if ctx.is_chief and not pruned.is_finished(export_dir):
+        workdir_lib.record(workdir, config, "export")
+        workdir_lib.mark_export(workdir, export_dir)  # ours before it is finished
         pruned.save_pruned(
             export_dir,
             p_arch,
@@ -356,7 +363,6 @@ def run(config, workdir: str) -> dict:
             method=config.method,
             dense_macs=int(macs.model_macs(arch)),
         )
-        checkpoint.write_json(os.path.join(workdir, "export_dir.json"), {"path": export_dir})
     model, loaded = pruned.load_pruned(export_dir)
     pruned_eval = ctx.evaluate(model, loaded)
 

@@ -25,6 +25,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from amap_jax import logs, pipeline
+from amap_jax import workdir as workdir_lib
 from amap_jax.pruning import macs
 from amap_jax.train import checkpoint
 from bench import common
@@ -92,11 +93,13 @@ def dense_stage(name: str, root: str) -> dict:
     return out
 
 
-def _seed_dense(root: str, name: str, workdir: str) -> None:
-    """A cell starts from a copy of the shared dense checkpoint (its `dense` stage is done)."""
+def _seed_dense(root: str, name: str, workdir: str, config) -> None:
+    """A cell starts from a copy of the shared dense checkpoint (trained with seed 0), recorded
+    as the cell's own finished `dense` stage whatever the cell's seed."""
     if not os.path.exists(os.path.join(workdir, "dense")):
         os.makedirs(workdir, exist_ok=True)
         shutil.copytree(os.path.join(root, name, "dense", "dense"), os.path.join(workdir, "dense"))
+        workdir_lib.record(workdir, config, "dense")
 
 
 def run_cell(root: str, name: str, variant: str, target: float, seed: int) -> dict:
@@ -107,7 +110,7 @@ def run_cell(root: str, name: str, variant: str, target: float, seed: int) -> di
     config = load_config(name)
     config.seed = seed
     config.search.target = target
-    _seed_dense(root, name, workdir)
+    _seed_dense(root, name, workdir, config)
     t0 = time.time()
     if variant == DENSE_BUDGET:
         result = _dense_budget(config, workdir)

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import importlib.util
+import os
+
 import flax.linen as nn
 import jax
 import numpy as np
+import pytest
 
 from amap_jax.methods import projection
 from amap_jax.methods.amap import group_shapes
@@ -95,3 +99,36 @@ def all_kept(arch: ViTArch):
 
 def count_params(params) -> int:
     return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_CONFIG = os.path.join(ROOT, "tests", "data", "tiny_config.py")
+
+
+def tiny_config():
+    """The config of tests/data/tiny_config.py: the whole pipeline on digits in seconds."""
+    spec = importlib.util.spec_from_file_location("tiny_config", TINY_CONFIG)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def snapshot(directory) -> dict[str, bytes]:
+    """Every file under `directory` by path, with its bytes."""
+    out = {}
+    for root, _, files in os.walk(directory):
+        for f in files:
+            path = os.path.join(root, f)
+            with open(path, "rb") as fh:
+                out[path] = fh.read()
+    return out
+
+
+@pytest.fixture(scope="session")
+def finished_run(tmp_path_factory):
+    """One finished AMAP run of the tiny config, shared by the tests of a worker (read only:
+    copy it before changing anything)."""
+    from amap_jax import pipeline
+
+    workdir = str(tmp_path_factory.mktemp("run"))
+    return workdir, pipeline.run(tiny_config(), workdir)

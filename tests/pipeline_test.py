@@ -8,49 +8,11 @@ import sys
 import jax
 import numpy as np
 import pytest
+from conftest import ROOT, snapshot, tiny_config
 
 import amap_jax
-from amap_jax import config as config_lib
 from amap_jax import pipeline
 from amap_jax.data import DatasetNotFoundError
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def tiny_config():
-    c = config_lib.defaults()
-    c.data.name = "digits"
-    c.model.variant = "micro"
-    c.model.pattern = "LS"
-    c.num_devices = 2
-    c.checkpoint_every = 20
-    for stage in ("train", "search", "finetune"):
-        c[stage].batch_size = 64
-    c.train.epochs = 2.0
-    c.search.epochs = 1.0
-    c.search.target = 0.6
-    c.amap.calibration_batch = 16
-    c.finetune.epochs = 1.0
-    c.eval.batch_size = 100
-    c.eval.bench_batch = 8
-    c.eval.bench_seconds = 0.1
-    return c
-
-
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory):
-    workdir = str(tmp_path_factory.mktemp("run"))
-    return workdir, pipeline.run(tiny_config(), workdir)
-
-
-def _snapshot(directory):
-    out = {}
-    for root, _, files in os.walk(directory):
-        for f in files:
-            path = os.path.join(root, f)
-            with open(path, "rb") as fh:
-                out[path] = fh.read()
-    return out
 
 
 def test_run_writes_summary_and_export(finished_run):
@@ -123,21 +85,21 @@ def test_load_pruned_gives_logits(finished_run):
 
 def test_rerun_resumes_without_retraining(finished_run):
     workdir, summary = finished_run
-    before = _snapshot(os.path.join(workdir, "export"))
+    before = snapshot(os.path.join(workdir, "export"))
     again = pipeline.run(tiny_config(), workdir)
     for k in ("dense", "pruned"):
         assert again[k]["top1"] == summary[k]["top1"]
-    assert _snapshot(os.path.join(workdir, "export")) == before
+    assert snapshot(os.path.join(workdir, "export")) == before
 
 
 def test_finished_export_dir_is_never_overwritten(finished_run, tmp_path):
     workdir, _ = finished_run
     c = tiny_config()
     c.export_dir = os.path.join(workdir, "export")
-    before = _snapshot(c.export_dir)
+    before = snapshot(c.export_dir)
     with pytest.raises(FileExistsError, match="already holds a finished export"):
         pipeline.run(c, str(tmp_path / "other"))
-    assert _snapshot(c.export_dir) == before
+    assert snapshot(c.export_dir) == before
     assert not (tmp_path / "other").exists()
 
 

@@ -9,6 +9,7 @@ from amap_jax.data.pipeline import (
 )
 from amap_jax.data.sources import (
     ArraySource,
+    DataError,
     DatasetInfo,
     DatasetNotFoundError,
     Source,
@@ -20,6 +21,7 @@ from amap_jax.data.sources import (
 __all__ = [
     "ArraySource",
     "DatasetInfo",
+    "DataError",
     "DatasetNotFoundError",
     "Source",
     "TfdsSource",

@@ -14,6 +14,7 @@ import gzip
 import logging
 import os
 import re
+import zlib
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -39,6 +40,10 @@ _STATS_SAMPLE = 2048  # Examples read to estimate statistics of other tfds datas
 
 class DatasetNotFoundError(FileNotFoundError):
     """A dataset is not on this machine; the message says how to get it (one line)."""
+
+
+class DataError(ValueError):
+    """A data file that is there but wrong: truncated, not what it claims, labels out of range."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,8 +179,17 @@ class _InMemory:
 
     @classmethod
     def create(
-        cls, splits: dict[str, tuple[np.ndarray, np.ndarray]], num_classes: int
+        cls, splits: dict[str, tuple[np.ndarray, np.ndarray]], num_classes: int, name: str
     ) -> _InMemory:
+        for split, (x, y) in splits.items():  # checked once, before any slicing
+            if len(x) != len(y):
+                raise DataError(f"{name} {split}: {len(x)} images but {len(y)} labels")
+            if len(y) and (y.min() < 0 or y.max() >= num_classes):
+                bad = y[(y < 0) | (y >= num_classes)][0]
+                raise DataError(
+                    f"{name} {split}: label {int(bad)} outside [0, {num_classes}) "
+                    f"({int(((y < 0) | (y >= num_classes)).sum())} such labels)"
+                )
         splits = {k: (_frozen(x), _frozen(y.astype(np.int32))) for k, (x, y) in splits.items()}
         mean, std = _channel_stats(_pixel_counts(splits["train"][0]))
         return cls(splits, num_classes, mean, std)
@@ -213,19 +227,37 @@ def _load_fashion_mnist(directory: str) -> _InMemory:
                     f"dataset-fashion-mnist`, set ${FASHION_MNIST_ENV} to a directory with the IDX "
                     ".gz files, or pass a data_dir holding a prepared tfds fashion_mnist"
                 )
-        splits[split] = (_read_idx(image_file)[..., None], _read_idx(label_file))
-    return _InMemory.create(splits, num_classes=10)
+        images, labels = _read_idx(image_file), _read_idx(label_file)
+        if images.ndim != 3 or labels.ndim != 1:
+            raise DataError(
+                f"{image_file} / {label_file}: expected images [N,H,W] and labels [N], got "
+                f"{images.shape} and {labels.shape}"
+            )
+        if len(images) != len(labels):
+            raise DataError(
+                f"{image_file} holds {len(images)} images but {label_file} {len(labels)} labels"
+            )
+        splits[split] = (images[..., None], labels)
+    return _InMemory.create(splits, num_classes=10, name="fashion_mnist")
 
 
 def _read_idx(path: str) -> np.ndarray:
     """Parses an IDX file: 0x0000, dtype code 0x08 (uint8), rank, big-endian int32 dims."""
-    with gzip.open(path, "rb") as f:
-        data = f.read()
-    if data[:3] != b"\x00\x00\x08":
-        raise ValueError(f"{path}: not an IDX uint8 file (header {data[:4]!r})")
+    try:
+        with gzip.open(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError, zlib.error) as e:  # BadGzipFile is an OSError
+        raise DataError(f"{path}: truncated or not a gzip file ({e})") from None
+    if len(data) < 4 or data[:3] != b"\x00\x00\x08":
+        raise DataError(f"{path}: not an IDX uint8 file (header {data[:4]!r})")
     rank = data[3]
     dims = tuple(int(d) for d in np.frombuffer(data, ">i4", count=rank, offset=4))
-    return np.frombuffer(data, np.uint8, offset=4 + 4 * rank).reshape(dims)
+    body = np.frombuffer(data, np.uint8, offset=4 + 4 * rank)
+    if body.size != int(np.prod(dims)):
+        raise DataError(
+            f"{path}: header says {dims} ({int(np.prod(dims))} bytes), file has {body.size}"
+        )
+    return body.reshape(dims)
 
 
 @functools.cache
@@ -237,7 +269,7 @@ def _load_digits() -> _InMemory:
     labels = digits.target
     n = _DIGITS_NUM_TRAIN
     splits = {"train": (images[:n], labels[:n]), "test": (images[n:], labels[n:])}
-    return _InMemory.create(splits, num_classes=10)
+    return _InMemory.create(splits, num_classes=10, name="digits")
 
 
 def _pixel_counts(images: np.ndarray) -> np.ndarray:

@@ -12,6 +12,7 @@ import collections
 import os
 import pickle
 import re
+import zipfile
 from collections.abc import Callable, Mapping
 
 import jax
@@ -66,35 +67,7 @@ def read_state_dict(source) -> dict[str, np.ndarray]:
     unwrapped.
     """
     if isinstance(source, str | os.PathLike):
-        path = os.fspath(source)
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"no checkpoint at {path}")
-        if path.endswith(".safetensors"):
-            from safetensors.numpy import load_file
-
-            source = load_file(path)
-        elif path.endswith((".pth", ".pt", ".bin")):
-            try:
-                import torch
-            except ImportError as e:
-                raise ImportError(
-                    f"reading {path} needs torch; or convert it to .safetensors"
-                ) from e
-            # Training checkpoints of the official FLatten code also hold their yacs config:
-            # read it as a plain (inert) OrderedDict; anything else outside the tensor
-            # allow-list is refused.
-            config_as_dict = [(collections.OrderedDict, "yacs.config.CfgNode")]
-            try:
-                with torch.serialization.safe_globals(config_as_dict):
-                    source = torch.load(path, map_location="cpu", weights_only=True)
-            except pickle.UnpicklingError as e:
-                raise CheckpointMismatchError(
-                    f"{path} holds objects other than tensors (e.g. a training config), which "
-                    "are never unpickled here; save its weights alone once, from a trusted "
-                    "session: torch.save(torch.load(path, weights_only=False)['model'], out)"
-                ) from e
-        else:
-            raise ValueError(f"{path}: expected a .safetensors, .pth, .pt or .bin file")
+        source = _read_file(os.fspath(source))
     if not isinstance(source, Mapping):
         raise TypeError(f"a state dict must be a mapping, got {type(source).__name__}")
     for key in ("model", "state_dict", "model_ema"):
@@ -102,6 +75,49 @@ def read_state_dict(source) -> dict[str, np.ndarray]:
             source = source[key]
             break
     return {k: _numpy(v) for k, v in source.items()}
+
+
+def _read_file(path: str):
+    """Tensors from a checkpoint file; every way a file can be wrong is one line naming it."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    if not path.endswith((".safetensors", ".pth", ".pt", ".bin")):
+        raise ValueError(f"{path}: expected a .safetensors, .pth, .pt or .bin file")
+    if os.path.getsize(path) == 0:
+        raise CheckpointMismatchError(f"{path} is empty (0 bytes)")
+    if path.endswith(".safetensors"):
+        from safetensors import SafetensorError
+        from safetensors.numpy import load_file
+
+        try:
+            return load_file(path)
+        except SafetensorError as e:
+            raise CheckpointMismatchError(f"{path} is not a valid safetensors file ({e})") from None
+    try:
+        import torch
+    except ImportError as e:
+        raise ImportError(f"reading {path} needs torch; or convert it to .safetensors") from e
+    # Training checkpoints of the official FLatten code also hold their yacs config: read it as
+    # a plain (inert) OrderedDict; anything else outside the tensor allow-list is refused.
+    config_as_dict = [(collections.OrderedDict, "yacs.config.CfgNode")]
+    try:
+        with torch.serialization.safe_globals(config_as_dict):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, EOFError, RuntimeError, ValueError) as e:
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        if found:  # never advise weights_only=False: that would run what was just refused
+            raise CheckpointMismatchError(
+                f"{path} holds a pickled {found[1]}, which is never unpickled here (unpickling "
+                "can run code); save the tensors alone where the file was made "
+                "(torch.save(model.state_dict(), ...)) or convert them to .safetensors"
+            ) from None
+        if not zipfile.is_zipfile(path):
+            raise CheckpointMismatchError(
+                f"{path} is not a PyTorch checkpoint (not a zip archive, nor a pickle of tensors)"
+            ) from None
+        lines = [line for line in str(e).splitlines() if line.strip()]
+        why = lines[-1][:160] if lines else type(e).__name__
+        raise CheckpointMismatchError(f"{path} is a broken PyTorch checkpoint ({why})") from None
 
 
 def _numpy(value) -> np.ndarray:

@@ -33,7 +33,7 @@ def save_pruned(directory: str, arch: Arch, params, **extra) -> None:
     weights = os.path.join(directory, WEIGHTS)
     if os.path.exists(weights):  # left by an interrupted export: never finished, safe to redo
         shutil.rmtree(weights)
-    checkpoint.save_tree(weights, params)
+    checksums = checkpoint.save_tree(weights, params)
     meta = {
         "format": FORMAT,
         "arch": arch.to_dict(),
@@ -45,25 +45,44 @@ def save_pruned(directory: str, arch: Arch, params, **extra) -> None:
             "layout": "NHWC, float32, (pixel/255 - mean) / std",
         },
         "num_classes": arch.num_classes,
+        "weights_sha256": checksums,
         **extra,
     }
     checkpoint.write_json(os.path.join(directory, MODEL_JSON), meta)
 
 
-def read_arch(directory: str) -> Arch:
+def read_meta(directory: str) -> dict:
+    """`model.json` of a finished export, with its architecture parsed; one-line errors."""
     path = os.path.join(directory, MODEL_JSON)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{directory} holds no finished export (no {MODEL_JSON})")
-    meta = checkpoint.read_json(path)
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{path}: unsupported export format {meta.get('format')!r}")
-    return arch_from_dict(meta["arch"])
+    try:
+        meta = checkpoint.read_json(path)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        got = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise ValueError(f"{path}: unsupported export format {got!r}")
+    try:
+        meta["arch"] = arch_from_dict(meta["arch"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{path}: broken architecture ({e})") from None
+    return meta
+
+
+def read_arch(directory: str) -> Arch:
+    return read_meta(directory)["arch"]
 
 
 def load_pruned(directory: str) -> tuple:
-    """(model, variables) such that `model.apply(variables, images)` gives logits."""
-    arch = read_arch(directory)
+    """(model, variables) such that `model.apply(variables, images)` gives logits.
+
+    The weights must be the ones `model.json` describes: same checksums, same shapes."""
+    meta = read_meta(directory)
+    arch = meta["arch"]
     model = models.build(arch)
     target = jax.eval_shape(model.init, jax.random.key(0), models.dummy_input(arch))["params"]
-    params = checkpoint.load_tree(os.path.join(directory, WEIGHTS), target)
+    weights = os.path.join(directory, WEIGHTS)
+    checkpoint.check_shapes(weights, target, f"{os.path.join(directory, MODEL_JSON)}")
+    params = checkpoint.load_tree(weights, target, meta.get("weights_sha256"))
     return model, {"params": params}

@@ -269,6 +269,21 @@ class Amap(Method):
             f"amap.calibration_batch must be >= 1, got {c.calibration_batch}",
         )
 
+    def check(self, arch):
+        spec = self.spec
+
+        def least(width):
+            k = projection.min_count(spec, width)
+            return min(-(-k // spec.multiple) * spec.multiple, width)
+
+        widths = [(least(b.qk_dim), least(b.v_dim), least(b.mlp_dim)) for b in arch.blocks]
+        floor = macs.model_macs(arch, widths) / macs.model_macs(arch)
+        check(
+            floor <= self.target,
+            f"amap cannot reach MACs ratio {self.target}: {floor:.3f} with every group at its "
+            "floor (amap.min_keep, amap.min_keep_fraction, amap.multiple)",
+        )
+
     def declare(self, block: nn.Module, shapes):
         variables = {INDICATORS: {}, SIMILARITY: {}, "params": {}}
         for g in GROUPS:

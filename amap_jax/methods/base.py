@@ -53,6 +53,9 @@ class Method:
     def from_config(cls, config: ml_collections.ConfigDict) -> Method:
         return cls(target=config.search.target, **dict(config[cls.section]))
 
+    def check(self, arch: Arch) -> None:
+        """Raises `SettingError` before any training when the target cannot be reached."""
+
     # -- model side ------------------------------------------------------------------------
 
     def declare(self, block: nn.Module, shapes: dict[str, tuple[int, int]]) -> dict[str, Any]:

@@ -51,6 +51,12 @@ class Floor(Method):
             return BALANCED
         return tuple(s for s, _ in self.widths[0])
 
+    def check(self, arch):
+        if self.widths is None:
+            uniform_widths(arch, self)
+        else:
+            check_counts(self.widths, arch)
+
     def declare(self, block, shapes):
         masks = {s: block.variable(MASKS, s, jnp.ones, shapes[s]).value for s in self.sites}
         return self.block_multipliers({MASKS: masks})

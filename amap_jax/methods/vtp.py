@@ -50,6 +50,11 @@ class Vtp(Method):
         check(self.score_lr > 0, f"vtp.score_lr must be > 0, got {self.score_lr}")
         check(self.min_keep >= 1, f"vtp.min_keep must be >= 1, got {self.min_keep}")
 
+    def check(self, arch):
+        if self.rule == "target":
+            ones = self.initialize(arch, None, calibration=None, seed=0)[SCORES]
+            self._cut(arch, ones)
+
     def declare(self, block, shapes):
         scores = {s: block.variable(SCORES, s, jnp.ones, shapes[s]).value for s in SITES}
         return self.block_multipliers({SCORES: scores})

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 
@@ -53,6 +56,69 @@ class Progress:
         sys.stderr.flush()
 
 
+class Diverged(RuntimeError):
+    """A non-finite loss or gradient: the stage stops, its last good checkpoint is kept."""
+
+
+class Preempted(Exception):
+    """SIGTERM (a preempted TPU VM, a SLURM job at its time limit): checkpoint saved."""
+
+    exit_code = 75  # EX_TEMPFAIL: a job script may requeue
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C: checkpoint saved."""
+
+    exit_code = 130
+
+
+FAULT_ENV = "AMAP_FAULT"  # tests: "SIGKILL@search:3" sends that signal after step 3 of search
+
+
+def _fault(name: str) -> tuple[int, int] | None:
+    spec = os.environ.get(FAULT_ENV, "")
+    if not spec:
+        return None
+    sig, _, where = spec.partition("@")
+    stage, _, step = where.partition(":")
+    return (getattr(signal, sig), int(step)) if stage == name else None
+
+
+class _SigTerm:
+    """Turns SIGTERM into a flag the loop checks after each step (main thread only)."""
+
+    def __init__(self):
+        self.received = False
+        self._previous = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.received = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def _save_now(ckpt: Checkpointer, state, start: int) -> int:
+    """Saves the current state (once) and waits for it, deaf to further Ctrl-C meanwhile."""
+    step = int(state.step)
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
+    try:
+        if step > start and ckpt.latest_step() != step:
+            ckpt.save(step, state)
+        ckpt.wait()
+    finally:
+        if main:
+            signal.signal(signal.SIGINT, previous)
+    return step
+
+
 def fit(
     *,
     name: str,
@@ -72,6 +138,8 @@ def fit(
     """Runs `step_fn` from the last checkpoint in `directory` to `num_steps`; returns the state.
 
     `batches(start_step)` yields this process's slice of each global batch from that step on.
+    Ctrl-C (`Interrupted`) and SIGTERM (`Preempted`) save a checkpoint first; a non-finite
+    loss or gradient (`Diverged`) saves nothing, so the last checkpoint is the last good state.
     """
     ckpt = Checkpointer(directory)
     restored = ckpt.restore(state)
@@ -85,44 +153,63 @@ def fit(
     if start:
         logging.info("%s: resuming at step %d/%d", name, start, num_steps)
     progress = Progress(name, num_steps, start, is_chief)
+    fault = _fault(name)
     it = batches(start)
     sums: dict[str, float] = {}
     count = 0
     step = start
     try:
-        for step in range(start + 1, num_steps + 1):
-            batch = parallel.shard_batch(next(it), mesh)
-            state, metrics = step_fn(state, batch, *step_args)
-            for h in hooks:
-                if step % h.every == 0:
-                    state = h.fn(state)
-            metrics = jax.device_get(metrics)
-            for k, v in metrics.items():
-                sums[k] = sums.get(k, 0.0) + float(v)
-            count += 1
-            progress.update(step, {k: v / count for k, v in sums.items() if k in _SHOWN})
-            if step % steps_per_epoch == 0 or step == num_steps:
-                line = {k: v / count for k, v in sums.items()}
-                if on_epoch is not None:
-                    line.update(on_epoch(step, state))
-                epoch = int(np.ceil(step / steps_per_epoch))
-                if is_chief:
-                    logging.info("%s epoch %d step %d: %s", name, epoch, step, _fmt(line))
-                sums, count = {}, 0
-            if step % checkpoint_every == 0 or step == num_steps:
-                ckpt.save(step, state)
+        with _SigTerm() as term:
+            for step in range(start + 1, num_steps + 1):
+                batch = parallel.shard_batch(next(it), mesh)
+                state, metrics = step_fn(state, batch, *step_args)
+                for h in hooks:
+                    if step % h.every == 0:
+                        state = h.fn(state)
+                metrics = jax.device_get(metrics)
+                _check_finite(name, step, metrics, ckpt)
+                for k, v in metrics.items():
+                    sums[k] = sums.get(k, 0.0) + float(v)
+                count += 1
+                progress.update(step, {k: v / count for k, v in sums.items() if k in _SHOWN})
+                if step % steps_per_epoch == 0 or step == num_steps:
+                    line = {k: v / count for k, v in sums.items()}
+                    if on_epoch is not None:
+                        line.update(on_epoch(step, state))
+                    epoch = int(np.ceil(step / steps_per_epoch))
+                    if is_chief:
+                        logging.info("%s epoch %d step %d: %s", name, epoch, step, _fmt(line))
+                    sums, count = {}, 0
+                if step % checkpoint_every == 0 or step == num_steps:
+                    ckpt.save(step, state)
+                if fault is not None and fault[1] == step:
+                    os.kill(os.getpid(), fault[0])
+                if term.received:
+                    saved = _save_now(ckpt, state, start)
+                    raise Preempted(f"{name} preempted (SIGTERM) at step {saved}; checkpoint saved")
     except KeyboardInterrupt:
-        if int(state.step) > start and ckpt.latest_step() != int(state.step):
-            ckpt.save(int(state.step), state)
-        ckpt.wait()
-        logging.warning("%s interrupted at step %d; checkpoint saved", name, int(state.step))
-        raise
+        saved = _save_now(ckpt, state, start)
+        logging.warning("%s interrupted at step %d; checkpoint saved", name, saved)
+        raise Interrupted(f"{name} interrupted at step {saved}; checkpoint saved") from None
     finally:
         if hasattr(it, "close"):  # stop the prefetch thread
             it.close()
     ckpt.wait()
     ckpt.close()
     return state
+
+
+def _check_finite(name: str, step: int, metrics: dict, ckpt: Checkpointer) -> None:
+    loss, grad = float(metrics["loss"]), float(metrics.get("grad_norm", 0.0))
+    if np.isfinite(loss) and np.isfinite(grad):
+        return
+    ckpt.wait()
+    last = ckpt.latest_step()
+    kept = f"step {last}" if last is not None else "none"
+    raise Diverged(
+        f"{name} diverged at step {step} (loss {loss:.4g}, gradient norm {grad:.4g}); "
+        f"last good checkpoint kept: {kept}; nothing exported; lower {name}.lr"
+    )
 
 
 _SHOWN = ("loss", "accuracy", "macs_ratio")

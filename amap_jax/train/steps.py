@@ -146,6 +146,7 @@ def make_train_step(model, tx, inputs: Input, objective: Objective, seed: int, t
             return loss, {**metrics, "loss": loss, "accuracy": acc}
 
         grads, metrics = jax.grad(loss_fn, has_aux=True)(state.trainable)
+        metrics["grad_norm"] = optax.tree.norm(grads)  # the loop stops on a non-finite one
         updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
         trainable = optax.apply_updates(state.trainable, updates)
         new = state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state)

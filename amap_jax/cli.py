@@ -1,0 +1,42 @@
+"""How the command line ends: one line and a documented exit code for every expected failure.
+
+| exit | meaning |
+|---|---|
+| 0 | finished; the summary is printed and in WORKDIR/summary.json |
+| 1 | an unexpected error (a bug): traceback |
+| 2 | bad input: config, data, checkpoints, pretrained files, export or work directories, disk |
+| 3 | training diverged (non-finite loss or gradient); the last good checkpoint is kept |
+| 75 | preempted (SIGTERM): checkpoint saved, run the same command to resume (EX_TEMPFAIL) |
+| 130 | interrupted (Ctrl-C): checkpoint saved, run the same command to resume |
+"""
+
+from __future__ import annotations
+
+import errno
+
+from amap_jax.train.loop import Diverged, Interrupted, Preempted
+
+EXIT_ERROR = 2
+EXIT_DIVERGED = 3
+
+_WRITE_ERRORS = {errno.EROFS, errno.ENOSPC, errno.EACCES, errno.EDQUOT, errno.EPERM}
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def describe(e: BaseException) -> tuple[str, int] | None:
+    """(one line, exit code) for an expected failure; None for a bug (let it raise)."""
+    if isinstance(e, Preempted | Interrupted):
+        return f"{_first_line(e)}; run the same command to resume", e.exit_code
+    if isinstance(e, KeyboardInterrupt):
+        return "interrupted before training started; nothing to save", Interrupted.exit_code
+    if isinstance(e, Diverged):
+        return _first_line(e), EXIT_DIVERGED
+    if isinstance(e, OSError) and e.errno in _WRITE_ERRORS and e.filename:
+        return f"cannot write {e.filename}: {e.strerror}", EXIT_ERROR
+    if isinstance(e, ValueError | OSError | RuntimeError | ImportError | TypeError):
+        return _first_line(e), EXIT_ERROR
+    return None

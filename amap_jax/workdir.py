@@ -1,0 +1,104 @@
+"""What a work directory remembers: the config that made each stage, and where its export went.
+
+A rerun resumes a stage only if the config still computes the same thing there; a changed
+setting that would change a started stage (or any stage before it) is refused with the keys
+that differ. Settings that never change results (logging, checkpoint interval, device count,
+where the data lies) may change freely.
+"""
+
+from __future__ import annotations
+
+import os
+
+from amap_jax import methods
+from amap_jax.train import checkpoint
+
+RECORD = "stages.json"
+EXPORT_MARKER = "export_dir.json"
+STAGES = ("dense", "search", "finetune", "export")
+# Config entries each stage depends on, besides those of the stages before it.
+_KEYS = {
+    "dense": ("seed", "data", "model", "train"),
+    "search": ("method", "method_widths_from", "search", "<method section>"),
+    "finetune": ("finetune",),
+    "export": (),
+}
+# Entries inside those that never change a result.
+_FREE = ("data.data_dir", "data.image_folder")
+
+
+class ConfigChangedError(ValueError):
+    """A rerun of a work directory with a config that changes what a started stage computes."""
+
+
+def _flat(value, prefix: str) -> dict:
+    if hasattr(value, "items"):
+        out = {}
+        for k, v in value.items():
+            out.update(_flat(v, f"{prefix}.{k}"))
+        return out
+    return {prefix: list(value) if isinstance(value, tuple) else value}
+
+
+def stage_config(config, stage: str) -> dict:
+    """The config entries that determine `stage` (its own and every earlier stage's)."""
+    out = {}
+    for s in STAGES[: STAGES.index(stage) + 1]:
+        for key in _KEYS[s]:
+            if key == "<method section>":
+                key = methods.get(config.method).section
+            out.update(_flat(config[key], key))
+    return {k: v for k, v in out.items() if k not in _FREE}
+
+
+def _started(workdir: str, stage: str) -> bool:
+    directory = os.path.join(workdir, stage)
+    if stage == "export":
+        return os.path.exists(os.path.join(workdir, EXPORT_MARKER))
+    return os.path.isdir(directory) and any(n.isdigit() for n in os.listdir(directory))
+
+
+def _read(workdir: str) -> dict:
+    path = os.path.join(workdir, RECORD)
+    return checkpoint.read_json(path) if os.path.exists(path) else {}
+
+
+def check(workdir: str, config) -> None:
+    """Refuses (one line) a config that changes what a started stage of `workdir` computes."""
+    records = _read(workdir)
+    for stage in STAGES:
+        if stage not in records or not _started(workdir, stage):
+            continue
+        old, new = records[stage], stage_config(config, stage)
+        diff = [
+            f"{k} {old.get(k, '(unset)')!r} -> {new.get(k, '(unset)')!r}"
+            for k in sorted(set(old) | set(new))
+            if old.get(k) != new.get(k)
+        ]
+        if diff:
+            shown = ", ".join(diff[:4]) + (f" and {len(diff) - 4} more" if len(diff) > 4 else "")
+            raise ConfigChangedError(
+                f"{workdir} has a {stage} stage made with another config ({shown}); "
+                "rerun with those values or pass another --workdir"
+            )
+
+
+def record(workdir: str, config, stage: str) -> None:
+    """Remembers the config a stage is being made with (before its first checkpoint)."""
+    records = _read(workdir)
+    records[stage] = stage_config(config, stage)
+    checkpoint.write_json(os.path.join(workdir, RECORD), records)
+
+
+def export_location(workdir: str) -> str | None:
+    """Where this work directory's finished export went (stored relative when inside it)."""
+    path = os.path.join(workdir, EXPORT_MARKER)
+    if not os.path.exists(path):
+        return None
+    return os.path.normpath(os.path.join(workdir, checkpoint.read_json(path)["path"]))
+
+
+def mark_export(workdir: str, export_dir: str) -> None:
+    rel = os.path.relpath(export_dir, workdir)
+    path = export_dir if rel.startswith("..") else rel
+    checkpoint.write_json(os.path.join(workdir, EXPORT_MARKER), {"path": path})
