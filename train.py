@@ -46,11 +46,7 @@ def _parse(argv):
         where = " ".join(bad) or "the overrides"
         from amap_jax import config as config_lib
 
-        homes = [
-            f"--config.{name}.{key}"
-            for name, section in config_lib.defaults().items()
-            if hasattr(section, "keys") and key in section
-        ]
+        homes = [f"--config.{name}.{key}" for name in config_lib.homes(key)]
         if homes:
             hint_text = f" (it is a setting of {' / '.join(homes)})"
         else:

@@ -100,6 +100,13 @@ def defaults() -> ml_collections.ConfigDict:
     return c
 
 
+def homes(key: str) -> list[str]:
+    """The sections that have a setting called `key`."""
+    return [
+        s for s, v in defaults().items() if isinstance(v, ml_collections.ConfigDict) and key in v
+    ]
+
+
 def _unknown_keys(c: ml_collections.ConfigDict) -> None:
     """A key the defaults do not have (typed into a config file) names where it belongs."""
     ref = defaults()
@@ -109,13 +116,35 @@ def _unknown_keys(c: ml_collections.ConfigDict) -> None:
         if not isinstance(value, ml_collections.ConfigDict):
             continue
         for key in value:
-            if key in ref[section]:
-                continue
-            homes = [
-                s for s, v in ref.items() if isinstance(v, ml_collections.ConfigDict) and key in v
-            ]
-            where = f"; it is a setting of {', '.join(homes)}" if homes else ""
-            raise ValueError(f"{section}.{key} is not a setting of {section}{where}")
+            if key not in ref[section]:
+                where = f"; it is a setting of {', '.join(homes(key))}" if homes(key) else ""
+                raise ValueError(f"{section}.{key} is not a setting of {section}{where}")
+
+
+INF = float("inf")
+# key: (low, high, low excluded); "*" is every training stage (train, search, finetune).
+_RANGES = {
+    "*.epochs": (0, INF, False),
+    "*.batch_size": (1, INF, False),
+    "*.lr": (0, INF, True),
+    "*.warmup_epochs": (0, INF, False),
+    "*.weight_decay": (0, INF, False),
+    "*.label_smoothing": (0, 1, False),
+    "*.grad_clip": (0, INF, False),
+    "search.kd_weight": (0, 1, False),
+    "finetune.kd_weight": (0, 1, False),
+    "search.kd_temperature": (0, INF, True),
+    "finetune.kd_temperature": (0, INF, True),
+    "eval.batch_size": (1, INF, False),
+    "eval.bench_batch": (1, INF, False),
+    "eval.bench_seconds": (0, INF, False),
+    "data.crop_padding": (0, INF, False),
+    "data.image_size": (0, INF, False),
+    "data.mixup_alpha": (0, INF, False),
+    "data.cutmix_alpha": (0, INF, False),
+    "data.mix_prob": (0, 1, False),
+    "data.mix_switch_prob": (0, 1, False),
+}
 
 
 def validate(c: ml_collections.ConfigDict) -> None:
@@ -124,22 +153,13 @@ def validate(c: ml_collections.ConfigDict) -> None:
     t = c.search.target
     if not 0.0 < t <= 1.0:
         raise ValueError(f"search.target must be in (0, 1] (MACs kept), got {t}")
-    for stage in ("train", "search", "finetune"):
-        s = c[stage]
-        if s.epochs < 0:
-            raise ValueError(f"{stage}.epochs must be >= 0, got {s.epochs}")
-        if s.batch_size < 1:
-            raise ValueError(f"{stage}.batch_size must be >= 1, got {s.batch_size}")
-        if s.lr <= 0:
-            raise ValueError(f"{stage}.lr must be > 0, got {s.lr}")
-    e = c.eval
-    if e.batch_size < 1 or e.bench_batch < 1:
-        raise ValueError(
-            f"eval.batch_size and eval.bench_batch must be >= 1, got {e.batch_size}, "
-            f"{e.bench_batch}"
-        )
-    if e.bench_seconds < 0:
-        raise ValueError(f"eval.bench_seconds must be >= 0, got {e.bench_seconds}")
+    for key, (low, high, low_open) in _RANGES.items():
+        section, _, leaf = key.rpartition(".")
+        for name in (section,) if section != "*" else ("train", "search", "finetune"):
+            value = c[name][leaf]
+            if value is None or value < low or (low_open and value == low) or value > high:
+                bracket = "(" if low_open else "["
+                raise ValueError(f"{name}.{leaf} must be in {bracket}{low}, {high}], got {value}")
     methods.from_config(c)  # the method checks its own section
     if c.method_widths_from and c.method not in ("magnitude", "random"):
         raise ValueError(f"method_widths_from is for magnitude/random, not {c.method!r}")

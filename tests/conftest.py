@@ -4,8 +4,16 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import tempfile
 
-import flax.linen as nn
+# One persistent compilation cache for every test process and the train.py subprocesses they
+# start: the same small models are compiled by many tests (set before jax is imported).
+os.environ.setdefault(
+    "JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "amap_jax_test_jit_cache")
+)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.3")
+
+import flax.linen as nn  # noqa: E402
 import jax
 import numpy as np
 import pytest
