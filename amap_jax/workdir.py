@@ -46,8 +46,9 @@ def stage_config(config, stage: str) -> dict:
     for s in STAGES[: STAGES.index(stage) + 1]:
         for key in _KEYS[s]:
             if key == "<method section>":
-                key = methods.get(config.method).section
-            out.update(_flat(config[key], key))
+                key = methods.get(config["method"]).section
+            if key in config:
+                out.update(_flat(config[key], key))
     return {k: v for k, v in out.items() if k not in _FREE}
 
 
@@ -63,13 +64,28 @@ def _read(workdir: str) -> dict:
     return checkpoint.read_json(path) if os.path.exists(path) else {}
 
 
+def _legacy(workdir: str) -> dict:
+    """Work directories written before stage records: their config.json is the last run's."""
+    path = os.path.join(workdir, "config.json")
+    if os.path.exists(os.path.join(workdir, RECORD)) or not os.path.exists(path):
+        return {}
+    old = checkpoint.read_json(path)
+    try:
+        return {s: stage_config(old, s) for s in STAGES}
+    except (KeyError, ValueError):
+        return {}
+
+
 def check(workdir: str, config) -> None:
     """Refuses (one line) a config that changes what a started stage of `workdir` computes."""
-    records = _read(workdir)
+    records, legacy = _read(workdir), _legacy(workdir)
     for stage in STAGES:
-        if stage not in records or not _started(workdir, stage):
+        if stage not in (records or legacy) or not _started(workdir, stage):
             continue
-        old, new = records[stage], stage_config(config, stage)
+        old, new = (records or legacy)[stage], stage_config(config, stage)
+        if legacy:  # settings have moved between sections since: compare what both have
+            new = {k: v for k, v in new.items() if k in old}
+            old = {k: v for k, v in old.items() if k in new}
         diff = [
             f"{k} {old.get(k, '(unset)')!r} -> {new.get(k, '(unset)')!r}"
             for k in sorted(set(old) | set(new))

@@ -234,6 +234,16 @@ def test_changed_config_on_a_finished_workdir_is_refused(finished_run, tmp_path)
     assert snapshot(workdir) == before  # nothing rewritten, not even config.json
 
 
+def test_workdir_from_before_stage_records_is_checked_too(finished_run, tmp_path):
+    """Older work directories have no stages.json: their config.json is the last run's."""
+    workdir, _ = _copy(finished_run, tmp_path)
+    os.remove(os.path.join(workdir, workdir_lib.RECORD))
+    c = tiny_config()
+    c.search.target = 0.5
+    with pytest.raises(workdir_lib.ConfigChangedError, match="search.target 0.6 -> 0.5"):
+        pipeline.run(c, workdir)
+
+
 def test_settings_that_change_no_result_may_change(finished_run, tmp_path):
     workdir, summary = _copy(finished_run, tmp_path)
     c = tiny_config()
