@@ -37,6 +37,6 @@ def describe(e: BaseException) -> tuple[str, int] | None:
         return _first_line(e), EXIT_DIVERGED
     if isinstance(e, OSError) and e.errno in _WRITE_ERRORS and e.filename:
         return f"cannot write {e.filename}: {e.strerror}", EXIT_ERROR
-    if isinstance(e, ValueError | OSError | RuntimeError | ImportError | TypeError):
+    if isinstance(e, ValueError | OSError | RuntimeError | ImportError):
         return _first_line(e), EXIT_ERROR
     return None

@@ -51,6 +51,7 @@ def defaults() -> ml_collections.ConfigDict:
         family="vit",  # or "swin"
         variant="mini",  # ViT: Ti/S/B/mini/micro; Swin: T/S/B/micro
         pattern="",  # attention kind per block (ViT) or per stage (Swin), e.g. "LLSS"
+        patch_size=0,  # ViT: 0 = the variant's
         gelu_approximate=True,
         # A published architecture (io.pretrained.NAMES) instead of family/variant/pattern:
         name="",

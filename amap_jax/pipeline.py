@@ -20,10 +20,12 @@ from amap_jax import workdir as workdir_lib
 from amap_jax.data.splits import open_split
 from amap_jax.io import pretrained, pruned
 from amap_jax.logs import log as logging
-from amap_jax.methods import Method
+from amap_jax.methods import Method, asvit
+from amap_jax.models import tokens
 from amap_jax.models.arch import Arch, swin_arch, vit_arch
 from amap_jax.pruning import macs
 from amap_jax.train import checkpoint, parallel, steps
+from amap_jax.train import evaluate as evaluate_lib
 from amap_jax.train.evaluate import evaluate, throughput
 from amap_jax.train.loop import fit
 
@@ -132,7 +134,7 @@ def build_arch(config, info) -> Arch:
     )
     if m.family == "swin":
         return swin_arch(m.variant, pattern=m.pattern or "SSSS", **kw)
-    return vit_arch(m.variant, pattern=m.pattern or None, **kw)
+    return vit_arch(m.variant, pattern=m.pattern or None, patch_size=m.patch_size or None, **kw)
 
 
 def _optimizer(stage, total: int, per_epoch: int, extra: dict | None = None):
@@ -189,7 +191,7 @@ def search(ctx: Context, arch: Arch, dense_params, method: Method):
     variables = method.initialize(arch, dense_params, calibration=ctx.calibration, seed=seed)
     trainable_names = ("params", *method.trainable)
     total, per_epoch = ctx.steps(cfg)
-    tx = _optimizer(cfg, total, per_epoch, method.optimizers())
+    tx = _optimizer(cfg, total, per_epoch, method.optimizers(total))
     trainable = {k: variables[k] for k in trainable_names}
     extra = {k: v for k, v in variables.items() if k not in trainable_names}
     state = steps.create_state(trainable, tx, extra)
@@ -224,7 +226,7 @@ def search(ctx: Context, arch: Arch, dense_params, method: Method):
             step_args=({"params": dense_params},) if teacher else (),
         )
     variables = {**jax.device_get(state.trainable), **jax.device_get(state.extra)}
-    return method.finalize(arch, variables), model
+    return method.finalize(arch, variables, ctx.calibration), model
 
 
 def finetune(ctx: Context, arch: Arch, params, teacher_arch: Arch, teacher_params):
@@ -259,8 +261,13 @@ def _export_gap(ctx: Context, masked_model, variables, p_arch, p_params, n: int 
     export is exact, so this is float rounding (fp32: ~1e-6)."""
     images = ctx.inputs(jnp.asarray(ctx.test.calibration_images(n)))
     masked = jax.jit(masked_model.apply)(variables, images)
-    exported = jax.jit(ctx.build(p_arch).apply)({"params": p_params}, images)
-    return float(jnp.max(jnp.abs(masked - exported)))
+    p_model = ctx.build(p_arch)
+    gap = float(jnp.max(jnp.abs(masked - jax.jit(p_model.apply)({"params": p_params}, images))))
+    if p_arch.token_points:  # and with tokens really dropped, one image at a time
+        for i in range(n):
+            dropped, _ = tokens.predict(p_model, {"params": p_params}, images[i : i + 1])
+            gap = max(gap, float(jnp.max(jnp.abs(masked[i : i + 1] - dropped))))
+    return gap
 
 
 def _count(params) -> int:
@@ -270,6 +277,8 @@ def _count(params) -> int:
 def _report(ctx: Context, arch: Arch, params, top1: float) -> dict:
     model = ctx.build(arch)
     bench = ctx.config.eval
+    if getattr(arch, "token_points", ()):
+        return _token_report(ctx, model, {"params": params}, top1)
     return {
         "params": _count(params),
         "macs": int(macs.model_macs(arch)),
@@ -280,6 +289,34 @@ def _report(ctx: Context, arch: Arch, params, top1: float) -> dict:
             ),
             1,
         ),
+    }
+
+
+def _token_report(ctx: Context, model, variables, top1: float) -> dict:
+    """A model that drops tokens: MACs are the mean over the test images, speed is measured on
+    test images (what is kept depends on the image), at batch 1 and at the bench batch with
+    token counts rounded up to a multiple of 8."""
+    arch, bench = model.arch, ctx.config.eval
+    batches = ctx.test.eval_batches(bench.batch_size, ctx.process_index, ctx.process_count)
+    kept = evaluate_lib.kept_tokens(model, variables, batches, ctx.inputs, ctx.mesh)
+    counts = asvit.token_counts(
+        arch, arch.token_points, [kept[:, k] + arch.num_prefix for k in range(kept.shape[1])]
+    )
+    images = ctx.inputs(jnp.asarray(ctx.test.calibration_images(max(bench.bench_batch, 64))))
+    speed = lambda b: round(  # noqa: E731
+        evaluate_lib.token_throughput(
+            model, variables, images, b, multiple=8, seconds=bench.bench_seconds
+        ),
+        1,
+    )
+    return {
+        "params": _count(variables["params"]),
+        "macs": int(np.mean(macs.model_macs(arch, None, counts))),
+        "top1": round(top1, 2),
+        "images_per_s": speed(bench.bench_batch),
+        "images_per_s_batch1": speed(1),
+        "kept_tokens_mean": [round(float(x), 2) for x in kept.mean(0)],
+        "kept_tokens_of": arch.grid**2,
     }
 
 
@@ -368,7 +405,7 @@ def run(config, workdir: str) -> dict:
 
     summary = {
         "method": config.method,
-        "method_settings": config[method.section].to_dict(),
+        "method_settings": {k: config[k].to_dict() for k in method.sections()},
         "target_macs_ratio": config.search.target,
         "dense": _report(ctx, arch, dense_params, dense_eval["top1"]),
         "pruned": _report(ctx, p_arch, loaded["params"], pruned_eval["top1"]),
@@ -390,6 +427,12 @@ def run(config, workdir: str) -> dict:
     s["macs_ratio"] = round(s["pruned"]["macs"] / s["dense"]["macs"], 4)
     s["speedup"] = round(s["pruned"]["images_per_s"] / s["dense"]["images_per_s"], 3)
     s["ideal_speedup"] = round(s["dense"]["macs"] / s["pruned"]["macs"], 3)
+    if "images_per_s_batch1" in s["pruned"]:  # token pruning: batch 1 is where it pays most
+        dense_b1 = throughput(
+            ctx.build(arch), {"params": dense_params}, arch, 1, seconds=config.eval.bench_seconds
+        )
+        s["dense"]["images_per_s_batch1"] = round(dense_b1, 1)
+        s["speedup_batch1"] = round(s["pruned"]["images_per_s_batch1"] / dense_b1, 3)
     if ctx.is_chief:
         checkpoint.write_json(os.path.join(workdir, "summary.json"), summary)
     return summary

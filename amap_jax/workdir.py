@@ -19,7 +19,7 @@ STAGES = ("dense", "search", "finetune", "export")
 # Config entries each stage depends on, besides those of the stages before it.
 _KEYS = {
     "dense": ("seed", "data", "model", "train"),
-    "search": ("method", "method_widths_from", "search", "<method section>"),
+    "search": ("method", "method_widths_from", "search", "<method sections>"),
     "finetune": ("finetune",),
     "export": (),
 }
@@ -45,10 +45,12 @@ def stage_config(config, stage: str) -> dict:
     out = {}
     for s in STAGES[: STAGES.index(stage) + 1]:
         for key in _KEYS[s]:
-            if key == "<method section>":
-                key = methods.get(config["method"]).section
-            if key in config:
-                out.update(_flat(config[key], key))
+            keys = (
+                methods.get(config["method"]).sections() if key == "<method sections>" else (key,)
+            )
+            for k in keys:
+                if k in config:
+                    out.update(_flat(config[k], k))
     return {k: v for k, v in out.items() if k not in _FREE}
 
 

@@ -40,7 +40,7 @@ def test_vtp_run_end_to_end(tmp_path):
     c = tiny_config()
     c.method = "vtp"
     summary = pipeline.run(c, str(tmp_path / "w"))
-    assert summary["method"] == "vtp" and summary["method_settings"]["rule"] == "target"
+    assert summary["method"] == "vtp" and summary["method_settings"]["vtp"]["rule"] == "target"
     assert summary["pruned"]["macs"] <= 0.6 * summary["dense"]["macs"]
     assert summary["masked_top1"] == summary["pruned_before_finetune_top1"]
     assert summary["export_max_logit_diff"] <= 1e-5

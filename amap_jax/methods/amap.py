@@ -129,7 +129,7 @@ def soft_ratio(arch: Arch, indicators) -> jax.Array:
 def macs_regularizer(arch: Arch, target: float, weight: float, kind: str = "square"):
     """`trainable -> (loss, metrics)`: weight * (MACs_soft / MACs_dense - target)^2 (or hinge)."""
 
-    def reg(trainable):
+    def reg(trainable, reports=None):
         ratio = soft_ratio(arch, trainable[INDICATORS])
         gap = ratio - target
         if kind == "hinge":
@@ -152,8 +152,9 @@ def hard_ratio(arch: Arch, variables, spec: PruneSpec) -> float:
     return float(macs.model_macs(arch, hard_widths(arch, variables, spec)) / macs.model_macs(arch))
 
 
-def finalize_indicators(arch: Arch, variables, spec: PruneSpec, target: float):
-    """Fixed indicator logits whose masks meet `target` MACs ratio.
+def finalize_indicators(arch: Arch, variables, spec: PruneSpec, target: float, tokens=None):
+    """Fixed indicator logits whose masks meet `target` MACs ratio (with `tokens` per block
+    where token pruning keeps fewer than all).
 
     Starts from the masks the search ended with and, while the hard MACs are over the target,
     removes channels (one per head at a time) where the least importance is lost per MAC saved.
@@ -182,10 +183,11 @@ def finalize_indicators(arch: Arch, variables, spec: PruneSpec, target: float):
     geometry = arch.geometry()
 
     def block(i, w):
-        return macs.block_macs(arch.blocks[i], geometry[i], arch.kernel_size, w)
+        n = None if tokens is None else tokens[i]
+        return macs.block_macs(arch.blocks[i], geometry[i], arch.kernel_size, w, n)
 
     budget = target * macs.model_macs(arch)
-    total = macs.model_macs(arch, [widths_of(i) for i in range(len(arch.blocks))])
+    total = macs.model_macs(arch, [widths_of(i) for i in range(len(arch.blocks))], tokens)
     while total > budget:
         best, best_cost, best_saving = None, np.inf, 0.0
         for (i, g), k in counts.items():
@@ -319,7 +321,7 @@ class Amap(Method):
         params = add_reweight(arch, params) if self.reweight else params
         return {"params": params, INDICATORS: indicators, SIMILARITY: sim}
 
-    def optimizers(self):
+    def optimizers(self, total_steps: int = 0):
         return {INDICATORS: optax.adam(self.indicator_lr)}
 
     def loss(self, arch):
@@ -334,6 +336,6 @@ class Amap(Method):
         )
         return (Hook(self.similarity_every, refresh),)
 
-    def finalize(self, arch, variables):
+    def finalize(self, arch, variables, calibration=None):
         fixed = finalize_indicators(arch, variables, self.spec, self.target)
         return {**variables, INDICATORS: fixed}

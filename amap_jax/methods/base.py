@@ -50,6 +50,11 @@ class Method:
         }
 
     @classmethod
+    def sections(cls) -> tuple[str, ...]:
+        """Every config section this method reads."""
+        return (cls.section,)
+
+    @classmethod
     def from_config(cls, config: ml_collections.ConfigDict) -> Method:
         return cls(target=config.search.target, **dict(config[cls.section]))
 
@@ -72,12 +77,14 @@ class Method:
         """Every collection of the searchable model, starting from dense `params`."""
         raise NotImplementedError
 
-    def optimizers(self) -> dict[str, optax.GradientTransformation]:
-        """One optimizer per collection in `trainable` (`params` is the stage's)."""
+    def optimizers(self, total_steps: int = 0) -> dict[str, optax.GradientTransformation]:
+        """One optimizer per collection in `trainable` (`params` is the stage's), for a search
+        of `total_steps`."""
         return {}
 
-    def loss(self, arch: Arch) -> Callable[[Any], tuple[jax.Array, dict]] | None:
-        """`trainable -> (loss, metrics)` added to the classification loss."""
+    def loss(self, arch: Arch) -> Callable[[Any, Any], tuple[jax.Array, dict]] | None:
+        """`(trainable, reports) -> (loss, metrics)` added to the classification loss; `reports`
+        is what the forward pass reported (`models.tokens.REPORTS`)."""
         return None
 
     def hooks(self, arch: Arch) -> tuple:
@@ -88,8 +95,9 @@ class Method:
         """What to log after each search epoch."""
         return {"hard_macs_ratio": self.macs_ratio(arch, variables)}
 
-    def finalize(self, arch: Arch, variables: dict) -> dict:
-        """Variables whose multipliers are final: what export slices."""
+    def finalize(self, arch: Arch, variables: dict, calibration: Calibration | None = None) -> dict:
+        """Variables whose multipliers are final: what export slices (`calibration`: training
+        images, for a method whose final choice depends on data)."""
         return variables
 
     # -- generic over methods --------------------------------------------------------------

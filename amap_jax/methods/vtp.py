@@ -73,17 +73,17 @@ class Vtp(Method):
         }
         return {"params": params, SCORES: scores}
 
-    def optimizers(self):
+    def optimizers(self, total_steps: int = 0):
         return {SCORES: optax.adam(self.score_lr)}
 
     def loss(self, arch):
-        def l1(trainable):
+        def l1(trainable, reports=None):
             total = sum(jnp.sum(jnp.abs(x)) for x in jax.tree.leaves(trainable[SCORES]))
             return self.l1_weight * total, {"l1": total}
 
         return l1
 
-    def finalize(self, arch, variables):
+    def finalize(self, arch, variables, calibration=None):
         scores = variables[SCORES]
         order, n = self._cut(arch, scores)
         return {**variables, SCORES: _prune(scores, order[:n])}

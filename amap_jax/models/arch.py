@@ -105,7 +105,7 @@ class _Arch:
         if d.pop("reweight", False):  # exports before methods owned the reweight scales
             raise ValueError("architectures with reweight scales are search-time only")
         d["blocks"] = tuple(_block_from_dict(b) for b in d["blocks"])
-        for key in ("mean", "std", "depths"):
+        for key in ("mean", "std", "depths", "token_points"):
             if key in d:
                 d[key] = tuple(d[key])
         return cls(**d)
@@ -132,6 +132,7 @@ class ViTArch(_Arch):
     """A ViT/DeiT (softmax) or FLatten-DeiT (focused linear attention per block).
 
     `distilled` adds DeiT's distillation token and head; the logits are the mean of both heads.
+    `token_points`: adaptive token dropping (an exported AS-ViT model).
     """
 
     TYPE = "vit"
@@ -150,6 +151,8 @@ class ViTArch(_Arch):
     name: str = ""
     distilled: bool = False
     norm_eps: float = 1e-6
+    # Blocks before which tokens under a learnt threshold are dropped (models.tokens).
+    token_points: tuple[int, ...] = ()
 
     def __post_init__(self):
         self._check_inputs()
@@ -276,6 +279,7 @@ def vit_arch(
     std: tuple[float, ...] | None = None,
     gelu_approximate: bool = False,
     distilled: bool = False,
+    patch_size: int | None = None,
 ) -> ViTArch:
     """Dense architecture for a named variant.
 
@@ -285,6 +289,7 @@ def vit_arch(
     if variant not in _VIT_VARIANTS:
         raise ValueError(f"unknown ViT variant {variant!r}; known: {sorted(_VIT_VARIANTS)}")
     dim, depth, heads, ratio, patch, size = _VIT_VARIANTS[variant]
+    patch = patch_size or patch
     pattern = pattern or SOFTMAX * depth
     if len(pattern) != depth:
         raise ValueError(f"pattern {pattern!r} has {len(pattern)} letters; {variant} has {depth}")

@@ -67,21 +67,37 @@ class Attention(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, qk_mask=None, v_scale=None):
+    def __call__(self, x, qk_mask=None, v_scale=None, key_mask=None, stats=False):
+        """`key_mask` [B, N] (token pruning, softmax only): tokens at 0 are no one's keys but
+        their own. With `stats`, also (class attention [B, H, N], norm of each head's output
+        after the projection [B, H, N]): what token scores are made of."""
         a, g = self.arch, self.geometry
         dense = lambda n, name: nn.Dense(n, kernel_init=dense_init, dtype=self.dtype, name=name)  # noqa: E731
         q = dense(a.heads * a.qk_dim, "q")(x)
         k = dense(a.heads * a.qk_dim, "k")(x)
         v = dense(a.heads * a.v_dim, "v")(x)
         if a.attn == SOFTMAX:
-            out = self._softmax(q, k, v, qk_mask)
+            out, cls_attn = self._softmax(q, k, v, qk_mask, key_mask)
         else:
-            out = self._focused_linear(q, k, v, qk_mask)
+            if key_mask is not None:
+                raise ValueError("focused linear attention takes no key mask (token pruning)")
+            out, cls_attn = self._focused_linear(q, k, v, qk_mask)
         if v_scale is not None:
             out = out * v_scale.astype(out.dtype)
-        return dense(g.dim, "proj")(out)
+        proj = dense(g.dim, "proj")
+        y = proj(out)
+        if not stats:
+            return y
+        # A head's output as the residual stream gets it: unchanged by export, which folds
+        # scales into the projection.
+        per_head = jnp.einsum(
+            "bnhd,hde->bhne",
+            out.reshape(*out.shape[:2], a.heads, a.v_dim),
+            proj.variables["params"]["kernel"].reshape(a.heads, a.v_dim, -1).astype(out.dtype),
+        )
+        return y, (cls_attn, jnp.linalg.norm(per_head.astype(jnp.float32), axis=-1))
 
-    def _softmax(self, q, k, v, qk_mask):
+    def _softmax(self, q, k, v, qk_mask, key_mask=None):
         a = self.arch
         if qk_mask is not None:
             q = q * qk_mask.astype(q.dtype)  # masked channels drop out of every q.k sum
@@ -89,8 +105,14 @@ class Attention(nn.Module):
         logits = jnp.matmul(q * jnp.asarray(a.scale, q.dtype), k.swapaxes(-1, -2))
         if a.window:
             logits = self._window_bias(logits)
-        weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
-        return _merge(jnp.matmul(weights, v))
+        weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+        if key_mask is not None:  # renormalised over the kept keys: the same as dropping
+            eye = jnp.eye(weights.shape[-1], dtype=weights.dtype)
+            m = key_mask[:, None, None, :].astype(weights.dtype)
+            weights = weights * (m + eye * (1 - m))
+            weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+        cls_attn = weights[:, :, 0, :]
+        return _merge(jnp.matmul(weights.astype(v.dtype), v)), cls_attn
 
     def _window_bias(self, logits):
         """Relative position bias per head, plus the shift mask on shifted windows."""
@@ -125,7 +147,9 @@ class Attention(nn.Module):
         z = 1.0 / (jnp.matmul(q, jnp.mean(k, axis=-2, keepdims=True).swapaxes(-1, -2)) + 1e-6)
         kv = jnp.matmul(k.swapaxes(-1, -2) * n**-0.5, vh * n**-0.5)
         out = jnp.matmul(q, kv) * z
-        return _merge(out) + self._dwc(v)
+        cls_row = jnp.matmul(q[:, :, :1], k.swapaxes(-1, -2))[:, :, 0]  # phi(q_cls) . phi(k_j)
+        cls_attn = cls_row / jnp.sum(cls_row, axis=-1, keepdims=True)
+        return _merge(out) + self._dwc(v), cls_attn.astype(jnp.float32)
 
     def _focus(self, x):
         """x**p with each token's norm (over all heads jointly) restored."""

@@ -106,7 +106,8 @@ class Block(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, key_mask=None, stats=False):
+        """`key_mask` and `stats`: token pruning (`models.tokens`, `Attention`)."""
         g, a = self.geometry, self.arch
         m = {}
         if self.sites is not None:
@@ -118,12 +119,15 @@ class Block(nn.Module):
             y = to_windows(y, a, g.resolution)
         self.sow("intermediates", "attn_input", y)
         attn = Attention(a, g, self.focusing_factor, self.kernel_size, self.dtype, name="attn")
-        y = attn(y, m.get("qk"), m.get("v"))
+        y = attn(y, m.get("qk"), m.get("v"), key_mask, stats)
+        if stats:
+            y, token_stats = y
         if g.resolution:
             y = from_windows(y, a, g.resolution)
         x = x + y
         mlp = Mlp(a.mlp_dim, g.dim, self.gelu_approximate, self.dtype, name="mlp")
-        return x + mlp(_input(norm("norm2")(x), a.mlp_in, m.get("mlp_in")), m.get("hidden"))
+        x = x + mlp(_input(norm("norm2")(x), a.mlp_in, m.get("mlp_in")), m.get("hidden"))
+        return (x, token_stats) if stats else x
 
 
 def embed_patches(arch, images: jax.Array, dtype) -> jax.Array:
@@ -142,8 +146,9 @@ def attention(arch, i: int) -> Attention:
     return Attention(b, g, arch.focusing_factor, arch.kernel_size)
 
 
-def blocks(arch, sites: Sites | None, dtype) -> list[Block]:
-    """Every block of `arch`, named `block_{i}` in one flat sequence (stages included)."""
+def blocks(arch, sites: Sites | None, dtype, named: bool = True) -> list[Block]:
+    """Every block of `arch`, named `block_{i}` in one flat sequence (stages included); a
+    module that builds them in `setup` names them itself (`named=False`)."""
     return [
         Block(
             b,
@@ -154,7 +159,7 @@ def blocks(arch, sites: Sites | None, dtype) -> list[Block]:
             arch.norm_eps,
             sites,
             dtype,
-            name=f"block_{i}",
+            **({"name": f"block_{i}"} if named else {}),
         )
         for i, (b, g) in enumerate(zip(arch.blocks, arch.geometry(), strict=True))
     ]

@@ -7,6 +7,7 @@ activations) is not counted; XLA's cost analysis counts it, plus 2 FLOPs per mul
 
 from __future__ import annotations
 
+import dataclasses
 from typing import NamedTuple
 
 import jax
@@ -37,9 +38,17 @@ def widths(block: BlockArch, dim: int) -> Widths:
 
 
 def block_macs(
-    block: BlockArch, geometry: Geometry, kernel_size: int, w: Widths | tuple | None = None
+    block: BlockArch,
+    geometry: Geometry,
+    kernel_size: int,
+    w: Widths | tuple | None = None,
+    tokens=None,
 ):
+    """MACs of one block; `tokens` (a number, or an array of one per image) replaces the token
+    count of a ViT block whose other tokens were dropped."""
     g = geometry
+    if tokens is not None:
+        g = dataclasses.replace(g, tokens=tokens, window_tokens=tokens)
     if w is None:
         w = widths(block, g.dim)
     elif len(w) == 3:  # (qk, v, hidden): inputs unpruned
@@ -68,13 +77,14 @@ def fixed_macs(arch: Arch) -> int:
     return total + arch.embed_dim * arch.num_classes * (2 if arch.distilled else 1)
 
 
-def model_macs(arch: Arch, block_widths: list | None = None):
+def model_macs(arch: Arch, block_widths: list | None = None, tokens: list | None = None):
     """MACs of one image through `arch`, optionally with other per-block widths (`Widths`, or
-    (qk, v, hidden) triples with unpruned inputs)."""
+    (qk, v, hidden) triples with unpruned inputs) and token counts (None: all tokens)."""
     total = fixed_macs(arch)
     for i, (block, g) in enumerate(zip(arch.blocks, arch.geometry(), strict=True)):
         w = None if block_widths is None else block_widths[i]
-        total = total + block_macs(block, g, arch.kernel_size, w)
+        n = None if tokens is None else tokens[i]
+        total = total + block_macs(block, g, arch.kernel_size, w, n)
     return total
 
 

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from amap_jax.models import tokens
 from amap_jax.train import parallel
 from amap_jax.train.steps import Input, make_eval_step
 
@@ -53,4 +54,47 @@ def throughput(
         t = time.perf_counter()
         jax.block_until_ready(fwd(variables, x))
         times.append(time.perf_counter() - t)
+    return batch_size / float(np.median(times))
+
+
+@functools.lru_cache(maxsize=16)
+def _keep_step(model, inputs: Input):
+    def step(variables, batch):
+        _, reports = model.apply(variables, inputs(batch["image"]), mutable=[tokens.REPORTS])
+        keeps = reports[tokens.REPORTS]["token_gate"]["keep"]
+        return jnp.stack([k.sum(-1) for k in keeps], -1) - model.arch.num_prefix
+
+    return jax.jit(step)
+
+
+def kept_tokens(model, variables, batches, inputs: Input, mesh) -> np.ndarray:
+    """[images, points]: the patch tokens each real image keeps at each pruning point."""
+    step = _keep_step(model, inputs)
+    variables = parallel.replicate(variables, mesh)
+    out = []
+    for batch in batches:
+        counts = np.asarray(jax.device_get(step(variables, parallel.shard_batch(batch, mesh))))
+        real = np.asarray(batch.get("mask", np.ones(len(counts)))) > 0
+        out.append(counts[real])
+    return np.concatenate(out).astype(int)
+
+
+def token_throughput(
+    model, variables, images, batch_size: int, *, multiple=None, seconds: float = 3.0
+) -> float:
+    """Images per second of inference that really drops tokens (`models.tokens.predict`) on
+    real images (what is kept depends on the image), cycling through `images`."""
+    n = len(images) // batch_size * batch_size
+    batches = [images[i : i + batch_size] for i in range(0, n, batch_size)]
+    for b in batches:  # compile every token count first: timing excludes compilation
+        jax.block_until_ready(tokens.predict(model, variables, b, multiple=multiple)[0])
+    times, k = [], 0
+    t_end = time.perf_counter() + seconds
+    while len(times) < 5 or time.perf_counter() < t_end:
+        t = time.perf_counter()
+        jax.block_until_ready(
+            tokens.predict(model, variables, batches[k % len(batches)], multiple=multiple)[0]
+        )
+        times.append(time.perf_counter() - t)
+        k += 1
     return batch_size / float(np.median(times))

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import optax
 
 from amap_jax.data import augment, mixing, preprocess
+from amap_jax.models.tokens import REPORTS
 
 
 @flax.struct.dataclass
@@ -95,7 +96,8 @@ class Objective:
     label_smoothing: float = 0.0
     kd_weight: float = 0.0
     kd_temperature: float = 1.0
-    regularizer: Callable[[Any], tuple[jax.Array, dict]] | None = None
+    # (trainable, what the forward reported) -> (loss, metrics)
+    regularizer: Callable[[Any, Any], tuple[jax.Array, dict]] | None = None
     mixup_alpha: float = 0.0  # mixup / cutmix of the DeiT recipe, on device (data.mixing)
     cutmix_alpha: float = 0.0
     mix_prob: float = 1.0
@@ -130,7 +132,8 @@ def make_train_step(model, tx, inputs: Input, objective: Objective, seed: int, t
         x, targets = objective.targets(mix_rng, inputs(batch["image"], aug_rng), batch["label"])
 
         def loss_fn(trainable):
-            logits = model.apply({**trainable, **state.extra}, x)
+            # What the forward reports (kept tokens) goes to the regulariser.
+            logits, aux = model.apply({**trainable, **state.extra}, x, mutable=[REPORTS])
             ce = optax.softmax_cross_entropy(logits, targets).mean()
             loss, metrics = ce, {"ce": ce}
             if teacher is not None and objective.kd_weight > 0:
@@ -139,7 +142,7 @@ def make_train_step(model, tx, inputs: Input, objective: Objective, seed: int, t
                 loss = (1 - objective.kd_weight) * ce + objective.kd_weight * kd
                 metrics["kd"] = kd
             if objective.regularizer is not None:
-                reg, reg_metrics = objective.regularizer(trainable)
+                reg, reg_metrics = objective.regularizer(trainable, aux.get(REPORTS, {}))
                 loss = loss + reg
                 metrics.update(reg_metrics)
             acc = jnp.mean(jnp.argmax(logits, -1) == batch["label"])

@@ -1,0 +1,185 @@
+"""AS-ViT (Liu, Wu, Guo, "Adaptive Sparse ViT", arXiv 2209.13802): each image keeps the tokens it
+needs.
+
+At every pruning point (DeiT-12: before blocks 4, 7 and 10) a token's score (`models.tokens`) is
+compared with one learnable threshold: the keep mask is the hard comparison in the forward pass
+and a sharp sigmoid of (score - threshold) in the backward pass (straight-through). Dropped
+tokens are masked out as keys of every later block while training; the exported model drops them
+for real. Loss: CE + budget_weight * |mean MACs / dense MACs - target|, MACs counting the kept
+tokens of each image, plus distillation from the dense teacher (`search.kd_weight`). The
+thresholds are their own collection, trained with Adam and no weight decay; at the end of the
+search one common shift of the thresholds makes the mean MACs of a calibration batch meet the
+target.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from amap_jax import models
+from amap_jax.methods.base import Method, SettingError, check
+from amap_jax.models import tokens
+from amap_jax.pruning import macs
+
+THRESHOLDS = "thresholds"
+
+
+def default_points(arch) -> tuple[int, ...]:
+    """DeiT-12's points (4, 7, 10) scaled to the depth, after the last linear block."""
+    depth = len(arch.blocks)
+    linear = [i for i, b in enumerate(arch.blocks) if b.attn == "L"]
+    first = linear[-1] + 1 if linear else 1
+    pts = {max(first, min(depth - 1, round(depth * f))) for f in (1 / 3, 7 / 12, 5 / 6)}
+    return tuple(sorted(p for p in pts if 1 <= p < depth))
+
+
+def token_counts(arch, points, kept) -> list:
+    """Tokens each block sees (prefix included), from the tokens kept at each point: per image
+    ([B] arrays) or single numbers."""
+    out, n = [], arch.num_tokens
+    for i in range(len(arch.blocks)):
+        if i in points:
+            n = kept[points.index(i)]
+        out.append(n)
+    return out
+
+
+def expected_ratio(arch, points, keeps, widths=None) -> jax.Array:
+    """Mean over images of MACs(kept tokens[, channel widths]) / dense MACs, from the [B, N]
+    keep masks at the points (straight-through: differentiable)."""
+    kept = [jnp.sum(k, axis=-1) for k in keeps]
+    per_image = macs.model_macs(arch, widths, token_counts(arch, points, kept))
+    return jnp.mean(per_image) / float(macs.model_macs(arch))
+
+
+@dataclasses.dataclass(frozen=True)
+class AsVit(Method):
+    name: ClassVar[str] = "asvit"
+    section: ClassVar[str] = "asvit"
+    trainable: ClassVar[tuple[str, ...]] = (THRESHOLDS,)
+
+    points: tuple[int, ...] = ()  # blocks before which tokens may go; (): DeiT's, scaled
+    threshold_init: float = 0.5  # scores are 1 for a uniform class attention
+    temperature: float = 0.1  # sharpness of the sigmoid the gradient sees
+    threshold_lr: float = 0.01
+    budget_weight: float = 2.0
+    calibration_batch: int = 256  # images on which the final thresholds meet the target
+
+    def __post_init__(self):
+        object.__setattr__(self, "points", tuple(int(p) for p in self.points))
+        check(self.temperature > 0, f"asvit.temperature must be > 0, got {self.temperature}")
+        check(self.threshold_lr > 0, f"asvit.threshold_lr must be > 0, got {self.threshold_lr}")
+        check(
+            self.budget_weight >= 0, f"asvit.budget_weight must be >= 0, got {self.budget_weight}"
+        )
+        check(self.calibration_batch >= 1, "asvit.calibration_batch must be >= 1")
+
+    def check(self, arch):
+        try:
+            pts = self.token_points(arch)
+        except ValueError as e:
+            raise SettingError(f"asvit: {e}") from None
+        check(bool(pts), f"asvit: a {len(arch.blocks)}-block model has no pruning point")
+        least = macs.model_macs(arch, None, token_counts(arch, pts, [arch.num_prefix] * len(pts)))
+        floor = least / macs.model_macs(arch)
+        check(
+            floor <= self.target,
+            f"asvit cannot reach MACs ratio {self.target}: {floor:.3f} with every patch token "
+            "dropped at the first point",
+        )
+
+    # -- model side -------------------------------------------------------------------------
+
+    def token_points(self, arch) -> tuple[int, ...]:
+        return tokens.check_points(arch, self.points or default_points(arch))
+
+    def token_mask(self, gate, k, score):
+        theta = gate.variable(THRESHOLDS, f"point_{k}", jnp.full, (), self.threshold_init).value
+        soft = jax.nn.sigmoid((score - theta) / self.temperature)
+        hard = (score > theta).astype(soft.dtype)
+        return hard + (soft - jax.lax.stop_gradient(soft))  # exactly `hard` forward
+
+    def declare(self, block, shapes):
+        return {}  # no channel sites
+
+    def block_multipliers(self, variables):
+        return {}
+
+    # -- search -----------------------------------------------------------------------------
+
+    def initialize(self, arch, params, *, calibration, seed):
+        n = len(self.token_points(arch))
+        init = {f"point_{k}": jnp.asarray(self.threshold_init, jnp.float32) for k in range(n)}
+        return {"params": params, THRESHOLDS: {"token_gate": init}}
+
+    def optimizers(self, total_steps: int = 0):
+        return {THRESHOLDS: optax.adam(self.threshold_lr)}
+
+    def loss(self, arch):
+        pts = self.token_points(arch)
+
+        def budget(trainable, reports=None):
+            ratio = expected_ratio(arch, pts, reports["token_gate"]["keep"])
+            return self.budget_weight * jnp.abs(ratio - self.target), {"macs_ratio": ratio}
+
+        return budget
+
+    def progress(self, arch, variables):
+        th = variables[THRESHOLDS]["token_gate"]
+        return {f"threshold_{k}": float(v) for k, v in sorted(th.items())}
+
+    def finalize(self, arch, variables, calibration=None):
+        if calibration is None:
+            return variables
+        return {**variables, THRESHOLDS: calibrate(self, arch, variables, calibration)}
+
+    # -- export -----------------------------------------------------------------------------
+
+    def export(self, arch, variables):
+        p_arch, p_params = super().export(arch, variables)
+        return token_export(self, arch, p_arch, p_params, variables)
+
+
+def thresholds_of(variables) -> np.ndarray:
+    th = variables[THRESHOLDS]["token_gate"]
+    return np.asarray([th[f"point_{k}"] for k in range(len(th))], np.float32)
+
+
+def token_export(method, arch, p_arch, p_params, variables):
+    """The exported model drops tokens itself: its points and thresholds become architecture
+    and parameters."""
+    p_arch = p_arch.replace(token_points=method.token_points(arch))
+    return p_arch, {**p_params, "token_gate": {"thresholds": thresholds_of(variables)}}
+
+
+def calibrate(method, arch, variables, calibration) -> dict:
+    """Thresholds shifted by one common amount (bisection) so that the mean MACs of a
+    calibration batch meet the target; unchanged if they already do."""
+    images = calibration(method.calibration_batch)
+    model = models.build(arch, sites=method)
+    pts = method.token_points(arch)
+    widths = method.channel_widths(arch, variables) if hasattr(method, "channel_widths") else None
+
+    @jax.jit
+    def ratio(shift):
+        th = jax.tree.map(lambda t: t + shift, variables[THRESHOLDS])
+        _, reports = model.apply({**variables, THRESHOLDS: th}, images, mutable=[tokens.REPORTS])
+        return expected_ratio(arch, pts, reports[tokens.REPORTS]["token_gate"]["keep"], widths)
+
+    if float(ratio(0.0)) <= method.target:
+        return variables[THRESHOLDS]
+    lo, hi = 0.0, 1.0
+    while float(ratio(hi)) > method.target and hi < 1e4:
+        lo, hi = hi, hi * 2
+    for _ in range(30):
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if float(ratio(mid)) <= method.target else (mid, hi)
+    # The bisection ends where a score meets its threshold; a margin keeps rounding (another
+    # compilation of the same forward) from putting that token back.
+    return jax.tree.map(lambda t: np.float32(t + hi + 1e-3), variables[THRESHOLDS])

@@ -1,0 +1,138 @@
+"""AMAP + AS-ViT: channels by AMAP and tokens by AS-ViT in one model, under one MACs budget that
+counts both (channel widths x kept tokens of each image).
+
+Settings: AMAP's in `amap`, AS-ViT's in `asvit`, and `compose.schedule`: `joint` trains
+indicators and thresholds together for the whole search; `channels_first` trains the indicators
+in the first half and the thresholds in the second. The budget is AMAP's MACs loss
+(`amap.macs_loss`, `amap.macs_weight`) on the mean over images of the joint MACs ratio. At the
+end, AMAP fixes the channels for the target with the token counts of a calibration batch, then
+the thresholds are shifted together until the mean MACs of that batch meet the target.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from amap_jax import models
+from amap_jax.methods import amap as amap_lib
+from amap_jax.methods import asvit as asvit_lib
+from amap_jax.methods.amap import INDICATORS, Amap
+from amap_jax.methods.asvit import THRESHOLDS, AsVit
+from amap_jax.methods.base import Method, check
+from amap_jax.models import tokens
+
+_PARTS = {"setting": False}
+
+
+@dataclasses.dataclass(frozen=True)
+class AmapAsVit(Method):
+    name: ClassVar[str] = "amap+asvit"
+    section: ClassVar[str] = "compose"
+    trainable: ClassVar[tuple[str, ...]] = (INDICATORS, THRESHOLDS)
+
+    schedule: str = "joint"  # or "channels_first"
+    amap: Amap = dataclasses.field(default=Amap(), metadata=_PARTS)
+    asvit: AsVit = dataclasses.field(default=AsVit(), metadata=_PARTS)
+
+    def __post_init__(self):
+        check(
+            self.schedule in ("joint", "channels_first"),
+            f"compose.schedule must be 'joint' or 'channels_first', got {self.schedule!r}",
+        )
+
+    @classmethod
+    def sections(cls):
+        return ("compose", "amap", "asvit")
+
+    @classmethod
+    def from_config(cls, config):
+        parts = {p: m.from_config(config) for p, m in (("amap", Amap), ("asvit", AsVit))}
+        return cls(target=config.search.target, **dict(config.compose), **parts)
+
+    def check(self, arch):
+        self.asvit.check(arch)
+
+    # -- model side -------------------------------------------------------------------------
+
+    def declare(self, block, shapes):
+        return self.amap.declare(block, shapes)
+
+    def block_multipliers(self, variables):
+        return self.amap.block_multipliers(variables)
+
+    def token_points(self, arch):
+        return self.asvit.token_points(arch)
+
+    def token_mask(self, gate, k, score):
+        return self.asvit.token_mask(gate, k, score)
+
+    # -- search -----------------------------------------------------------------------------
+
+    def initialize(self, arch, params, *, calibration, seed):
+        out = self.amap.initialize(arch, params, calibration=calibration, seed=seed)
+        t = self.asvit.initialize(arch, params, calibration=calibration, seed=seed)
+        return {**out, THRESHOLDS: t[THRESHOLDS]}
+
+    def optimizers(self, total_steps: int = 0):
+        ind = self.amap.optimizers(total_steps)[INDICATORS]
+        thr = self.asvit.optimizers(total_steps)[THRESHOLDS]
+        if self.schedule == "channels_first":
+            half = max(total_steps // 2, 1)
+            ind = optax.chain(ind, optax.scale_by_schedule(lambda s: (s < half) * 1.0))
+            thr = optax.chain(thr, optax.scale_by_schedule(lambda s: (s >= half) * 1.0))
+        return {INDICATORS: ind, THRESHOLDS: thr}
+
+    def loss(self, arch):
+        pts, a = self.token_points(arch), self.amap
+
+        def budget(trainable, reports=None):
+            widths = amap_lib.soft_widths(arch, trainable[INDICATORS])
+            keeps = reports["token_gate"]["keep"]
+            ratio = asvit_lib.expected_ratio(arch, pts, keeps, widths)
+            gap = ratio - self.target
+            if a.macs_loss == "hinge":
+                gap = jax.nn.relu(gap)
+            return a.macs_weight * gap**2, {"macs_ratio": ratio}
+
+        return budget
+
+    def hooks(self, arch):
+        return self.amap.hooks(arch)
+
+    def progress(self, arch, variables):
+        return {**self.amap.progress(arch, variables), **self.asvit.progress(arch, variables)}
+
+    def channel_widths(self, arch, variables):
+        return amap_lib.hard_widths(arch, variables, self.amap.spec)
+
+    def finalize(self, arch, variables, calibration=None):
+        mean_tokens = None
+        if calibration is not None:  # the tokens the channels will see
+            images = calibration(self.asvit.calibration_batch)
+            model = models.build(arch, sites=self)
+            _, reports = jax.jit(lambda v, x: model.apply(v, x, mutable=[tokens.REPORTS]))(
+                variables, images
+            )
+            keeps = reports[tokens.REPORTS]["token_gate"]["keep"]
+            kept = [float(jnp.mean(jnp.sum(k, axis=-1))) for k in keeps]
+            mean_tokens = asvit_lib.token_counts(arch, self.token_points(arch), kept)
+        fixed = amap_lib.finalize_indicators(
+            arch, variables, self.amap.spec, self.target, tokens=mean_tokens
+        )
+        variables = {**variables, INDICATORS: fixed}
+        if calibration is None:
+            return variables
+        return {**variables, THRESHOLDS: asvit_lib.calibrate(self, arch, variables, calibration)}
+
+    def export(self, arch, variables):
+        p_arch, p_params = super().export(arch, variables)
+        return asvit_lib.token_export(self, arch, p_arch, p_params, variables)
+
+    @property
+    def calibration_batch(self) -> int:
+        return self.asvit.calibration_batch

@@ -1,0 +1,16 @@
+"""Token pruning (AS-ViT, AMAP+AS-ViT) on Fashion-MNIST upsampled to 40 px with 4 px patches:
+100 patch tokens per image (patch 7 at 28 px gives 16, too few for token pruning to matter)."""
+
+from amap_jax.config import defaults
+
+
+def get_config():
+    c = defaults()
+    c.method = "asvit"
+    c.data.image_size = 40
+    c.model.variant = "mini"
+    c.model.patch_size = 4
+    c.model.pattern = "SSSS"
+    c.amap.init = "constant"  # attention-difference init is for linear attention
+    c.eval.bench_batch = 64
+    return c

@@ -1,0 +1,210 @@
+"""Adaptive token pruning (AS-ViT) and AMAP + AS-ViT: masks, dropping, buckets, budget, export."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from conftest import param_shapes, random_images, random_params, tiny_config
+
+from amap_jax import methods, models, pipeline
+from amap_jax.methods import asvit
+from amap_jax.methods.asvit import THRESHOLDS, AsVit
+from amap_jax.methods.compose import AmapAsVit
+from amap_jax.models import tokens
+from amap_jax.models.arch import swin_arch, vit_arch
+from amap_jax.models.attention import Attention
+from amap_jax.pruning import macs
+from amap_jax.train import steps
+
+ARCH = vit_arch("mini", in_chans=1, num_classes=10, pattern="SSSS")  # 17 tokens, points 1, 2, 3
+
+
+@functools.cache
+def _setup(threshold=0.9, seed=0):
+    method = AsVit(target=0.6, threshold_init=threshold)
+    params = random_params(param_shapes(models.build(ARCH))["params"], seed)
+    variables = method.initialize(ARCH, params, calibration=None, seed=seed)
+    return method, variables
+
+
+def _masked(method, variables, images):
+    logits, reports = jax.jit(
+        lambda v, x: models.build(ARCH, sites=method).apply(v, x, mutable=[tokens.REPORTS])
+    )(variables, images)
+    return logits, reports[tokens.REPORTS]["token_gate"]["keep"]
+
+
+def test_default_points_follow_deit_and_come_after_linear_blocks():
+    assert asvit.default_points(vit_arch("S")) == (4, 7, 10)
+    assert AsVit().token_points(ARCH) == (1, 2, 3)
+    flatten = vit_arch("mini", in_chans=1, num_classes=10, pattern="LLSS")
+    assert AsVit().token_points(flatten) == (2, 3)
+
+
+@pytest.mark.parametrize(
+    "arch,points,match",
+    [
+        (ARCH, (0, 2), r"points \(0, 2\) must be increasing block indices in \[1, 4\)"),
+        (ARCH, (2, 2), "must be increasing"),
+        (ARCH, (5,), "must be increasing"),
+        (
+            vit_arch("mini", in_chans=1, num_classes=10, pattern="LLSS"),
+            (1, 3),
+            "point 1 comes before linear block 1",
+        ),
+        (swin_arch("micro", num_classes=10), (), "token pruning needs a class token"),
+    ],
+)
+def test_bad_pruning_point_is_one_line(arch, points, match):
+    with pytest.raises(methods.SettingError, match=match) as e:
+        AsVit(points=points, target=0.9).check(arch)
+    assert "\n" not in str(e.value)
+
+
+def test_all_ones_key_mask_equals_the_unmasked_attention():
+    block = ARCH.blocks[0]
+    attn = Attention(block, ARCH.geometry()[0])
+    x = np.random.default_rng(0).standard_normal((2, ARCH.num_tokens, ARCH.embed_dim))
+    x = x.astype(np.float32)
+    params = random_params(param_shapes(attn, x)["params"], 1)
+    plain = attn.apply({"params": params}, x)
+    masked = attn.apply({"params": params}, x, key_mask=jnp.ones((2, ARCH.num_tokens)))
+    np.testing.assert_allclose(np.asarray(masked), np.asarray(plain), rtol=1e-6, atol=1e-6)
+
+
+def test_ste_gradient_reaches_every_threshold():
+    method, variables = _setup()
+    images = random_images(ARCH, 4, 0)
+    model = models.build(ARCH, sites=method)
+
+    def loss(th):
+        _, rep = model.apply({**variables, THRESHOLDS: th}, images, mutable=[tokens.REPORTS])
+        return asvit.expected_ratio(ARCH, (1, 2, 3), rep[tokens.REPORTS]["token_gate"]["keep"])
+
+    grads = jax.grad(loss)(variables[THRESHOLDS])
+    for k, g in grads["token_gate"].items():
+        assert np.isfinite(g) and float(g) < 0, k  # a higher threshold keeps fewer tokens
+
+
+def test_batch1_dropping_equals_the_masked_forward():
+    method, variables = _setup()
+    images = random_images(ARCH, 6, 2)
+    masked, keeps = _masked(method, variables, images)
+    small_arch, small_params = method.export(ARCH, variables)
+    assert small_arch.token_points == (1, 2, 3)
+    model = models.build(small_arch)
+    counts = []
+    for i in range(len(images)):
+        logits, kept = tokens.predict(model, {"params": small_params}, images[i : i + 1])
+        assert float(jnp.max(jnp.abs(logits - masked[i : i + 1]))) <= 1e-5
+        counts.append(kept[0])
+    counts = np.stack(counts)
+    np.testing.assert_array_equal(counts, np.stack([np.asarray(k).sum(-1) - 1 for k in keeps], -1))
+    assert counts.min() < counts.max() < 16  # images keep different numbers, and not all
+    # The exported model's own forward (masks, nothing dropped) is the masked model too.
+    np.testing.assert_allclose(model.apply({"params": small_params}, images), masked, atol=1e-5)
+
+
+@pytest.mark.parametrize("multiple", [1, 4, 8, 32])
+def test_buckets_give_each_image_its_batch1_prediction(multiple):
+    method, variables = _setup()
+    images = random_images(ARCH, 6, 2)
+    small_arch, small_params = method.export(ARCH, variables)
+    model = models.build(small_arch)
+    batched, counts = tokens.predict(model, {"params": small_params}, images, multiple=multiple)
+    for i in range(len(images)):
+        alone, own = tokens.predict(model, {"params": small_params}, images[i : i + 1])
+        np.testing.assert_array_equal(counts[i], own[0])
+        assert float(jnp.max(jnp.abs(batched[i] - alone[0]))) <= 1e-5
+        assert int(jnp.argmax(batched[i])) == int(jnp.argmax(alone[0]))
+
+
+def test_budget_loss_drives_the_mean_macs_to_the_target():
+    """Only the thresholds train (weights frozen): the budget alone moves the kept MACs."""
+    method = AsVit(target=0.6, threshold_init=0.2, threshold_lr=0.05, budget_weight=5.0)
+    params = random_params(param_shapes(models.build(ARCH))["params"], 3)
+    variables = method.initialize(ARCH, params, calibration=None, seed=0)
+    tx = steps.per_collection({"params": optax.set_to_zero(), **method.optimizers(100)})
+    state = steps.create_state({"params": params, THRESHOLDS: variables[THRESHOLDS]}, tx)
+    objective = steps.Objective(10, regularizer=method.loss(ARCH))
+    step = jax.jit(
+        steps.make_train_step(
+            models.build(ARCH, sites=method), tx, steps.Input((0.5,), (0.5,), 28), objective, 0
+        )
+    )
+    rng = np.random.default_rng(0)
+    batch = {
+        "image": rng.integers(0, 255, (32, 28, 28, 1)).astype(np.uint8),
+        "label": rng.integers(0, 10, 32).astype(np.int32),
+    }
+    ratios = []
+    for _ in range(80):
+        state, metrics = step(state, batch)
+        ratios.append(float(metrics["macs_ratio"]))
+    assert ratios[0] > 0.9  # at 0.2 almost every token is kept
+    assert abs(np.mean(ratios[-10:]) - 0.6) < 0.05
+
+
+def test_calibration_meets_the_target_on_the_calibration_batch():
+    method, variables = _setup(threshold=0.1)
+    images = jnp.asarray(random_images(ARCH, 32, 5))
+    final = method.finalize(ARCH, variables, calibration=lambda n: images[:n])
+    _, keeps = _masked(method, final, images)
+    ratio = float(asvit.expected_ratio(ARCH, (1, 2, 3), keeps))
+    assert 0.5 < ratio <= 0.6
+    shifts = [
+        float(final[THRESHOLDS]["token_gate"][k] - 0.1)
+        for k in sorted(final[THRESHOLDS]["token_gate"])
+    ]
+    assert max(shifts) - min(shifts) < 1e-6 and shifts[0] > 0  # one common shift
+
+
+def test_amap_and_asvit_export_channels_and_tokens_exactly():
+    method = AmapAsVit(
+        target=0.5,
+        amap=methods.Amap(target=0.5, init="constant"),
+        asvit=AsVit(target=0.5, threshold_init=0.8),
+    )
+    params = random_params(param_shapes(models.build(ARCH))["params"], 4)
+    images = jnp.asarray(random_images(ARCH, 16, 6))
+    variables = method.initialize(ARCH, params, calibration=lambda n: images[:n], seed=0)
+    rng = np.random.default_rng(1)
+    variables["indicators"] = jax.tree.map(
+        lambda x: rng.normal(1.5, 2.0, x.shape).astype(np.float32), variables["indicators"]
+    )
+    final = method.finalize(ARCH, variables, calibration=lambda n: images[:n])
+    masked, keeps = _masked(method, final, images)
+    small_arch, small_params = method.export(ARCH, final)
+    assert small_arch.token_points == (1, 2, 3)
+    assert all(b.mlp_dim < 256 for b in small_arch.blocks)  # channels pruned too
+    model = models.build(small_arch)
+    for i in range(3):
+        logits, _ = tokens.predict(model, {"params": small_params}, images[i : i + 1])
+        assert float(jnp.max(jnp.abs(logits - masked[i : i + 1]))) <= 1e-5
+    # One budget counts both: channel widths times the tokens each image keeps.
+    kept = [np.asarray(k).sum(-1) for k in keeps]
+    per_image = macs.model_macs(small_arch, None, asvit.token_counts(ARCH, (1, 2, 3), kept))
+    assert np.mean(per_image) / macs.model_macs(ARCH) <= 0.5 + 1e-6
+
+
+@pytest.mark.parametrize("method", ["asvit", "amap+asvit"])
+def test_token_pruning_runs_end_to_end(tmp_path, method):
+    c = tiny_config()
+    c.method = method
+    c.model.pattern = "SS"
+    c.model.patch_size = 2  # 16 patch tokens on 8x8 digits
+    c.search.target = 0.8
+    summary = pipeline.run(c, str(tmp_path / "w"))
+    assert summary["export_max_logit_diff"] <= 1e-5  # masked == exported == batch-1 dropping
+    assert summary["masked_top1"] == summary["pruned_before_finetune_top1"]
+    assert summary["macs_ratio"] <= 0.8
+    p = summary["pruned"]
+    assert 0 < p["kept_tokens_mean"][0] <= 16 and p["images_per_s_batch1"] > 0
+    if method == "asvit":  # tokens alone must meet the target (with channels they may not)
+        assert p["kept_tokens_mean"][0] < 16
+    assert summary["speedup_batch1"] > 0
