@@ -263,7 +263,7 @@ def _export_gap(ctx: Context, masked_model, variables, p_arch, p_params, n: int 
     masked = jax.jit(masked_model.apply)(variables, images)
     p_model = ctx.build(p_arch)
     gap = float(jnp.max(jnp.abs(masked - jax.jit(p_model.apply)({"params": p_params}, images))))
-    if p_arch.token_points:  # and with tokens really dropped, one image at a time
+    if getattr(p_arch, "token_points", ()):  # and with tokens really dropped, one at a time
         for i in range(n):
             dropped, _ = tokens.predict(p_model, {"params": p_params}, images[i : i + 1])
             gap = max(gap, float(jnp.max(jnp.abs(masked[i : i + 1] - dropped))))

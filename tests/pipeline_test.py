@@ -169,7 +169,8 @@ def test_cli_unknown_config_key_is_one_line(tmp_path):
         ),
         (
             "--config.method=vpt",
-            "error: method must be one of amap, vtp, magnitude, random, got 'vpt'",
+            "error: method must be one of amap, vtp, magnitude, random, asvit, amap+asvit, "
+            "got 'vpt'",
         ),
     ],
 )
