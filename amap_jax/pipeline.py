@@ -381,10 +381,11 @@ def run(config, workdir: str) -> dict:
     exported_eval = ctx.evaluate(ctx.build(p_arch), {"params": p_params})
     export_diff = _export_gap(ctx, masked_model, variables, p_arch, p_params)
     logging.info(
-        "search done: masked top1 %.2f, exported top1 %.2f, MACs ratio %.3f, "
+        "search done: masked top1 %.2f, exported top1 %.2f, %s %.3f, "
         "max |masked - exported logit| %.2e",
         masked_eval["top1"],
         exported_eval["top1"],
+        "channel MACs ratio" if getattr(p_arch, "token_points", ()) else "MACs ratio",
         macs.model_macs(p_arch) / macs.model_macs(arch),
         export_diff,
     )
