@@ -10,6 +10,7 @@ import time
 
 import jax
 import numpy as np
+from absl import flags
 
 from amap_jax import models
 from amap_jax.io.pretrained import NAMES, named_arch
@@ -18,6 +19,12 @@ from amap_jax.methods.amap import INDICATORS, SIMILARITY, Amap
 from amap_jax.models.arch import vit_arch
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
+_TAG = flags.DEFINE_string("tag", "", "Suffix of the results file names.")
+
+
+def suffix() -> str:
+    """`_TAG` for --tag=TAG, so that a variant run does not overwrite the main results."""
+    return f"_{_TAG.value}" if _TAG.value else ""
 
 
 def parse_arch(spec: str):

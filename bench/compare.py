@@ -1,7 +1,7 @@
 """Which method to pick: every method from the same dense checkpoint, same epochs, several seeds.
 
-  python -m bench.compare [--root workdirs/compare] [--configs vit,flatten]
-      [--targets 0.7,0.5] [--methods amap,vtp,magnitude,random] [--seeds 0,1] [--ablations]
+  python -m bench.compare [--root workdirs/compare] [--configs vit,flatten,tokens]
+      [--targets 0.7,0.5] [--methods amap,vtp,...] [--seeds 0,1] [--ablations]
 
 Each cell (config, method or AMAP ablation, MACs target, seed) is a whole run (search -> export
 -> fine-tune -> eval) in its own work directory under ROOT, started from a copy of the config's
@@ -10,6 +10,11 @@ fine-tune epochs. A finished cell is read back, not rerun: the grid can be compl
 several sittings. Per config and seed there is also "dense, equal budget": the dense model
 trained for the same extra epochs (search + fine-tune) with the fine-tuning recipe, so that a
 pruned model is compared with a dense model of equal training budget.
+
+Channel methods (amap, vtp, magnitude, random) run on the `vit` and `flatten` configs; the
+`tokens` config (100 tokens per image, not in the default grid: a cell takes about 20 minutes on
+2 cores) compares amap, asvit and amap+asvit, with kept tokens per pruning point and images/s of
+the exported model at batch 1 and at the bench batch (`eval.bench_batch`, 64).
 
 Writes bench/results/compare.json, compare.md, compare_top1_vs_macs.png, compare_widths.png.
 """
@@ -34,7 +39,14 @@ ROOT_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = {
     "vit": "configs/fmnist_amap_vit.py",
     "flatten": "configs/fmnist_amap_flatten.py",
+    "tokens": "configs/fmnist_tokens.py",
 }
+METHODS = {
+    "vit": ("amap", "vtp", "magnitude", "random"),
+    "flatten": ("amap", "vtp", "magnitude", "random"),
+    "tokens": ("amap", "asvit", "amap+asvit"),
+}
+TOKEN_METHODS = ("asvit", "amap+asvit")
 # AMAP with one component off (on the FLatten config at the first target).
 ABLATIONS = {
     "amap: no similarity": {"amap.similarity": False},
@@ -45,15 +57,14 @@ ABLATIONS = {
 DENSE_BUDGET = "dense, equal budget"
 
 _ROOT = flags.DEFINE_string("root", "workdirs/compare", "Where the cells' work directories go.")
-_CONFIGS = flags.DEFINE_list("configs", list(CONFIGS), "Configs to compare on.")
+_CONFIGS = flags.DEFINE_list("configs", ["vit", "flatten"], f"Configs ({', '.join(CONFIGS)}).")
 _TARGETS = flags.DEFINE_list("targets", ["0.7", "0.5"], "MACs targets.")
-_METHODS = flags.DEFINE_list("methods", ["amap", "vtp", "magnitude", "random"], "Methods.")
+_METHODS = flags.DEFINE_list("methods", None, "Methods (default: every method of each config).")
 _SEEDS = flags.DEFINE_list("seeds", ["0", "1"], "Seeds (search / fine-tune / random choice).")
 _ABLATIONS = flags.DEFINE_bool("ablations", True, "AMAP ablations on flatten at the first target.")
 _REPORT_ONLY = flags.DEFINE_bool(
     "report_only", False, "Only rebuild the report from finished cells."
 )
-_TAG = flags.DEFINE_string("tag", "", "Suffix of the results file names.")
 
 
 def load_config(name: str):
@@ -131,6 +142,14 @@ def run_cell(root: str, name: str, variant: str, target: float, seed: int) -> di
             "export_max_logit_diff": s["export_max_logit_diff"],
             "pruned_blocks": s["arch"]["pruned_blocks"],
         }
+        if "speedup_batch1" in s:
+            result.update(
+                kept_tokens_mean=s["pruned"]["kept_tokens_mean"],
+                kept_tokens_of=s["pruned"]["kept_tokens_of"],
+                speedup_batch1=s["speedup_batch1"],
+                images_per_s=s["pruned"]["images_per_s"],
+                images_per_s_batch1=s["pruned"]["images_per_s_batch1"],
+            )
     result.update(config=name, variant=variant, target=target, seed=seed)
     result["wall_s"] = round(time.time() - t0, 1)
     checkpoint.write_json(record, result)
@@ -154,7 +173,8 @@ def grid() -> list[tuple[str, str, float, int]]:
     cells = []
     for name in _CONFIGS.value:
         cells += [(name, DENSE_BUDGET, 1.0, s) for s in seeds]
-        cells += [(name, m, t, s) for t in targets for m in _METHODS.value for s in seeds]
+        methods = [m for m in (_METHODS.value or METHODS[name]) if m in METHODS[name]]
+        cells += [(name, m, t, s) for t in targets for m in methods for s in seeds]
         if _ABLATIONS.value and name == "flatten":
             cells += [(name, v, targets[0], s) for v in ABLATIONS for s in seeds]
     return cells
@@ -186,6 +206,12 @@ def aggregate(results: list[dict]) -> list[dict]:
             row["before_finetune_mean"] = round(float(b.mean()), 2)
             row["before_finetune_sd"] = round(float(b.std(ddof=1)) if len(rs) > 1 else 0.0, 2)
             row["max_logit_diff"] = max(r["export_max_logit_diff"] for r in rs)
+        if "kept_tokens_mean" in rs[0]:
+            row["kept_tokens_mean"] = [
+                round(float(x), 1) for x in np.mean([r["kept_tokens_mean"] for r in rs], 0)
+            ]
+            row["kept_tokens_of"] = rs[0]["kept_tokens_of"]
+            row["speedup_batch1"] = round(float(np.mean([r["speedup_batch1"] for r in rs])), 3)
         rows.append(row)
     return rows
 
@@ -205,7 +231,7 @@ def verdicts(rows: list[dict], dense: dict) -> list[str]:
         for target, allowed in ((0.7, 0.3), (0.5, 1.0)):
             a = _find(rows, name, "amap", target)
             if a and budget:
-                gap = budget["top1_mean"] - a["top1_mean"]
+                gap = round(budget["top1_mean"] - a["top1_mean"], 2)  # means are rounded to 0.01
                 ok = "met" if gap <= allowed else "not met"
                 out.append(
                     f"{name}, {target}: AMAP {a['top1_mean']:.2f} vs equal-budget dense "
@@ -222,6 +248,30 @@ def verdicts(rows: list[dict], dense: dict) -> list[str]:
                     f"{m} {_find(rows, name, m, target)['top1_mean']:.2f}" for m in got
                 )
                 out.append(f"{name}, {target}: order {' > '.join(got)} ({scores}): {ok}")
+            out += _token_verdicts(rows, name, target, budget)
+    return out
+
+
+def _token_verdicts(rows, name, target, budget) -> list[str]:
+    out = []
+    t = _find(rows, name, "asvit", target)
+    if t and budget:
+        drop = round(budget["top1_mean"] - t["top1_mean"], 2)
+        ok = "met" if t["speedup"] >= 1.5 and drop <= 0.5 else "not met"
+        out.append(
+            f"{name}, {target}: AS-ViT {t['speedup']:.2f}x images/s at the bench batch "
+            f"({t['speedup_batch1']:.2f}x at batch 1) for {drop:+.2f} points below equal-budget "
+            f"dense (target >= 1.5x at <= 0.5): {ok}"
+        )
+    both = _find(rows, name, "amap+asvit", target)
+    alone = [r for r in (_find(rows, name, "amap", target), t) if r]
+    if target == 0.5 and both and len(alone) == 2:
+        ok = "met" if all(both["top1_mean"] > r["top1_mean"] for r in alone) else "not met"
+        out.append(
+            f"{name}, {target}: AMAP+AS-ViT {both['top1_mean']:.2f} vs AMAP "
+            f"{alone[0]['top1_mean']:.2f} and AS-ViT {alone[1]['top1_mean']:.2f} "
+            f"(target: above both): {ok}"
+        )
     return out
 
 
@@ -231,7 +281,8 @@ def markdown(rows: list[dict], dense: dict, notes: list[str]) -> str:
         "| speedup (ideal) | seeds | wall per run |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for name in sorted({r["config"] for r in rows}):
+    token_rows = [r for r in rows if r["config"] == "tokens"]
+    for name in sorted({r["config"] for r in rows} - {"tokens"}):
         lines.append(
             f"| {name} | - | dense, {dense[name]['top1']:.2f} after training | | | 1.000 | | 1 | |"
         )
@@ -251,7 +302,40 @@ def markdown(rows: list[dict], dense: dict, notes: list[str]) -> str:
                 f"| {r['speedup']:.2f}x ({r['ideal_speedup']:.2f}x) "
                 f"| {r['seeds']} | {r['wall_s'] / 60:.1f} min |"
             )
+    if token_rows:
+        lines = lines[:-2] if len(lines) == 2 else lines + [""]  # no channel rows: no table
+        lines += [_token_table(token_rows, dense.get("tokens"))]
     return "\n".join(lines + [""] + [f"- {n}" for n in notes]) + "\n"
+
+
+def _token_table(rows: list[dict], dense: dict | None) -> str:
+    lines = [
+        "| MACs target | method | top-1 (mean ± sd) | before fine-tune | MACs ratio "
+        "| kept tokens per point | speedup batch 64 (ideal) | speedup batch 1 | seeds "
+        "| wall per run |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    if dense:
+        lines.append(f"| - | dense, {dense['top1']:.2f} after training | | | 1.000 | | | | 1 | |")
+    for r in sorted(rows, key=lambda r: (-r["target"], r["variant"])):
+        kept = (
+            " / ".join(f"{k:.0f}" for k in r["kept_tokens_mean"]) + f" of {r['kept_tokens_of']}"
+            if "kept_tokens_mean" in r
+            else "all"
+        )
+        before = (
+            f"{r['before_finetune_mean']:.2f} ± {r['before_finetune_sd']:.2f}"
+            if "before_finetune_mean" in r
+            else ""
+        )
+        b1 = f"{r['speedup_batch1']:.2f}x" if "speedup_batch1" in r else ""
+        lines.append(
+            f"| {'-' if r['variant'] == DENSE_BUDGET else r['target']} | {r['variant']} "
+            f"| {r['top1_mean']:.2f} ± {r['top1_sd']:.2f} | {before} | {r['macs_ratio']:.3f} "
+            f"| {kept} | {r['speedup']:.2f}x ({r['ideal_speedup']:.2f}x) | {b1} | {r['seeds']} "
+            f"| {r['wall_s'] / 60:.1f} min |"
+        )
+    return "\n".join(lines)
 
 
 def plots(rows: list[dict], results: list[dict], dense: dict, suffix: str) -> list[str]:
@@ -264,7 +348,7 @@ def plots(rows: list[dict], results: list[dict], dense: dict, suffix: str) -> li
     paths = []
     fig, axes = plt.subplots(1, len(names), figsize=(6 * len(names), 4.5), squeeze=False)
     for ax, name in zip(axes[0], names, strict=True):
-        for variant in ("amap", "vtp", "magnitude", "random"):
+        for variant in METHODS[name]:
             pts = sorted(
                 (r for r in rows if r["config"] == name and r["variant"] == variant),
                 key=lambda r: r["macs_ratio"],
@@ -297,6 +381,9 @@ def plots(rows: list[dict], results: list[dict], dense: dict, suffix: str) -> li
     fig.savefig(paths[-1], dpi=110)
     plt.close(fig)
 
+    names = [n for n in names if n != "tokens"]  # widths of the channel methods
+    if not names:
+        return paths
     sites = ("attn_in", "qk", "v", "mlp_in", "hidden")
     fig, axes = plt.subplots(len(names), len(sites), figsize=(16, 3.2 * len(names)), squeeze=False)
     for row_axes, name in zip(axes, names, strict=True):
@@ -309,7 +396,7 @@ def plots(rows: list[dict], results: list[dict], dense: dict, suffix: str) -> li
             "hidden": [b.mlp_dim for b in arch.blocks],
         }
         col = {"qk": 2, "v": 3, "hidden": 4, "attn_in": 5, "mlp_in": 6}
-        variants = [v for v in ("amap", "vtp", "magnitude", "random")]
+        variants = list(METHODS[name])
         width = 0.8 / len(variants)
         for ax, site in zip(row_axes, sites, strict=True):
             for k, variant in enumerate(variants):
@@ -344,7 +431,14 @@ def pipeline_arch(name: str):
     from amap_jax.models.arch import vit_arch
 
     c = load_config(name)
-    return vit_arch(c.model.variant, pattern=c.model.pattern, num_classes=10, in_chans=1)
+    return vit_arch(
+        c.model.variant,
+        pattern=c.model.pattern,
+        num_classes=10,
+        in_chans=1,
+        image_size=c.data.image_size or 28,
+        patch_size=c.model.patch_size or None,
+    )
 
 
 def main(_):
@@ -377,7 +471,7 @@ def main(_):
         )
     rows = aggregate(results)
     notes = verdicts(rows, dense)
-    suffix = f"_{_TAG.value}" if _TAG.value else ""
+    suffix = common.suffix()
     path = common.write(
         f"compare{suffix}",
         rows,

@@ -29,7 +29,6 @@ _SECONDS = flags.DEFINE_float("seconds", 5.0, "Timing seconds per model.")
 _FLOOR = flags.DEFINE_float(
     "min_keep_fraction", 0.0, "Per-head floor of kept channels (amap.min_keep_fraction)."
 )
-_TAG = flags.DEFINE_string("tag", "", "Suffix of the results file name.")
 
 
 def main(_):
@@ -60,7 +59,7 @@ def main(_):
                 }
             )
             print(common.table(rows[-1:], list(rows[-1])), flush=True)
-    name = f"throughput_{jax.default_backend()}" + (f"_{_TAG.value}" if _TAG.value else "")
+    name = f"throughput_{jax.default_backend()}" + common.suffix()
     meta = {"batch": _BATCH.value, "dtype": "float32", "min_keep_fraction": _FLOOR.value}
     path = common.write(name, rows, meta)
     print(common.table(rows, list(rows[0])))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +21,7 @@ from amap_jax.models.arch import swin_arch, vit_arch
 from amap_jax.models.attention import Attention
 from amap_jax.pruning import macs
 from amap_jax.train import steps
+from bench import kept_tokens
 
 ARCH = vit_arch("mini", in_chans=1, num_classes=10, pattern="SSSS")  # 17 tokens, points 1, 2, 3
 
@@ -208,3 +210,10 @@ def test_token_pruning_runs_end_to_end(tmp_path, method):
     if method == "asvit":  # tokens alone must meet the target (with channels they may not)
         assert p["kept_tokens_mean"][0] < 16
     assert summary["speedup_batch1"] > 0
+    # bench/kept_tokens.py reads the same keep decisions back from the export
+    arch, masks, shown, labels, logits = kept_tokens.collect(str(tmp_path / "w"), 4)
+    np.testing.assert_allclose(masks.sum(-1).mean(0), p["kept_tokens_mean"], atol=0.01)
+    rows = kept_tokens.summarize(arch, masks)
+    assert [r["point"] for r in rows] == list(arch.token_points)
+    pngs = kept_tokens.plot(arch, masks, shown, labels, logits, rows, str(tmp_path))
+    assert len(shown) == 4 and all(os.path.getsize(f) > 0 for f in pngs)

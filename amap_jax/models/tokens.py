@@ -112,49 +112,52 @@ def predict(model, variables, images, *, multiple: int | None = None):
     Each point keeps, for the whole batch, K = the largest count of kept tokens, rounded up to
     `multiple` (None: exact; what batch-1 inference uses). Images with fewer keep their extra
     tokens masked out as keys, so every image gets its batch-1 logits whatever the bucket.
-    Every segment between points is compiled once per token count.
+    Each segment between points is one compiled call per K; the host only reads the per-image
+    counts, to choose the next K.
     """
     arch = model.arch
     pts = points(arch, model.sites)
-    x = _jit(model, "embed")(variables, images)
-    keep = None
+    bounds = [0, *pts, len(arch.blocks)]
+    x, keep, size = images, None, None
     counts = []
-    start = 0
-    for k, p in enumerate(pts):
-        x, stats = _jit(model, "run", start, p)(variables, x, keep)
-        mask = np.asarray(_jit(model, "gate", k)(variables, stats, keep))
-        kept = mask.sum(-1).astype(int)
+    for k in range(len(pts)):
+        x, keep, kept = _segment(model, bounds[k], bounds[k + 1], size)(variables, x, keep)
+        kept = np.asarray(kept)
         counts.append(kept - arch.num_prefix)
-        size = _bucket(int(kept.max()), multiple, mask.shape[1])
-        order = np.argsort(-mask, axis=-1, kind="stable")[:, :size]  # kept first, in order
-        order = np.sort(order, axis=-1)
-        x = jnp.take_along_axis(x, jnp.asarray(order)[..., None], axis=1)
-        keep = jnp.asarray(np.take_along_axis(mask, order, axis=-1))
-        start = p
-    x, _ = _jit(model, "run", start, len(arch.blocks))(variables, x, keep)
-    return _jit(model, "logits")(variables, x), np.stack(counts, -1) if counts else None
+        size = _bucket(int(kept.max()), multiple, size or keep.shape[1])  # never above the last K
+    logits = _segment(model, bounds[-2], bounds[-1], size)(variables, x, keep)
+    return logits, np.stack(counts, -1) if counts else None
 
 
 _CACHE: dict = {}
 
 
-def _jit(model, what: str, *static):
-    """One compiled function per (model, part, static arguments); shapes retrace as needed."""
-    key = (model, what, static)
-    if key not in _CACHE:
-        if what == "embed":
-            fn = lambda v, images: model.apply(v, images, method="embed")  # noqa: E731
-        elif what == "run":
-            start, stop = static
-            fn = lambda v, x, keep: model.apply(  # noqa: E731
-                v, x, start, stop, keep, stats=stop < len(model.arch.blocks), method="run"
-            )
-        elif what == "gate":
-            (k,) = static
-            fn = lambda v, stats, keep: model.apply(  # noqa: E731
-                v, k, stats, keep, method=lambda m, *a: m.token_gate(*a)
-            )
+def _segment(model, start: int, stop: int, size: int | None):
+    """Blocks [start, stop) on the images (start 0) or on the first `size` tokens of the last
+    segment's output; returns the logits (stop = depth), or every token with the kept ones
+    first (each group in its original order), padded back to the full count so that the next
+    segment compiles once per `size`, with their mask and the kept count of each image."""
+    key = (model, start, stop, size)
+    if key in _CACHE:
+        return _CACHE[key]
+    k = points(model.arch, model.sites).index(stop) if stop < len(model.arch.blocks) else None
+
+    def segment(m, x, keep):
+        if start == 0:
+            x = m.embed(x)
         else:
-            fn = lambda v, x: model.apply(v, x, method="logits")  # noqa: E731
-        _CACHE[key] = jax.jit(fn)
+            x, keep = x[:, :size], keep[:, :size]
+        x, stats = m.run(x, start, stop, keep, stats=k is not None)
+        if k is None:
+            return m.logits(x)
+        mask = m.token_gate(k, stats, keep)
+        order = jnp.argsort(-mask, axis=-1, stable=True)
+        pad = model.arch.num_tokens - x.shape[1]
+        return (
+            jnp.pad(jnp.take_along_axis(x, order[..., None], axis=1), ((0, 0), (0, pad), (0, 0))),
+            jnp.pad(jnp.take_along_axis(mask, order, axis=-1), ((0, 0), (0, pad))),
+            mask.sum(-1).astype(jnp.int32),
+        )
+
+    _CACHE[key] = jax.jit(lambda v, x, keep: model.apply(v, x, keep, method=segment))
     return _CACHE[key]

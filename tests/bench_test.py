@@ -1,0 +1,75 @@
+"""bench/compare.py's report: seeds aggregated, targets judged from the numbers, token rows."""
+
+from __future__ import annotations
+
+from bench import compare
+
+
+def _cell(config, variant, target, seed, top1, **extra):
+    cell = {
+        "config": config,
+        "variant": variant,
+        "target": target,
+        "seed": seed,
+        "top1": top1,
+        "macs_ratio": target,
+        "speedup": 1 / target,
+        "ideal_speedup": 1 / target,
+        "wall_s": 60.0,
+    }
+    if variant != compare.DENSE_BUDGET:
+        cell.update(before_finetune_top1=top1 - 1, export_max_logit_diff=1e-6 * (seed + 1))
+    return {**cell, **extra}
+
+
+def _channel_cells():
+    tops = {"amap": (88.2, 88.0), "vtp": (88.3, 88.1), "magnitude": (88.0, 87.9), "random": (87.5,)}
+    cells = [_cell("vit", compare.DENSE_BUDGET, 1.0, s, 88.4) for s in (0, 1)]
+    for method, values in tops.items():
+        cells += [_cell("vit", method, 0.7, s, t) for s, t in enumerate(values)]
+    return cells
+
+
+def test_rows_hold_mean_and_spread_over_seeds():
+    rows = compare.aggregate(_channel_cells())
+    amap = compare._find(rows, "vit", "amap", 0.7)
+    assert (amap["seeds"], amap["top1_mean"], amap["top1_sd"]) == (2, 88.1, 0.14)
+    assert amap["before_finetune_mean"] == 87.1 and amap["max_logit_diff"] == 2e-6
+    assert compare._find(rows, "vit", "random", 0.7)["top1_sd"] == 0.0  # one seed: no spread
+
+
+def test_verdicts_follow_the_numbers():
+    rows = compare.aggregate(_channel_cells())
+    notes = compare.verdicts(rows, {"vit": {"top1": 88.0}})
+    # AMAP is 0.30 below the equal-budget dense model: within the 0.3 allowed at 0.7
+    assert any("AMAP 88.10 vs equal-budget dense 88.40" in n and n.endswith(": met") for n in notes)
+    order = [n for n in notes if "order" in n]
+    assert order == [
+        "vit, 0.7: order vtp > amap > magnitude > random "
+        "(vtp 88.20, amap 88.10, magnitude 87.95, random 87.50): not met"
+    ]
+
+
+def test_token_rows_report_kept_tokens_and_both_speedups():
+    tok = dict(kept_tokens_of=100, speedup_batch1=1.2, images_per_s=700.0, images_per_s_batch1=200)
+    cells = [_cell("tokens", compare.DENSE_BUDGET, 1.0, s, 80.0) for s in (0, 1)]
+    cells += [
+        _cell("tokens", "asvit", 0.5, s, 79.7, kept_tokens_mean=[50.0 + s, 30.0], **tok)
+        for s in (0, 1)
+    ]
+    cells += [_cell("tokens", "amap", 0.5, s, 79.0) for s in (0, 1)]
+    cells += [
+        _cell("tokens", "amap+asvit", 0.5, s, 79.8, kept_tokens_mean=[60.0, 40.0], **tok)
+        for s in (0, 1)
+    ]
+    rows = compare.aggregate(cells)
+    asvit = compare._find(rows, "tokens", "asvit", 0.5)
+    assert asvit["kept_tokens_mean"] == [50.5, 30.0] and asvit["speedup_batch1"] == 1.2
+    notes = compare.verdicts(rows, {"tokens": {"top1": 79.5}})
+    # 2.0x at 0.3 points below dense: met; the combination is above both: met
+    assert any(n.startswith("tokens, 0.5: AS-ViT 2.00x") and n.endswith(": met") for n in notes)
+    assert any(
+        n.startswith("tokens, 0.5: AMAP+AS-ViT 79.80") and n.endswith(": met") for n in notes
+    )
+    table = compare.markdown(rows, {"tokens": {"top1": 79.5}}, notes)
+    assert "| 0.5 | asvit | 79.70 ± 0.00 |" in table and "50 / 30 of 100" in table
