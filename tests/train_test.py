@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import param_shapes, random_params
 
 from amap_jax import config as config_lib
 from amap_jax.data import load_source, train_batches
@@ -219,3 +220,95 @@ def test_interrupt_saves_a_checkpoint(tmp_path, digits):
             checkpoint_every=1000,
         )
     assert Checkpointer(str(tmp_path)).latest_step() == 4
+
+
+def test_weight_decay_only_on_kernels_as_timm():
+    """Position embeddings, tokens, relative position tables, FLatten's positional encoding
+    and scale, norms, biases and AMAP's reweight are not decayed, whatever their rank."""
+    from amap_jax import models
+    from amap_jax.models.arch import swin_arch, vit_arch
+
+    for arch in (
+        vit_arch("micro", pattern="LS", distilled=True, image_size=32),
+        swin_arch("micro", pattern="LLSS"),
+    ):
+        params = param_shapes(models.build(arch, sites=Amap()))["params"]
+        flat = {
+            "/".join(getattr(k, "key", str(k)) for k in path): decay
+            for path, decay in jax.tree_util.tree_leaves_with_path(steps.decay_mask(params))
+        }
+        assert {p for p, d in flat.items() if d} == {p for p in flat if p.endswith("kernel")}
+        never = ("pos_embedding", "cls", "dist_token", "positional_encoding", "scale", "reweight")
+        names = {p.rsplit("/", 1)[-1] for p in flat}
+        assert any(n.startswith(never) or "relative" in n for n in names)
+        assert not any(d for p, d in flat.items() if p.rsplit("/", 1)[-1].startswith(never))
+        assert not any(d for p, d in flat.items() if "relative" in p)
+    # in the optimizer: a zero gradient shrinks a kernel and leaves a position embedding alone
+    tx = steps.adamw(1e-2, 10, 0, weight_decay=0.5, clip=0.0)
+    p = {"pos_embedding": jnp.ones((1, 4, 2)), "fc": {"kernel": jnp.ones((2, 2))}}
+    opt_state = tx.init(p)
+    for _ in range(2):  # the schedule's learning rate is 0 at step 0
+        updates, opt_state = tx.update(jax.tree.map(jnp.zeros_like, p), opt_state, p)
+    assert float(jnp.abs(updates["pos_embedding"]).max()) == 0.0
+    assert float(updates["fc"]["kernel"].max()) < 0.0
+
+
+def test_teacher_is_placed_on_the_devices_once(tmp_path, digits):
+    """A host teacher passed to `fit` reaches every step as the same device arrays."""
+    model, tx, state = _dense_state()
+    seen = []
+    step = _step(model, tx)
+
+    def step_fn(s, batch, teacher):
+        seen.append(teacher["params"]["head"]["kernel"])
+        return step(s, batch)
+
+    host_teacher = jax.device_get({"params": state.trainable["params"]})
+    fit(
+        name="t",
+        directory=str(tmp_path / "t"),
+        state=state,
+        step_fn=step_fn,
+        batches=lambda start: train_batches(digits, 32, seed=3, start_step=start),
+        num_steps=3,
+        steps_per_epoch=3,
+        mesh=parallel.make_mesh(2),
+        step_args=(host_teacher,),
+    )
+    assert len(seen) == 3 and all(isinstance(t, jax.Array) for t in seen)
+    assert all(t is seen[0] for t in seen) and seen[0].sharding.is_fully_replicated
+
+
+def test_distilled_deit_learns_its_distillation_head_from_the_teacher(digits):
+    """With KD weight 1 the class head gets no gradient (it learns from the labels only) and the
+    distillation head learns from the teacher, as in DeiT; without a teacher both heads learn."""
+    import dataclasses
+
+    arch = dataclasses.replace(ARCH, distilled=True)
+    model = ViT(arch)
+    params = random_params(param_shapes(model), seed=1)["params"]
+    tx = steps.per_collection({"params": optax.sgd(0.1)})
+    state = steps.create_state({"params": params}, tx)
+    batch = next(train_batches(digits, 16, seed=0))
+    teacher = ViT(ARCH)
+    t_params = random_params(param_shapes(teacher), seed=2)
+    changed = {}
+    for kd, t in ((1.0, teacher), (0.0, None)):
+        obj = steps.Objective(10, kd_weight=kd, kd_temperature=1.0)
+        step = jax.jit(steps.make_train_step(model, tx, INPUTS, obj, seed=0, teacher=t))
+        new, metrics = step(state, batch, t_params) if t else step(state, batch)
+        changed[kd] = {
+            h: not np.allclose(new.trainable["params"][h]["kernel"], params[h]["kernel"])
+            for h in ("head", "head_dist")
+        }
+        assert np.isfinite(float(metrics["loss"]))
+    assert changed[1.0] == {"head": False, "head_dist": True}
+    assert changed[0.0] == {"head": True, "head_dist": True}
+
+
+def test_no_training_accuracy_under_mixup(digits):
+    model, tx, state = _dense_state()
+    batch = next(train_batches(digits, 16, seed=0))
+    plain = _step(model, tx)(state, batch)[1]
+    mixed = _step(model, tx, steps.Objective(10, mixup_alpha=0.8, cutmix_alpha=1.0))(state, batch)
+    assert "accuracy" in plain and "accuracy" not in mixed[1]

@@ -7,7 +7,6 @@ inference runner can drop tokens between blocks (`models.tokens`) with static sh
 from __future__ import annotations
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from amap_jax.models import tokens
@@ -47,9 +46,10 @@ class ViT(nn.Module):
         if points:
             self.token_gate = tokens.gate(a, self.sites, points)
 
-    def __call__(self, images):
+    def __call__(self, images, heads: bool = False):
         """Logits; tokens under a pruning point's threshold are masked out as keys (the same
-        function as dropping them, see `models.tokens.predict`)."""
+        function as dropping them, see `models.tokens.predict`). A distilled model with
+        `heads=True` gives (class head, distillation head) logits, for DeiT's training loss."""
         x = self.embed(images)
         points = tokens.points(self.arch, self.sites)
         keep, stats = None, None
@@ -57,7 +57,7 @@ class ViT(nn.Module):
             if i in points:
                 keep = self.token_gate(points.index(i), stats, keep)
             x, stats = self.run(x, i, i + 1, keep, stats=i + 1 in points)
-        return self.logits(x)
+        return self.logits(x, heads)
 
     def embed(self, images):
         a = self.arch
@@ -78,9 +78,11 @@ class ViT(nn.Module):
                 x, out = x
         return x, out
 
-    def logits(self, x) -> jax.Array:
+    def logits(self, x, heads: bool = False):
         x = self.norm(x)
-        logits = self.head(x[:, 0])
-        if self.arch.distilled:  # inference: the mean of the class and distillation heads
-            logits = (logits + self.head_dist(x[:, 1])) / 2
-        return logits.astype(jnp.float32)
+        logits = self.head(x[:, 0]).astype(jnp.float32)
+        if not self.arch.distilled:
+            return logits
+        dist = self.head_dist(x[:, 1]).astype(jnp.float32)
+        # inference: the mean of the class and distillation heads
+        return (logits, dist) if heads else (logits + dist) / 2

@@ -146,6 +146,7 @@ def fit(
     if restored is not None:
         state = restored
     state = parallel.replicate(state, mesh)
+    step_args = parallel.replicate(step_args, mesh)  # e.g. a teacher: placed once, not per step
     start = int(state.step)
     if start >= num_steps:
         ckpt.close()

@@ -52,10 +52,17 @@ def schedule(lr: float, total_steps: int, warmup_steps: int) -> optax.Schedule:
     )
 
 
-def adamw(lr: float, total_steps: int, warmup_steps: int, weight_decay: float, clip: float):
-    def decay_mask(params):  # no decay on biases, norms, scales and embeddings of rank < 2
-        return jax.tree.map(lambda p: p.ndim >= 2, params)
+def decay_mask(params):
+    """Weight decay on the kernels of dense and convolution layers only, as timm, DeiT and Swin
+    choose by name: never on biases, norms, position embeddings, class / distillation tokens,
+    relative position bias tables, FLatten's positional encoding and scale, or a method's
+    multipliers (AMAP's reweight), whatever their rank."""
+    return jax.tree.map_with_path(
+        lambda path, _: getattr(path[-1], "key", None) == "kernel", params
+    )
 
+
+def adamw(lr: float, total_steps: int, warmup_steps: int, weight_decay: float, clip: float):
     return optax.chain(
         optax.clip_by_global_norm(clip) if clip else optax.identity(),
         optax.adamw(
@@ -123,8 +130,14 @@ class Objective:
 def make_train_step(model, tx, inputs: Input, objective: Objective, seed: int, teacher=None):
     """(state, batch[, teacher_variables]) -> (state, metrics); jit it with donate_argnums=0.
 
-    `teacher` is a module; its variables are passed per call so they stay device arrays.
+    `teacher` is a module; its variables are passed per call so they stay device arrays. A
+    distilled DeiT learns as in DeiT: with a teacher, the class head from the labels and the
+    distillation head from the teacher; without one, both heads' mean from the labels.
     """
+    two_heads = teacher is not None and objective.kd_weight > 0
+    two_heads = two_heads and getattr(model.arch, "distilled", False)
+    # Under mixup / cutmix the label of a mixed image is a mixture: no training accuracy.
+    mixed = objective.mixup_alpha > 0 or objective.cutmix_alpha > 0
 
     def step(state: TrainState, batch, teacher_variables=None):
         rng = jax.random.fold_in(jax.random.key(seed), state.step)
@@ -133,20 +146,29 @@ def make_train_step(model, tx, inputs: Input, objective: Objective, seed: int, t
 
         def loss_fn(trainable):
             # What the forward reports (kept tokens) goes to the regulariser.
-            logits, aux = model.apply({**trainable, **state.extra}, x, mutable=[REPORTS])
+            v = {**trainable, **state.extra}
+            if two_heads:
+                (logits, dist), aux = model.apply(v, x, heads=True, mutable=[REPORTS])
+            else:
+                logits, aux = model.apply(v, x, mutable=[REPORTS])
+                dist = logits
             ce = optax.softmax_cross_entropy(logits, targets).mean()
             loss, metrics = ce, {"ce": ce}
+            if two_heads:
+                logits = (logits + dist) / 2  # what inference gives, for the accuracy
             if teacher is not None and objective.kd_weight > 0:
                 t_logits = jax.lax.stop_gradient(teacher.apply(teacher_variables, x))
-                kd = distillation(logits, t_logits, objective.kd_temperature)
+                kd = distillation(dist, t_logits, objective.kd_temperature)
                 loss = (1 - objective.kd_weight) * ce + objective.kd_weight * kd
                 metrics["kd"] = kd
             if objective.regularizer is not None:
                 reg, reg_metrics = objective.regularizer(trainable, aux.get(REPORTS, {}))
                 loss = loss + reg
                 metrics.update(reg_metrics)
-            acc = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
-            return loss, {**metrics, "loss": loss, "accuracy": acc}
+            metrics["loss"] = loss
+            if not mixed:
+                metrics["accuracy"] = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
+            return loss, metrics
 
         grads, metrics = jax.grad(loss_fn, has_aux=True)(state.trainable)
         metrics["grad_norm"] = optax.tree.norm(grads)  # the loop stops on a non-finite one
