@@ -13,6 +13,16 @@ from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Work directory (checkpoints, export, summary).")
+# Several processes (TPU pod slices, GPU clusters): how they find each other. They change where a
+# run computes, not what: they are flags, not config entries.
+_MULTIHOST = flags.DEFINE_bool(
+    "multihost", False, "Start JAX's multi-process runtime from the environment (TPU pod, SLURM)."
+)
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0 (implies --multihost)."
+)
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "With --coordinator_address.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "With --coordinator_address.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -71,9 +81,12 @@ def main(argv):
     if len(argv) > 1:
         _fail(f"unexpected arguments: {' '.join(argv[1:])}")
     from amap_jax import cli, logs, pipeline
+    from amap_jax.train import parallel
 
+    if _MULTIHOST.value or _COORDINATOR.value:
+        parallel.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     logging.set_verbosity(logging.WARNING)  # keep library INFO chatter out of the run log
-    logs.setup()
+    logs.setup(chief=parallel.is_chief())
     config = _config()
     signal.signal(signal.SIGINT, _first_interrupt_only)
     try:
@@ -83,7 +96,8 @@ def main(argv):
         if described is None:
             raise
         _fail(*described)
-    print(pipeline.format_summary(summary))
+    if parallel.is_chief():
+        print(pipeline.format_summary(summary))
 
 
 if __name__ == "__main__":

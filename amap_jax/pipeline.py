@@ -189,6 +189,7 @@ def search(ctx: Context, arch: Arch, dense_params, method: Method):
     cfg = ctx.config.search
     seed = ctx.config.seed + 1
     variables = method.initialize(arch, dense_params, calibration=ctx.calibration, seed=seed)
+    variables = parallel.broadcast(variables)  # host-computed: the same on every process
     trainable_names = ("params", *method.trainable)
     total, per_epoch = ctx.steps(cfg)
     tx = _optimizer(cfg, total, per_epoch, method.optimizers(total))
@@ -226,7 +227,7 @@ def search(ctx: Context, arch: Arch, dense_params, method: Method):
             step_args=({"params": dense_params},) if teacher else (),
         )
     variables = {**jax.device_get(state.trainable), **jax.device_get(state.extra)}
-    return method.finalize(arch, variables, ctx.calibration), model
+    return parallel.broadcast(method.finalize(arch, variables, ctx.calibration)), model
 
 
 def finetune(ctx: Context, arch: Arch, params, teacher_arch: Arch, teacher_params):
@@ -393,9 +394,11 @@ def run(config, workdir: str) -> dict:
     )
 
     p_params = finetune(ctx, p_arch, p_params, arch, dense_params)
-    if ctx.is_chief and not pruned.is_finished(export_dir):
-        workdir_lib.record(workdir, config, "export")
-        workdir_lib.mark_export(workdir, export_dir)  # ours before it is finished
+    parallel.barrier("before export")  # every process sees the same is_finished
+    if not pruned.is_finished(export_dir):  # every process takes part in the save
+        if ctx.is_chief:
+            workdir_lib.record(workdir, config, "export")
+            workdir_lib.mark_export(workdir, export_dir)  # ours before it is finished
         pruned.save_pruned(
             export_dir,
             p_arch,

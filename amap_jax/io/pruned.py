@@ -12,7 +12,7 @@ import jax
 
 from amap_jax import models
 from amap_jax.models.arch import Arch, arch_from_dict
-from amap_jax.train import checkpoint
+from amap_jax.train import checkpoint, parallel
 
 FORMAT = 1
 MODEL_JSON = "model.json"
@@ -24,16 +24,22 @@ def is_finished(directory: str) -> bool:
 
 
 def save_pruned(directory: str, arch: Arch, params, **extra) -> None:
-    """Writes an exported model; refuses to overwrite a finished export."""
+    """Writes an exported model; refuses to overwrite a finished export. With several
+    processes every one must call it (orbax's save is collective); the chief writes."""
     if is_finished(directory):
         raise FileExistsError(
             f"{directory} already holds a finished export; choose another directory"
         )
-    os.makedirs(directory, exist_ok=True)
     weights = os.path.join(directory, WEIGHTS)
-    if os.path.exists(weights):  # left by an interrupted export: never finished, safe to redo
-        shutil.rmtree(weights)
+    if parallel.is_chief():
+        os.makedirs(directory, exist_ok=True)
+        if os.path.exists(weights):  # left by an interrupted export: never finished, redo it
+            shutil.rmtree(weights)
+    parallel.barrier("export directory ready")
     checksums = checkpoint.save_tree(weights, params)
+    if not parallel.is_chief():
+        parallel.barrier("export written")
+        return
     meta = {
         "format": FORMAT,
         "arch": arch.to_dict(),
@@ -49,6 +55,7 @@ def save_pruned(directory: str, arch: Arch, params, **extra) -> None:
         **extra,
     }
     checkpoint.write_json(os.path.join(directory, MODEL_JSON), meta)
+    parallel.barrier("export written")
 
 
 def read_meta(directory: str) -> dict:

@@ -19,6 +19,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from amap_jax.logs import log as logging
+from amap_jax.train import parallel
 
 SEAL = "amap_sha256.json"
 
@@ -87,10 +88,12 @@ class Checkpointer:
         if not self._unsealed:
             return
         self._manager.wait_until_finished()
-        for step in self._unsealed:
-            d = self._step_dir(step)
-            if os.path.isdir(d):
-                write_json(os.path.join(d, SEAL), digest(d))
+        parallel.barrier("checkpoint committed")  # every process's files are written
+        if parallel.is_chief():
+            for step in self._unsealed:
+                d = self._step_dir(step)
+                if os.path.isdir(d):
+                    write_json(os.path.join(d, SEAL), digest(d))
         self._unsealed.clear()
 
     def _problem(self, step: int) -> str | None:
@@ -103,14 +106,19 @@ class Checkpointer:
             return "its checksum file is unreadable"
         return verify(self._step_dir(step), expected)
 
-    def restore(self, target):
-        """The latest intact checkpoint shaped like `target`, or None when there is none.
+    def restore(self, target, sharding=None):
+        """The latest intact checkpoint shaped like `target` (placed with `sharding`, e.g.
+        replicated over every process's devices), or None when there is none.
 
         A corrupt latest checkpoint falls back to the one before it (moved aside, with a
         warning). A checkpoint that is intact but does not fit `target` (another model) is a
         `CheckpointError`.
         """
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+        if sharding is not None:
+            abstract = jax.tree.map(
+                lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), abstract
+            )
         failed: list[tuple[int, str]] = []
         for step in sorted(self._manager.all_steps(), reverse=True):
             problem = self._problem(step)
@@ -143,6 +151,12 @@ class Checkpointer:
         """Moves corrupt checkpoints out of the way of new saves, keeping them for inspection."""
         if not failed:
             return
+        parallel.barrier("restored")  # all processes found the same: the chief moves them
+        if not parallel.is_chief():
+            parallel.barrier("set aside")
+            self._manager.close()
+            self._manager = self._open()
+            return
         aside = f"{self.directory}.corrupt"
         os.makedirs(aside, exist_ok=True)
         for step, problem in failed:
@@ -158,6 +172,7 @@ class Checkpointer:
                 problem,
                 dest,
             )
+        parallel.barrier("set aside")
         self._manager.close()
         self._manager = self._open()
 

@@ -142,7 +142,7 @@ def fit(
     loss or gradient (`Diverged`) saves nothing, so the last checkpoint is the last good state.
     """
     ckpt = Checkpointer(directory)
-    restored = ckpt.restore(state)
+    restored = ckpt.restore(state, parallel.replicated(mesh))
     if restored is not None:
         state = restored
     state = parallel.replicate(state, mesh)
@@ -185,7 +185,7 @@ def fit(
                     ckpt.save(step, state)
                 if fault is not None and fault[1] == step:
                     os.kill(os.getpid(), fault[0])
-                if term.received:
+                if parallel.any_process(term.received):  # every process stops at this step
                     saved = _save_now(ckpt, state, start)
                     raise Preempted(f"{name} preempted (SIGTERM) at step {saved}; checkpoint saved")
     except KeyboardInterrupt:
