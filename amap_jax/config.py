@@ -15,6 +15,7 @@ def defaults() -> ml_collections.ConfigDict:
     c.method_widths_from = ""  # magnitude/random: copy per-layer widths from this run's export
     c.seed = 0
     c.num_devices = 0  # 0: all visible devices
+    c.parallel = "jit"  # or "pmap": the same numbers with jax.pmap and replicated state
     c.checkpoint_every = 200  # steps
     c.export_dir = ""  # default: WORKDIR/export
     c.reference = ""  # published numbers to compare with, printed beside the results

@@ -40,6 +40,14 @@ class Context:
     inputs: steps.Input
     process_index: int = 0
     process_count: int = 1
+    placement: parallel.Placement | None = None  # jit (default) or pmap
+
+    def compile(self, model, tx, objective, seed: int, teacher=None):
+        """The train step of a stage, jitted or pmapped as configured."""
+        p = self.placement or parallel.Placement(self.mesh)
+        return p.compile(
+            steps.make_train_step(model, tx, self.inputs, objective, seed, teacher, p.axis)
+        )
 
     @property
     def is_chief(self) -> bool:
@@ -79,6 +87,7 @@ class Context:
             mesh=self.mesh,
             checkpoint_every=self.config.checkpoint_every,
             is_chief=self.is_chief,
+            placement=self.placement,
             **kw,
         )
 
@@ -174,9 +183,7 @@ def train_dense(ctx: Context, arch: Arch):
     tx = _optimizer(cfg, total, per_epoch)
     state = steps.create_state({"params": params}, tx)
     objective = ctx.objective(arch, cfg)
-    step = jax.jit(
-        steps.make_train_step(model, tx, ctx.inputs, objective, ctx.config.seed), donate_argnums=0
-    )
+    step = ctx.compile(model, tx, objective, ctx.config.seed)
     state = ctx.fit(
         "train", "dense", cfg, state, step, ctx.config.seed, on_epoch=ctx.test_top1(model)
     )
@@ -205,10 +212,7 @@ def search(ctx: Context, arch: Arch, dense_params, method: Method):
         regularizer=method.loss(arch),
     )
     teacher = ctx.build(arch) if cfg.kd_weight > 0 else None
-    step = jax.jit(
-        steps.make_train_step(model, tx, ctx.inputs, objective, seed, teacher),
-        donate_argnums=0,
-    )
+    step = ctx.compile(model, tx, objective, seed, teacher)
 
     def on_epoch(_, st):
         now = {**jax.device_get(st.trainable), **jax.device_get(st.extra)}
@@ -240,10 +244,7 @@ def finetune(ctx: Context, arch: Arch, params, teacher_arch: Arch, teacher_param
     state = steps.create_state({"params": params}, tx)
     objective = ctx.objective(arch, cfg, kd_weight=cfg.kd_weight, kd_temperature=cfg.kd_temperature)
     teacher = ctx.build(teacher_arch) if cfg.kd_weight > 0 else None
-    step = jax.jit(
-        steps.make_train_step(model, tx, ctx.inputs, objective, ctx.config.seed + 2, teacher),
-        donate_argnums=0,
-    )
+    step = ctx.compile(model, tx, objective, ctx.config.seed + 2, teacher)
     state = ctx.fit(
         "finetune",
         "finetune",
@@ -329,8 +330,8 @@ def make_context(config, workdir: str) -> tuple[Context, Arch]:
     mesh = parallel.make_mesh(config.num_devices or None)
     d = config.data
     train, test = open_split(d, d.train_split), open_split(d, d.test_split)
-    for stage in ("train", "search", "finetune"):
-        parallel.check_batch_size(config[stage].batch_size, mesh)
+    for stage in ("train", "search", "finetune", "eval"):
+        parallel.check_batch_size(config[stage].batch_size, mesh, f"{stage}.batch_size")
     arch = build_arch(config, train.info)
     methods.from_config(config).check(arch)  # a target the method cannot reach fails now
     inputs = steps.Input(arch.mean, arch.std, arch.image_size, d.crop_padding, d.flip)
@@ -343,6 +344,7 @@ def make_context(config, workdir: str) -> tuple[Context, Arch]:
         inputs,
         jax.process_index(),
         jax.process_count(),
+        parallel.Placement(mesh, config.parallel),
     )
     return ctx, arch
 

@@ -312,3 +312,30 @@ def test_no_training_accuracy_under_mixup(digits):
     plain = _step(model, tx)(state, batch)[1]
     mixed = _step(model, tx, steps.Objective(10, mixup_alpha=0.8, cutmix_alpha=1.0))(state, batch)
     assert "accuracy" in plain and "accuracy" not in mixed[1]
+
+
+def test_pmap_mode_gives_the_numbers_of_jit_mode(tmp_path):
+    """The whole pipeline on 8 fake devices with jax.pmap and with jit: the same accuracies and
+    exports (augmentation and mixup partners drawn over the whole batch in both); a pmap work
+    directory is then finished by jit mode from its checkpoints, nothing retrained."""
+    from conftest import tiny_config
+
+    from amap_jax import load_pruned, pipeline
+
+    runs = {}
+    for mode in ("jit", "pmap"):
+        c = tiny_config()
+        c.parallel, c.num_devices = mode, 8
+        c.data.crop_padding, c.data.flip, c.data.mixup_alpha = 1, True, 0.8
+        c.eval.batch_size = 96
+        c.train.epochs, c.search.epochs, c.finetune.epochs = 1.0, 0.5, 0.5
+        runs[mode] = (c, pipeline.run(c, str(tmp_path / mode)))
+    (_, sj), (cp, sp) = runs["jit"], runs["pmap"]
+    for key in ("dense", "pruned"):
+        assert sj[key]["top1"] == sp[key]["top1"]
+    assert sj["masked_top1"] == sp["masked_top1"] and sj["arch"] == sp["arch"]
+    pj, pp = (load_pruned(s["export_dir"])[1]["params"] for s in (sj, sp))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), pj, pp)
+    cp.parallel = "jit"  # the same work directory, the other mode: everything restores
+    again = pipeline.run(cp, str(tmp_path / "pmap"))
+    assert again["pruned"]["top1"] == sp["pruned"]["top1"]

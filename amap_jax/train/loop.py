@@ -10,7 +10,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 
-import jax
 import numpy as np
 
 from amap_jax.logs import log as logging
@@ -134,6 +133,7 @@ def fit(
     on_epoch: Callable[[int, object], dict] | None = None,
     step_args: tuple = (),
     is_chief: bool = True,
+    placement: parallel.Placement | None = None,
 ):
     """Runs `step_fn` from the last checkpoint in `directory` to `num_steps`; returns the state.
 
@@ -142,15 +142,16 @@ def fit(
     loss or gradient (`Diverged`) saves nothing, so the last checkpoint is the last good state.
     """
     ckpt = Checkpointer(directory)
+    place = placement or parallel.Placement(mesh)
     restored = ckpt.restore(state, parallel.replicated(mesh))
     if restored is not None:
         state = restored
-    state = parallel.replicate(state, mesh)
-    step_args = parallel.replicate(step_args, mesh)  # e.g. a teacher: placed once, not per step
     start = int(state.step)
     if start >= num_steps:
         ckpt.close()
-        return state
+        return parallel.replicate(state, mesh)
+    state = place.state(state)
+    step_args = place.state(step_args)  # e.g. a teacher: placed once, not per step
     if start:
         logging.info("%s: resuming at step %d/%d", name, start, num_steps)
     progress = Progress(name, num_steps, start, is_chief)
@@ -162,12 +163,11 @@ def fit(
     try:
         with _SigTerm() as term:
             for step in range(start + 1, num_steps + 1):
-                batch = parallel.shard_batch(next(it), mesh)
-                state, metrics = step_fn(state, batch, *step_args)
+                state, metrics = step_fn(state, place.batch(next(it)), *step_args)
                 for h in hooks:
                     if step % h.every == 0:
-                        state = h.fn(state)
-                metrics = jax.device_get(metrics)
+                        state = place.state(h.fn(place.host(state)))
+                metrics = place.metrics(metrics)
                 _check_finite(name, step, metrics, ckpt)
                 for k, v in metrics.items():
                     sums[k] = sums.get(k, 0.0) + float(v)
@@ -176,20 +176,20 @@ def fit(
                 if step % steps_per_epoch == 0 or step == num_steps:
                     line = {k: v / count for k, v in sums.items()}
                     if on_epoch is not None:
-                        line.update(on_epoch(step, state))
+                        line.update(on_epoch(step, place.host(state)))
                     epoch = int(np.ceil(step / steps_per_epoch))
                     if is_chief:
                         logging.info("%s epoch %d step %d: %s", name, epoch, step, _fmt(line))
                     sums, count = {}, 0
                 if step % checkpoint_every == 0 or step == num_steps:
-                    ckpt.save(step, state)
+                    ckpt.save(step, place.host(state))
                 if fault is not None and fault[1] == step:
                     os.kill(os.getpid(), fault[0])
                 if parallel.any_process(term.received):  # every process stops at this step
-                    saved = _save_now(ckpt, state, start)
+                    saved = _save_now(ckpt, place.host(state), start)
                     raise Preempted(f"{name} preempted (SIGTERM) at step {saved}; checkpoint saved")
     except KeyboardInterrupt:
-        saved = _save_now(ckpt, state, start)
+        saved = _save_now(ckpt, place.host(state), start)
         logging.warning("%s interrupted at step %d; checkpoint saved", name, saved)
         raise Interrupted(f"{name} interrupted at step {saved}; checkpoint saved") from None
     finally:
@@ -197,7 +197,7 @@ def fit(
             it.close()
     ckpt.wait()
     ckpt.close()
-    return state
+    return place.host(state)
 
 
 def _check_finite(name: str, step: int, metrics: dict, ckpt: Checkpointer) -> None:

@@ -89,7 +89,56 @@ def shard_batch(batch: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
     }
 
 
-def check_batch_size(global_batch: int, mesh) -> None:
+def check_batch_size(global_batch: int, mesh, name: str = "batch size") -> None:
     n = mesh.devices.size
     if global_batch % n:
-        raise ValueError(f"batch size {global_batch} is not divisible by the {n} devices")
+        raise ValueError(f"{name} {global_batch} is not divisible by the {n} devices")
+
+
+class Placement:
+    """How the stage loop places state and batches and compiles the step: `jit` (default: one
+    global state, the batch sharded over the mesh) or `pmap` (a copy of the state per device,
+    each device's slice of the batch along a leading axis). Both give the same numbers; the
+    loop sees `host(state)`, one copy in the jit layout, for checkpoints, hooks and callbacks,
+    so checkpoints of either mode restore in the other."""
+
+    def __init__(self, mesh, mode: str = "jit"):
+        if mode not in ("jit", "pmap"):
+            raise ValueError(f"parallel must be 'jit' or 'pmap', not {mode!r}")
+        if mode == "pmap" and jax.process_count() > 1:
+            raise ValueError("parallel=pmap runs in one process; use parallel=jit on several")
+        self.mesh, self.pmap = mesh, mode == "pmap"
+        self.n = mesh.devices.size
+        self.axis = AXIS if self.pmap else None  # the step's `axis_name`
+
+    def compile(self, step_fn):
+        if not self.pmap:
+            return jax.jit(step_fn, donate_argnums=0)
+        return jax.pmap(step_fn, AXIS, devices=list(self.mesh.devices.flat), donate_argnums=0)
+
+    def _stacked(self) -> NamedSharding:
+        return NamedSharding(self.mesh, P(AXIS))
+
+    def state(self, tree):
+        """A host or jit-layout tree as the step takes it."""
+        if not self.pmap:
+            return replicate(tree, self.mesh)
+        stack = lambda x: np.broadcast_to(np.asarray(x), (self.n, *np.shape(x)))  # noqa: E731
+        return jax.device_put(jax.tree.map(stack, tree), self._stacked())
+
+    def batch(self, batch: dict[str, np.ndarray]):
+        if not self.pmap:
+            return shard_batch(batch, self.mesh)
+        split = {k: np.asarray(v).reshape(self.n, -1, *np.shape(v)[1:]) for k, v in batch.items()}
+        return jax.device_put(split, self._stacked())
+
+    def host(self, tree):
+        """One copy of a step's state, in the jit layout."""
+        if not self.pmap:
+            return tree
+        return replicate(jax.tree.map(lambda x: x[0], tree), self.mesh)
+
+    def metrics(self, metrics) -> dict:
+        """A step's metrics as host numbers (pmap: every device holds the same mean)."""
+        metrics = jax.device_get(metrics)
+        return jax.tree.map(lambda x: x[0], metrics) if self.pmap else metrics

@@ -127,8 +127,22 @@ class Objective:
         )
 
 
-def make_train_step(model, tx, inputs: Input, objective: Objective, seed: int, teacher=None):
-    """(state, batch[, teacher_variables]) -> (state, metrics); jit it with donate_argnums=0.
+def make_train_step(
+    model,
+    tx,
+    inputs: Input,
+    objective: Objective,
+    seed: int,
+    teacher=None,
+    axis_name: str | None = None,
+):
+    """(state, batch[, teacher_variables]) -> (state, metrics); jit it with donate_argnums=0,
+    or, with `axis_name`, pmap it over that axis (`parallel.Placement` does either).
+
+    Under pmap each device holds a slice of the batch; augmentation and mixup partners are
+    drawn over the whole batch (gathered) and each device keeps its slice, so that the random
+    draws, and the numbers, do not depend on how the batch is split. Gradients and metrics
+    are averaged over the devices.
 
     `teacher` is a module; its variables are passed per call so they stay device arrays. A
     distilled DeiT learns as in DeiT: with a teacher, the class head from the labels and the
@@ -142,7 +156,14 @@ def make_train_step(model, tx, inputs: Input, objective: Objective, seed: int, t
     def step(state: TrainState, batch, teacher_variables=None):
         rng = jax.random.fold_in(jax.random.key(seed), state.step)
         aug_rng, mix_rng = jax.random.split(rng)
-        x, targets = objective.targets(mix_rng, inputs(batch["image"], aug_rng), batch["label"])
+        if axis_name is None:
+            x, targets = objective.targets(mix_rng, inputs(batch["image"], aug_rng), batch["label"])
+        else:
+            local = batch["label"].shape[0]
+            whole = jax.lax.all_gather(batch, axis_name, tiled=True)
+            x, targets = objective.targets(mix_rng, inputs(whole["image"], aug_rng), whole["label"])
+            start = jax.lax.axis_index(axis_name) * local
+            x, targets = (jax.lax.dynamic_slice_in_dim(t, start, local) for t in (x, targets))
 
         def loss_fn(trainable):
             # What the forward reports (kept tokens) goes to the regulariser.
@@ -171,6 +192,8 @@ def make_train_step(model, tx, inputs: Input, objective: Objective, seed: int, t
             return loss, metrics
 
         grads, metrics = jax.grad(loss_fn, has_aux=True)(state.trainable)
+        if axis_name is not None:
+            grads, metrics = jax.lax.pmean((grads, metrics), axis_name)
         metrics["grad_norm"] = optax.tree.norm(grads)  # the loop stops on a non-finite one
         updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
         trainable = optax.apply_updates(state.trainable, updates)
