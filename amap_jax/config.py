@@ -16,6 +16,7 @@ def defaults() -> ml_collections.ConfigDict:
     c.seed = 0
     c.num_devices = 0  # 0: all visible devices
     c.parallel = "jit"  # or "pmap": the same numbers with jax.pmap and replicated state
+    c.export_artifact = True  # EXPORT/forward.jax: the pruned model for jax alone (jax.export)
     c.checkpoint_every = 200  # steps
     c.export_dir = ""  # default: WORKDIR/export
     c.reference = ""  # published numbers to compare with, printed beside the results

@@ -18,7 +18,7 @@ from amap_jax import config as config_lib
 from amap_jax import methods, models
 from amap_jax import workdir as workdir_lib
 from amap_jax.data.splits import open_split
-from amap_jax.io import pretrained, pruned
+from amap_jax.io import artifact, pretrained, pruned
 from amap_jax.logs import log as logging
 from amap_jax.methods import Method, asvit
 from amap_jax.models import tokens
@@ -408,6 +408,9 @@ def run(config, workdir: str) -> dict:
             method=config.method,
             dense_macs=int(macs.model_macs(arch)),
         )
+    if config.export_artifact and ctx.is_chief and not artifact.exists(export_dir):
+        artifact.write(export_dir, p_arch, p_params)  # deployable with jax alone
+    parallel.barrier("artifact written")
     model, loaded = pruned.load_pruned(export_dir)
     pruned_eval = ctx.evaluate(model, loaded)
 

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -263,3 +264,64 @@ def test_swin_from_timm_weights_on_mock_imagenet(tmp_path):
     # The export is a Swin with the searched widths and the same windows.
     model, variables = amap_jax.load_pruned(os.path.join(str(tmp_path / "run"), "export"))
     assert model.arch.depths == (2, 2, 2, 2) and model.arch.blocks[1].shift == 2
+
+
+def test_artifact_runs_with_jax_alone_and_predict_reads_images(finished_run, tmp_path):
+    """A rerun with export_artifact on writes EXPORT/forward.jax; scripts/run_exported.py runs
+    it without amap_jax and gives load_pruned's logits; `python -m amap_jax.predict` reads PNGs
+    from a folder and names an unreadable file in one line."""
+    from PIL import Image
+
+    from amap_jax.data import load_source
+    from amap_jax.io import artifact
+
+    workdir = str(tmp_path / "w")
+    shutil.copytree(finished_run[0], workdir)
+    c = tiny_config()
+    c.export_artifact = True
+    summary = pipeline.run(c, workdir)  # every stage restored; only the artifact is new
+    export = summary["export_dir"]
+    assert export.startswith(workdir) and artifact.exists(export)
+    model, variables = amap_jax.load_pruned(export)
+    images = np.random.default_rng(0).normal(size=(5, 8, 8, 1)).astype(np.float32)
+    np.save(tmp_path / "x.npy", images)
+    out = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "scripts", "run_exported.py"), "--export", export,
+         "--inputs", str(tmp_path / "x.npy"), "--out", str(tmp_path / "y.npy")],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 0 and "amap_jax imported: False" in out.stdout, out.stderr[-2000:]
+    expected = np.asarray(model.apply(variables, images))
+    np.testing.assert_allclose(np.load(tmp_path / "y.npy"), expected, atol=1e-5)
+
+    folder = tmp_path / "png"
+    folder.mkdir()
+    digits = load_source("digits", "test").get(np.arange(3))
+    for i, img in enumerate(digits["image"]):
+        Image.fromarray(img[..., 0]).save(folder / f"{i}.png")
+    predict = [sys.executable, "-m", "amap_jax.predict", f"--export={export}"]
+    out = subprocess.run([*predict, str(folder)], capture_output=True, text=True, cwd=ROOT)
+    rows = [json.loads(line) for line in out.stdout.splitlines()]
+    assert out.returncode == 0 and len(rows) == 3, out.stderr[-2000:]
+    assert all(len(r["top"]) == 5 and abs(sum(p for _, p in r["top"]) - 1) < 0.5 for r in rows)
+    (folder / "broken.png").write_bytes(b"not an image")
+    out = subprocess.run([*predict, str(folder)], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 2 and out.stderr.strip().endswith(
+        "broken.png: not a readable image (UnidentifiedImageError)"
+    )
+
+
+def test_artifact_of_a_swin_model_equals_its_forward():
+    from conftest import param_shapes, random_params
+
+    from amap_jax import models
+    from amap_jax.io import artifact
+    from amap_jax.models.arch import swin_arch
+
+    arch = swin_arch("micro", pattern="LLSS")
+    params = random_params(param_shapes(models.build(arch)), seed=0)["params"]
+    forward = jax.export.deserialize(bytearray(artifact.serialize(arch, params))).call
+    x = np.random.default_rng(1).normal(size=(3, 32, 32, 3)).astype(np.float32)
+    np.testing.assert_allclose(
+        forward(x), models.build(arch).apply({"params": params}, x), atol=1e-5
+    )

@@ -20,4 +20,5 @@ def get_config():
     c.eval.batch_size = 100
     c.eval.bench_batch = 8
     c.eval.bench_seconds = 0.1
+    c.export_artifact = False  # seconds per run; tested once (pipeline_test)
     return c
