@@ -48,6 +48,14 @@ def test_verdicts_follow_the_numbers():
         "vit, 0.7: order vtp > amap > magnitude > random "
         "(vtp 88.20, amap 88.10, magnitude 87.95, random 87.50): not met"
     ]
+    # a tie is not an order, and differences within the seeds' spread are said to be
+    cells = [c for c in _channel_cells() if c["variant"] in ("amap", "vtp")]
+    cells = [{**c, "top1": 88.0 + 0.1 * c["seed"]} for c in cells]
+    notes = compare.verdicts(compare.aggregate(cells), {"vit": {"top1": 88.0}})
+    assert notes == [
+        "vit, 0.7: order amap > vtp (amap 88.05, vtp 88.05; all within 0.00 points, seed sd up "
+        "to 0.07): not met"
+    ]
 
 
 def test_token_rows_report_kept_tokens_and_both_speedups():

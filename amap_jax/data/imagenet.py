@@ -296,7 +296,7 @@ class _TfdsSplit:
             splits = tfds.even_splits(split, process_count, drop_remainder=drop_remainder)
             split = splits[process_index]
         ds = self._dataset(split, shuffle_seed).map(
-            lambda ex: {"image": ex["image"], "label": ex["label"]}
+            _plain(lambda ex: {"image": ex["image"], "label": ex["label"]})
         )
         if shuffle_seed is not None and shuffle_buffer > 1:
             ds = ds.shuffle(shuffle_buffer, seed=shuffle_seed, reshuffle_each_iteration=False)
