@@ -360,7 +360,7 @@ def plots(rows: list[dict], results: list[dict], dense: dict, suffix: str) -> li
 
     names = sorted({r["config"] for r in rows})
     paths = []
-    fig, axes = plt.subplots(1, len(names), figsize=(6 * len(names), 4.5), squeeze=False)
+    fig, axes = plt.subplots(1, len(names), figsize=(6 * len(names), 5.2), squeeze=False)
     for ax, name in zip(axes[0], names, strict=True):
         for variant in METHODS[name]:
             pts = sorted(
@@ -389,7 +389,7 @@ def plots(rows: list[dict], results: list[dict], dense: dict, suffix: str) -> li
         ax.set_xlabel("MACs ratio (pruned / dense)")
         ax.set_ylabel("top-1 % (mean ± sd over seeds)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=3)
     fig.tight_layout()
     paths.append(os.path.join(common.RESULTS, f"compare_top1_vs_macs{suffix}.png"))
     fig.savefig(paths[-1], dpi=110)
@@ -432,8 +432,9 @@ def plots(rows: list[dict], results: list[dict], dense: dict, suffix: str) -> li
             ax.set_ylim(0, 1.05)
             ax.set_xticks(range(len(arch.blocks)))
         row_axes[0].set_ylabel("kept share (per head), MACs 0.5")
-        row_axes[0].legend(fontsize=8)
-    fig.tight_layout()
+    handles, labels = max((ax.get_legend_handles_labels() for ax in axes[:, 0]), key=len)
+    fig.legend(handles, labels, loc="upper center", ncol=len(labels), fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
     paths.append(os.path.join(common.RESULTS, f"compare_widths{suffix}.png"))
     fig.savefig(paths[-1], dpi=110)
     plt.close(fig)

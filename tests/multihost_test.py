@@ -19,9 +19,10 @@ TIMEOUT = 600
 # The tiny config, shorter: what is tested is that processes agree, not what they learn.
 SHORT = (
     "--config.num_devices=0",
-    "--config.train.epochs=1",
+    "--config.train.epochs=0.5",
     "--config.search.epochs=0.5",
-    "--config.finetune.epochs=0.5",
+    "--config.finetune.epochs=0.25",
+    "--config.eval.bench_seconds=0",
 )
 
 
