@@ -68,8 +68,7 @@ def read_image(path: str, meta: dict) -> np.ndarray:
 
 def forward_fn(directory: str):
     if artifact.exists(directory):
-        with open(os.path.join(directory, artifact.FILE), "rb") as f:
-            return jax.export.deserialize(bytearray(f.read())).call
+        return artifact.load(directory)
     model, variables = pruned.load_pruned(directory)
     return jax.jit(lambda x: model.apply(variables, x))
 

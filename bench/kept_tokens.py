@@ -11,7 +11,6 @@ at every pruning point) and surviving_patches{_T}.png (test images with dropped 
 
 from __future__ import annotations
 
-import functools
 import os
 
 import jax
@@ -34,16 +33,17 @@ DROPPED_COLOUR = np.array([0.35, 0.55, 0.95])
 flags.mark_flags_as_required(["workdir"])
 
 
-def keep_masks(model, variables, inputs, images) -> np.ndarray:
-    """[B, points, patch tokens] keep mask of each image at each pruning point."""
+def keep_masks(model, inputs):
+    """(variables, images) -> [B, points, patch tokens] keep mask of each image at each
+    pruning point; compiled once, for every batch."""
 
-    @functools.partial(jax.jit)
+    @jax.jit
     def masks(variables, images):
         _, reports = model.apply(variables, inputs(images), mutable=[tokens.REPORTS])
         keeps = reports[tokens.REPORTS]["token_gate"]["keep"]
         return jnp.stack([k[:, model.arch.num_prefix :] for k in keeps], 1)
 
-    return np.asarray(masks(variables, images))
+    return masks
 
 
 def collect(workdir: str, n_images: int = 8):
@@ -57,10 +57,11 @@ def collect(workdir: str, n_images: int = 8):
     model, variables = pruned.load_pruned(export)
     if not model.arch.token_points:
         raise SystemExit(f"error: the export of {workdir} does not drop tokens")
+    masks = keep_masks(model, ctx.inputs)
     out = []
     for batch in ctx.test.eval_batches(config.eval.batch_size):
         real = np.asarray(batch.get("mask", np.ones(len(batch["image"])))) > 0
-        out.append(keep_masks(model, variables, ctx.inputs, batch["image"])[real])
+        out.append(np.asarray(masks(variables, batch["image"]))[real])
     first = next(iter(ctx.test.eval_batches(n_images)))
     shown = np.asarray(ctx.inputs(jnp.asarray(first["image"])))
     logits = np.asarray(jax.jit(model.apply)(variables, ctx.inputs(jnp.asarray(first["image"]))))

@@ -65,17 +65,18 @@ def test_train_step_same_on_1_and_8_devices(digits):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), p1, p8)
 
 
-def _fit(directory, state, model, tx, digits, num_steps):
+def _fit(directory, state, model, tx, digits, num_steps, step_fn=None, **kw):
     return fit(
         name="t",
         directory=str(directory),
         state=state,
-        step_fn=_step(model, tx),
+        step_fn=step_fn or _step(model, tx),
         batches=lambda start: train_batches(digits, 32, seed=3, start_step=start),
         num_steps=num_steps,
         steps_per_epoch=4,
         mesh=parallel.make_mesh(2),
         checkpoint_every=3,
+        **kw,
     )
 
 
@@ -264,17 +265,7 @@ def test_teacher_is_placed_on_the_devices_once(tmp_path, digits):
         return step(s, batch)
 
     host_teacher = jax.device_get({"params": state.trainable["params"]})
-    fit(
-        name="t",
-        directory=str(tmp_path / "t"),
-        state=state,
-        step_fn=step_fn,
-        batches=lambda start: train_batches(digits, 32, seed=3, start_step=start),
-        num_steps=3,
-        steps_per_epoch=3,
-        mesh=parallel.make_mesh(2),
-        step_args=(host_teacher,),
-    )
+    _fit(tmp_path / "t", state, model, tx, digits, 3, step_fn, step_args=(host_teacher,))
     assert len(seen) == 3 and all(isinstance(t, jax.Array) for t in seen)
     assert all(t is seen[0] for t in seen) and seen[0].sharding.is_fully_replicated
 

@@ -46,3 +46,10 @@ def write(directory: str, arch: Arch, params) -> str:
 
 def exists(directory: str) -> bool:
     return os.path.exists(os.path.join(directory, FILE))
+
+
+def load(directory: str):
+    """The artifact's forward pass: float32 [N, H, W, C] -> [N, classes] logits.
+    (`scripts/run_exported.py` holds the same few lines, so that it needs no amap_jax.)"""
+    with open(os.path.join(directory, FILE), "rb") as f:
+        return jax.export.deserialize(bytearray(f.read())).call

@@ -152,11 +152,13 @@ class Checkpointer:
         if not failed:
             return
         parallel.barrier("restored")  # all processes found the same: the chief moves them
-        if not parallel.is_chief():
-            parallel.barrier("set aside")
-            self._manager.close()
-            self._manager = self._open()
-            return
+        if parallel.is_chief():
+            self._move_aside(failed)
+        parallel.barrier("set aside")
+        self._manager.close()
+        self._manager = self._open()
+
+    def _move_aside(self, failed: list[tuple[int, str]]) -> None:
         aside = f"{self.directory}.corrupt"
         os.makedirs(aside, exist_ok=True)
         for step, problem in failed:
@@ -172,9 +174,6 @@ class Checkpointer:
                 problem,
                 dest,
             )
-        parallel.barrier("set aside")
-        self._manager.close()
-        self._manager = self._open()
 
     def wait(self) -> None:
         self._manager.wait_until_finished()
