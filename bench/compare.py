@@ -2,6 +2,7 @@
 
   python -m bench.compare [--root workdirs/compare] [--configs vit,flatten,tokens]
       [--targets 0.7,0.5] [--methods amap,vtp,...] [--seeds 0,1] [--ablations]
+    [--set train.epochs=2,search.epochs=0.25,...]
 
 Each cell (config, method or AMAP ablation, MACs target, seed) is a whole run (search -> export
 -> fine-tune -> eval) in its own work directory under ROOT, started from a copy of the config's
@@ -16,11 +17,16 @@ Channel methods (amap, vtp, magnitude, random) run on the `vit` and `flatten` co
 2 cores) compares amap, asvit and amap+asvit, with kept tokens per pruning point and images/s of
 the exported model at batch 1 and at the bench batch (`eval.bench_batch`, 64).
 
+`--set` changes the schedule (or any setting) of every run of the grid alike, dense stage
+included, and is written into the report: a shorter schedule is a fair comparison between
+methods, not a substitute for the config's own.
+
 Writes bench/results/compare.json, compare.md, compare_top1_vs_macs.png, compare_widths.png.
 """
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import os
 import shutil
@@ -55,6 +61,8 @@ ABLATIONS = {
     "amap: no head balancing": {"amap.head_balanced": False},
     "amap: init=constant": {"amap.init": "constant"},
 }
+# AMAP+AS-ViT with its other schedule (on the tokens config at the last target).
+TOKEN_VARIANTS = {"amap+asvit: channels_first": {"compose.schedule": "channels_first"}}
 DENSE_BUDGET = "dense, equal budget"
 
 _ROOT = flags.DEFINE_string("root", "workdirs/compare", "Where the cells' work directories go.")
@@ -63,6 +71,9 @@ _TARGETS = flags.DEFINE_list("targets", ["0.7", "0.5"], "MACs targets.")
 _METHODS = flags.DEFINE_list("methods", None, "Methods (default: every method of each config).")
 _SEEDS = flags.DEFINE_list("seeds", ["0", "1"], "Seeds (search / fine-tune / random choice).")
 _ABLATIONS = flags.DEFINE_bool("ablations", True, "AMAP ablations on flatten at the first target.")
+_SET = flags.DEFINE_list(
+    "set", [], "KEY=VALUE settings applied to every run of the grid (e.g. train.epochs=2)."
+)
 _SPEED = flags.DEFINE_bool(
     "speed",
     False,
@@ -80,14 +91,37 @@ def load_config(name: str):
     spec = importlib.util.spec_from_file_location(f"compare_config_{name}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.get_config()
+    return _override(module.get_config(), settings())
+
+
+def settings() -> dict:
+    """--set as a dict, each value parsed as the type the config already holds there."""
+    out = {}
+    for item in _SET.value:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise app.UsageError(f"--set expects KEY=VALUE, got {item!r}")
+        out[key.strip()] = value.strip()
+    return out
 
 
 def _override(config, overrides: dict):
     for key, value in overrides.items():
         section, _, leaf = key.rpartition(".")
-        (config[section] if section else config)[leaf] = value
+        node = config[section] if section else config
+        if leaf not in node:
+            raise app.UsageError(f"{key}: no such setting in the config")
+        if isinstance(value, str) and not isinstance(node[leaf], str):
+            value = type(node[leaf])(_literal(value))
+        node[leaf] = value
     return config
+
+
+def _literal(text: str):
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
 
 
 def _cell_name(variant: str, target: float, seed: int) -> str:
@@ -134,9 +168,12 @@ def run_cell(root: str, name: str, variant: str, target: float, seed: int) -> di
     if variant == DENSE_BUDGET:
         result = _dense_budget(config, workdir)
     else:
-        method, overrides = (
-            (variant, {}) if variant not in ABLATIONS else ("amap", ABLATIONS[variant])
-        )
+        if variant in ABLATIONS:
+            method, overrides = "amap", ABLATIONS[variant]
+        elif variant in TOKEN_VARIANTS:
+            method, overrides = variant.partition(":")[0], TOKEN_VARIANTS[variant]
+        else:
+            method, overrides = variant, {}
         config.method = method
         _override(config, overrides)
         s = pipeline.run(config, workdir)
@@ -185,6 +222,8 @@ def grid() -> list[tuple[str, str, float, int]]:
         cells += [(name, m, t, s) for t in targets for m in methods for s in seeds]
         if _ABLATIONS.value and name == "flatten":
             cells += [(name, v, targets[0], s) for v in ABLATIONS for s in seeds]
+        if _ABLATIONS.value and name == "tokens":
+            cells += [(name, v, targets[-1], s) for v in TOKEN_VARIANTS for s in seeds]
     return cells
 
 
@@ -360,6 +399,8 @@ def plots(rows: list[dict], results: list[dict], dense: dict, suffix: str) -> li
 
     names = sorted({r["config"] for r in rows})
     paths = []
+    if not names:  # nothing finished yet
+        return paths
     fig, axes = plt.subplots(1, len(names), figsize=(6 * len(names), 5.2), squeeze=False)
     for ax, name in zip(axes[0], names, strict=True):
         for variant in METHODS[name]:
@@ -529,11 +570,13 @@ def main(_):
         measure_speeds(root, results)
     rows = aggregate(results)
     notes = verdicts(rows, dense)
+    if _SET.value:
+        notes.insert(0, f"every run with {', '.join(_SET.value)}")
     suffix = common.suffix()
     path = common.write(
         f"compare{suffix}",
         rows,
-        {"dense": dense, "cells": results, "verdicts": notes, "root": root},
+        {"dense": dense, "cells": results, "verdicts": notes, "root": root, "set": settings()},
     )
     md = markdown(rows, dense, notes)
     with open(os.path.join(common.RESULTS, f"compare{suffix}.md"), "w") as f:
