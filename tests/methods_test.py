@@ -134,7 +134,7 @@ def _count(variables):
 def test_vtp_l1_loss_is_the_sum_of_absolute_scores():
     arch = _vit("LS")
     method, variables, _ = _vtp_case(arch, 7, Vtp(l1_weight=0.01))
-    loss, metrics = method.loss(arch)({SCORES: variables[SCORES]})
+    loss, metrics = method.loss(arch)({SCORES: variables[SCORES]}, {}, jnp.mean)
     total = sum(float(np.abs(x).sum()) for x in jax.tree.leaves(variables[SCORES]))
     assert float(metrics["l1"]) == pytest.approx(total, rel=1e-5)
     assert float(loss) == pytest.approx(0.01 * total, rel=1e-5)

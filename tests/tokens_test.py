@@ -152,6 +152,54 @@ def test_budget_loss_drives_the_mean_macs_to_the_target():
     assert abs(np.mean(ratios[-10:]) - 0.6) < 0.05
 
 
+def test_budget_under_pmap_is_the_whole_batch_budget():
+    """The budget is |mean MACs - target| over the whole batch: pmap over 8 devices (a slice
+    each) takes the same step as jit over the batch, thresholds and weights included."""
+    from amap_jax.train import parallel
+
+    method = AsVit(target=0.6, threshold_init=0.7, threshold_lr=0.05, budget_weight=5.0)
+    params = random_params(param_shapes(models.build(ARCH))["params"], 4)
+    variables = method.initialize(ARCH, params, calibration=None, seed=0)
+    tx = steps.per_collection({"params": optax.sgd(0.1), **method.optimizers(100)})
+    state = steps.create_state({"params": params, THRESHOLDS: variables[THRESHOLDS]}, tx)
+    state = jax.device_get(state)  # host copy: the steps donate what they are given
+    objective = steps.Objective(10, regularizer=method.loss(ARCH))
+    rng = np.random.default_rng(1)
+    batch = {
+        "image": rng.integers(0, 255, (32, 28, 28, 1)).astype(np.uint8),
+        "label": rng.integers(0, 10, 32).astype(np.int32),
+    }
+    out = {}
+    for mode in ("jit", "pmap"):
+        place = parallel.Placement(parallel.make_mesh(8), mode)
+        step = place.compile(
+            steps.make_train_step(
+                models.build(ARCH, sites=method),
+                tx,
+                steps.Input((0.5,), (0.5,), 28),
+                objective,
+                0,
+                axis_name=place.axis,
+            )
+        )
+        new, metrics = step(place.state(state), place.batch(batch))
+        out[mode] = (jax.device_get(place.host(new).trainable), place.metrics(metrics))
+    (tj, mj), (tp, mp) = out["jit"], out["pmap"]
+    # The devices' slices lie on both sides of the target: a budget per slice would differ.
+    x = steps.Input((0.5,), (0.5,), 28)(jnp.asarray(batch["image"]))
+    _, keeps = _masked(method, {**variables, "params": params}, x)
+    per_slice = [
+        float(asvit.expected_ratio(ARCH, (1, 2, 3), [k[i : i + 4] for k in keeps]))
+        for i in range(0, 32, 4)
+    ]
+    assert min(per_slice) < 0.6 < max(per_slice)
+    np.testing.assert_allclose(mp["macs_ratio"], mj["macs_ratio"], rtol=1e-6)
+    np.testing.assert_allclose(mp["loss"], mj["loss"], rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), tp, tj)
+    moved = jax.tree.map(lambda a, b: float(np.abs(a - b).max()), tj, state.trainable)
+    assert max(jax.tree.leaves(moved[THRESHOLDS])) > 1e-4
+
+
 def test_calibration_meets_the_target_on_the_calibration_batch():
     method, variables = _setup(threshold=0.1)
     images = jnp.asarray(random_images(ARCH, 32, 5))

@@ -129,7 +129,7 @@ def soft_ratio(arch: Arch, indicators) -> jax.Array:
 def macs_regularizer(arch: Arch, target: float, weight: float, kind: str = "square"):
     """`trainable -> (loss, metrics)`: weight * (MACs_soft / MACs_dense - target)^2 (or hinge)."""
 
-    def reg(trainable, reports=None):
+    def reg(trainable, reports=None, batch_mean=None):
         ratio = soft_ratio(arch, trainable[INDICATORS])
         gap = ratio - target
         if kind == "hinge":

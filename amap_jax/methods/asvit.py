@@ -50,12 +50,13 @@ def token_counts(arch, points, kept) -> list:
     return out
 
 
-def expected_ratio(arch, points, keeps, widths=None) -> jax.Array:
+def expected_ratio(arch, points, keeps, widths=None, mean=jnp.mean) -> jax.Array:
     """Mean over images of MACs(kept tokens[, channel widths]) / dense MACs, from the [B, N]
-    keep masks at the points (straight-through: differentiable)."""
+    keep masks at the points (straight-through: differentiable). `mean` is over the whole
+    batch: under pmap the devices' slices are averaged before the budget is taken."""
     kept = [jnp.sum(k, axis=-1) for k in keeps]
     per_image = macs.model_macs(arch, widths, token_counts(arch, points, kept))
-    return jnp.mean(per_image) / float(macs.model_macs(arch))
+    return mean(per_image) / float(macs.model_macs(arch))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,8 +125,8 @@ class AsVit(Method):
     def loss(self, arch):
         pts = self.token_points(arch)
 
-        def budget(trainable, reports=None):
-            ratio = expected_ratio(arch, pts, reports["token_gate"]["keep"])
+        def budget(trainable, reports=None, batch_mean=jnp.mean):
+            ratio = expected_ratio(arch, pts, reports["token_gate"]["keep"], mean=batch_mean)
             return self.budget_weight * jnp.abs(ratio - self.target), {"macs_ratio": ratio}
 
         return budget

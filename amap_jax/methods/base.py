@@ -82,9 +82,11 @@ class Method:
         of `total_steps`."""
         return {}
 
-    def loss(self, arch: Arch) -> Callable[[Any, Any], tuple[jax.Array, dict]] | None:
-        """`(trainable, reports) -> (loss, metrics)` added to the classification loss; `reports`
-        is what the forward pass reported (`models.tokens.REPORTS`)."""
+    def loss(self, arch: Arch) -> Callable[[Any, Any, Callable], tuple[jax.Array, dict]] | None:
+        """`(trainable, reports, batch_mean) -> (loss, metrics)` added to the classification
+        loss; `reports` is what the forward pass reported (`models.tokens.REPORTS`), and
+        `batch_mean(x)` the mean of per-image values over the whole (global) batch, whatever
+        the devices it is split over."""
         return None
 
     def hooks(self, arch: Arch) -> tuple:

@@ -90,10 +90,10 @@ class AmapAsVit(Method):
     def loss(self, arch):
         pts, a = self.token_points(arch), self.amap
 
-        def budget(trainable, reports=None):
+        def budget(trainable, reports=None, batch_mean=jnp.mean):
             widths = amap_lib.soft_widths(arch, trainable[INDICATORS])
             keeps = reports["token_gate"]["keep"]
-            ratio = asvit_lib.expected_ratio(arch, pts, keeps, widths)
+            ratio = asvit_lib.expected_ratio(arch, pts, keeps, widths, mean=batch_mean)
             gap = ratio - self.target
             if a.macs_loss == "hinge":
                 gap = jax.nn.relu(gap)

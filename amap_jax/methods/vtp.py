@@ -77,7 +77,7 @@ class Vtp(Method):
         return {SCORES: optax.adam(self.score_lr)}
 
     def loss(self, arch):
-        def l1(trainable, reports=None):
+        def l1(trainable, reports=None, batch_mean=None):
             total = sum(jnp.sum(jnp.abs(x)) for x in jax.tree.leaves(trainable[SCORES]))
             return self.l1_weight * total, {"l1": total}
 

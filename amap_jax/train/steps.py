@@ -103,8 +103,8 @@ class Objective:
     label_smoothing: float = 0.0
     kd_weight: float = 0.0
     kd_temperature: float = 1.0
-    # (trainable, what the forward reported) -> (loss, metrics)
-    regularizer: Callable[[Any, Any], tuple[jax.Array, dict]] | None = None
+    # (trainable, what the forward reported, mean over the batch) -> (loss, metrics)
+    regularizer: Callable[[Any, Any, Callable], tuple[jax.Array, dict]] | None = None
     mixup_alpha: float = 0.0  # mixup / cutmix of the DeiT recipe, on device (data.mixing)
     cutmix_alpha: float = 0.0
     mix_prob: float = 1.0
@@ -152,6 +152,12 @@ def make_train_step(
     two_heads = two_heads and getattr(model.arch, "distilled", False)
     # Under mixup / cutmix the label of a mixed image is a mixture: no training accuracy.
     mixed = objective.mixup_alpha > 0 or objective.cutmix_alpha > 0
+    if axis_name is None:
+        mean = jnp.mean
+    else:  # equal slices per device: the mean of the devices' means is the batch's
+
+        def mean(x):
+            return jax.lax.pmean(jnp.mean(x), axis_name)
 
     def step(state: TrainState, batch, teacher_variables=None):
         rng = jax.random.fold_in(jax.random.key(seed), state.step)
@@ -183,7 +189,7 @@ def make_train_step(
                 loss = (1 - objective.kd_weight) * ce + objective.kd_weight * kd
                 metrics["kd"] = kd
             if objective.regularizer is not None:
-                reg, reg_metrics = objective.regularizer(trainable, aux.get(REPORTS, {}))
+                reg, reg_metrics = objective.regularizer(trainable, aux.get(REPORTS, {}), mean)
                 loss = loss + reg
                 metrics.update(reg_metrics)
             metrics["loss"] = loss
