@@ -16,8 +16,12 @@ def defaults() -> ml_collections.ConfigDict:
     c.seed = 0
     c.num_devices = 0  # 0: all visible devices
     c.parallel = "jit"  # or "pmap": the same numbers with jax.pmap and replicated state
+    # Exported widths zero-padded up to a multiple (same logits, maybe faster matmuls): 1 = no
+    # padding, N = a multiple of N, 0 = measure candidates on this backend and keep the fastest.
+    c.export_pad = 1
     c.export_artifact = True  # EXPORT/forward.jax: the pruned model for jax alone (jax.export)
     c.checkpoint_every = 200  # steps
+    c.scalars_every = 50  # steps between TensorBoard / scalars.jsonl writes (running means)
     c.export_dir = ""  # default: WORKDIR/export
     c.reference = ""  # published numbers to compare with, printed beside the results
 
@@ -182,5 +186,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
             )
     if m.checkpoint and not os.path.exists(m.checkpoint):
         raise FileNotFoundError(f"model.checkpoint {m.checkpoint} does not exist")
-    if c.checkpoint_every < 1:
-        raise ValueError(f"checkpoint_every must be >= 1, got {c.checkpoint_every}")
+    if c.export_pad < 0:
+        raise ValueError(f"export_pad must be >= 0 (0: measured), got {c.export_pad}")
+    for key in ("checkpoint_every", "scalars_every"):
+        if c[key] < 1:
+            raise ValueError(f"{key} must be >= 1, got {c[key]}")

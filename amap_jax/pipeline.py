@@ -23,7 +23,7 @@ from amap_jax.logs import log as logging
 from amap_jax.methods import Method, asvit
 from amap_jax.models import tokens
 from amap_jax.models.arch import Arch, swin_arch, vit_arch
-from amap_jax.pruning import macs
+from amap_jax.pruning import macs, padding
 from amap_jax.train import checkpoint, parallel, steps
 from amap_jax.train import evaluate as evaluate_lib
 from amap_jax.train.evaluate import evaluate, throughput
@@ -76,6 +76,7 @@ class Context:
         total, per_epoch = self.steps(stage)
         if self.is_chief:
             workdir_lib.record(self.workdir, self.config, directory)
+        lr = steps.schedule(stage.lr, total, _warmup(stage, per_epoch))
         return fit(
             name=name,
             directory=self.stage_dir(directory),
@@ -88,6 +89,9 @@ class Context:
             checkpoint_every=self.config.checkpoint_every,
             is_chief=self.is_chief,
             placement=self.placement,
+            scalars_dir=self.workdir,
+            scalars_every=self.config.scalars_every,
+            lr_fn=lr,
             **kw,
         )
 
@@ -146,8 +150,12 @@ def build_arch(config, info) -> Arch:
     return vit_arch(m.variant, pattern=m.pattern or None, patch_size=m.patch_size or None, **kw)
 
 
+def _warmup(stage, per_epoch: int) -> int:
+    return int(stage.warmup_epochs * per_epoch)
+
+
 def _optimizer(stage, total: int, per_epoch: int, extra: dict | None = None):
-    warmup = int(stage.warmup_epochs * per_epoch)
+    warmup = _warmup(stage, per_epoch)
     tx = {"params": steps.adamw(stage.lr, total, warmup, stage.weight_decay, stage.grad_clip)}
     return steps.per_collection({**tx, **(extra or {})})
 
@@ -278,14 +286,33 @@ def _count(params) -> int:
     return int(sum(np.size(x) for x in jax.tree.leaves(params)))
 
 
-def _report(ctx: Context, arch: Arch, params, top1: float) -> dict:
+def _pad(ctx: Context, arch: Arch, params) -> tuple[Arch, dict, int]:
+    """The fine-tuned export padded to `export_pad` (0: the multiple measured fastest here,
+    chosen by process 0 for all)."""
+    multiple = ctx.config.export_pad
+    if multiple == 0:
+        multiple, speeds = padding.fastest_multiple(arch, params, ctx.config.eval.bench_batch)
+        multiple = int(parallel.broadcast(np.asarray(multiple)))
+        logging.info(
+            "export padding: %s images/s at batch %d; padded to a multiple of %d",
+            ", ".join(f"x{m}: {v:.0f}" for m, v in speeds.items()),
+            ctx.config.eval.bench_batch,
+            multiple,
+        )
+    return (*padding.pad(arch, params, multiple), multiple)
+
+
+def _report(ctx: Context, arch: Arch, params, top1: float, unpadded: Arch | None = None) -> dict:
+    """`macs` are the pruned model's; `padded_macs` what its padded export computes."""
     model = ctx.build(arch)
     bench = ctx.config.eval
     if getattr(arch, "token_points", ()):
-        return _token_report(ctx, model, {"params": params}, top1)
+        return _token_report(ctx, model, {"params": params}, top1, unpadded or arch)
+    padded = {} if unpadded in (None, arch) else {"padded_macs": int(macs.model_macs(arch))}
     return {
+        **padded,
         "params": _count(params),
-        "macs": int(macs.model_macs(arch)),
+        "macs": int(macs.model_macs(unpadded or arch)),
         "top1": round(top1, 2),
         "images_per_s": round(
             throughput(
@@ -296,7 +323,7 @@ def _report(ctx: Context, arch: Arch, params, top1: float) -> dict:
     }
 
 
-def _token_report(ctx: Context, model, variables, top1: float) -> dict:
+def _token_report(ctx: Context, model, variables, top1: float, count_arch: Arch) -> dict:
     """A model that drops tokens: MACs are the mean over the test images, speed is measured on
     test images (what is kept depends on the image), at batch 1 and at the bench batch with
     token counts rounded up to a multiple of 8."""
@@ -315,7 +342,7 @@ def _token_report(ctx: Context, model, variables, top1: float) -> dict:
     )
     return {
         "params": _count(variables["params"]),
-        "macs": int(np.mean(macs.model_macs(arch, None, counts))),
+        "macs": int(np.mean(macs.model_macs(count_arch, None, counts))),
         "top1": round(top1, 2),
         "images_per_s": speed(bench.bench_batch),
         "images_per_s_batch1": speed(1),
@@ -396,6 +423,8 @@ def run(config, workdir: str) -> dict:
     )
 
     p_params = finetune(ctx, p_arch, p_params, arch, dense_params)
+    unpadded = p_arch
+    p_arch, p_params, multiple = _pad(ctx, p_arch, p_params)
     parallel.barrier("before export")  # every process sees the same is_finished
     if not pruned.is_finished(export_dir):  # every process takes part in the save
         if ctx.is_chief:
@@ -419,7 +448,7 @@ def run(config, workdir: str) -> dict:
         "method_settings": {k: config[k].to_dict() for k in method.sections()},
         "target_macs_ratio": config.search.target,
         "dense": _report(ctx, arch, dense_params, dense_eval["top1"]),
-        "pruned": _report(ctx, p_arch, loaded["params"], pruned_eval["top1"]),
+        "pruned": _report(ctx, p_arch, loaded["params"], pruned_eval["top1"], unpadded),
         "pruned_before_finetune_top1": round(exported_eval["top1"], 2),
         "masked_top1": round(masked_eval["top1"], 2),
         "export_max_logit_diff": export_diff,
@@ -428,10 +457,11 @@ def run(config, workdir: str) -> dict:
             # per block: attention kind, heads, q/k and v per head, MLP, q/k/v and fc1 inputs
             "pruned_blocks": [
                 [b.attn, b.heads, b.qk_dim, b.v_dim, b.mlp_dim, *macs.widths(b, g.dim)[3:]]
-                for b, g in zip(p_arch.blocks, p_arch.geometry(), strict=True)
+                for b, g in zip(unpadded.blocks, unpadded.geometry(), strict=True)
             ],
         },
         "export_dir": export_dir,
+        "export_pad": multiple,
         "reference": config.reference,
     }
     s = summary
@@ -469,6 +499,11 @@ def format_summary(s: dict) -> str:
         f"top-1 change {s['pruned']['top1'] - s['dense']['top1']:+.2f}, "
         f"speedup {s['speedup']:.2f}x (ideal {s['ideal_speedup']:.2f}x), method {s['method']}"
     )
+    if s.get("export_pad", 1) > 1 and "padded_macs" in s["pruned"]:
+        lines.append(
+            f"export padded to multiples of {s['export_pad']}: "
+            f"{s['pruned']['padded_macs'] / 1e6:.2f}M MACs computed"
+        )
     if s.get("reference"):
         lines.append(f"published: {s['reference']}")
     return "\n".join(lines)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 
+from amap_jax import config as config_lib
 from amap_jax import methods
 from amap_jax.train import checkpoint
 
@@ -21,7 +22,7 @@ _KEYS = {
     "dense": ("seed", "data", "model", "train"),
     "search": ("method", "method_widths_from", "search", "<method sections>"),
     "finetune": ("finetune",),
-    "export": (),
+    "export": ("export_pad",),
 }
 # Entries inside those that never change a result.
 _FREE = ("data.data_dir", "data.image_folder")
@@ -88,6 +89,8 @@ def check(workdir: str, config) -> None:
         if legacy:  # settings have moved between sections since: compare what both have
             new = {k: v for k, v in new.items() if k in old}
             old = {k: v for k, v in old.items() if k in new}
+        # A setting added since the stage was made is no change at its default value.
+        new = {k: v for k, v in new.items() if k in old or v != _default(k)}
         diff = [
             f"{k} {old.get(k, '(unset)')!r} -> {new.get(k, '(unset)')!r}"
             for k in sorted(set(old) | set(new))
@@ -120,3 +123,13 @@ def mark_export(workdir: str, export_dir: str) -> None:
     rel = os.path.relpath(export_dir, workdir)
     path = export_dir if rel.startswith("..") else rel
     checkpoint.write_json(os.path.join(workdir, EXPORT_MARKER), {"path": path})
+
+
+def _default(key: str):
+    flat = {}
+    for k, v in config_lib.defaults().items():
+        flat.update(_flat(v, k))
+    return flat.get(key, _MISSING)
+
+
+_MISSING = object()

@@ -325,3 +325,44 @@ def test_artifact_of_a_swin_model_equals_its_forward():
     np.testing.assert_allclose(
         forward(x), models.build(arch).apply({"params": params}, x), atol=1e-5
     )
+
+
+def test_run_writes_scalars_of_every_stage(finished_run):
+    from scalars_test import read_events
+
+    from amap_jax.train import scalars
+
+    workdir, _ = finished_run
+    lines = scalars.read(workdir)
+    for stage in ("train", "search", "finetune"):
+        mine = [r for r in lines if r["stage"] == stage]
+        steps = [r["step"] for r in mine if "loss" in r]
+        assert steps and steps == sorted(set(steps)), stage
+        assert all(r["lr"] > 0 for r in mine if "loss" in r), stage
+    assert any("test_top1" in r for r in lines if r["stage"] == "finetune")
+    assert any("macs_ratio" in r for r in lines if r["stage"] == "search")
+    tags = {tag for tag, _, _ in read_events(os.path.join(workdir, scalars.EVENTS))}
+    assert {"train/loss", "train/lr", "search/loss", "finetune/test_top1"} <= tags
+
+
+def test_padded_export_gives_the_same_predictions(finished_run, tmp_path):
+    """export_pad=8 on a copy of a finished run: only the export is redone, padded to
+    multiples of 8, with the unpadded export's top-1 and its pruned MACs beside the padded."""
+    workdir, summary = finished_run
+    copy = str(tmp_path / "run")
+    shutil.copytree(workdir, copy)
+    shutil.rmtree(os.path.join(copy, "export"))
+    os.remove(os.path.join(copy, "export_dir.json"))
+    c = tiny_config()
+    c.export_pad = 8
+    padded = pipeline.run(c, copy)
+    assert padded["export_pad"] == 8
+    assert padded["pruned"]["top1"] == summary["pruned"]["top1"]
+    assert padded["pruned"]["macs"] == summary["pruned"]["macs"]
+    assert padded["pruned"]["padded_macs"] > padded["pruned"]["macs"]
+    assert padded["arch"] == summary["arch"]  # the pruned widths, not the padded ones
+    model, _ = amap_jax.load_pruned(os.path.join(copy, "export"))
+    assert all(b.mlp_dim % 8 == 0 and b.qk_dim % 8 == 0 for b in model.arch.blocks)
+    with pytest.raises(ValueError, match="export stage made with another config"):
+        c.export_pad = 16
+        pipeline.run(c, copy)

@@ -15,6 +15,7 @@ import numpy as np
 from amap_jax.logs import log as logging
 from amap_jax.train import parallel
 from amap_jax.train.checkpoint import Checkpointer
+from amap_jax.train.scalars import Scalars
 
 
 @dataclasses.dataclass
@@ -134,12 +135,17 @@ def fit(
     step_args: tuple = (),
     is_chief: bool = True,
     placement: parallel.Placement | None = None,
+    scalars_dir: str | None = None,
+    scalars_every: int = 50,
+    lr_fn: Callable[[int], float] | None = None,
 ):
     """Runs `step_fn` from the last checkpoint in `directory` to `num_steps`; returns the state.
 
     `batches(start_step)` yields this process's slice of each global batch from that step on.
     Ctrl-C (`Interrupted`) and SIGTERM (`Preempted`) save a checkpoint first; a non-finite
     loss or gradient (`Diverged`) saves nothing, so the last checkpoint is the last good state.
+    With `scalars_dir`, the chief writes the metrics' running means every `scalars_every`
+    steps (with the learning rate `lr_fn(step)`) and what `on_epoch` reports (`Scalars`).
     """
     ckpt = Checkpointer(directory)
     place = placement or parallel.Placement(mesh)
@@ -155,10 +161,12 @@ def fit(
     if start:
         logging.info("%s: resuming at step %d/%d", name, start, num_steps)
     progress = Progress(name, num_steps, start, is_chief)
+    scalars = Scalars(scalars_dir, name, start, enabled=is_chief)
     fault = _fault(name)
     it = batches(start)
     sums: dict[str, float] = {}
-    count = 0
+    window: dict[str, float] = {}  # since the last scalars write
+    count = wcount = 0
     step = start
     try:
         with _SigTerm() as term:
@@ -171,12 +179,23 @@ def fit(
                 _check_finite(name, step, metrics, ckpt)
                 for k, v in metrics.items():
                     sums[k] = sums.get(k, 0.0) + float(v)
+                    window[k] = window.get(k, 0.0) + float(v)
                 count += 1
+                wcount += 1
                 progress.update(step, {k: v / count for k, v in sums.items() if k in _SHOWN})
-                if step % steps_per_epoch == 0 or step == num_steps:
+                epoch_end = step % steps_per_epoch == 0 or step == num_steps
+                if step % scalars_every == 0 or epoch_end:
+                    means = {k: v / wcount for k, v in window.items()}
+                    if lr_fn is not None:
+                        means["lr"] = float(lr_fn(step - 1))  # the rate this step used
+                    scalars.write(step, means, step / steps_per_epoch)
+                    window, wcount = {}, 0
+                if epoch_end:
                     line = {k: v / count for k, v in sums.items()}
                     if on_epoch is not None:
-                        line.update(on_epoch(step, place.host(state)))
+                        reported = on_epoch(step, place.host(state))
+                        scalars.write(step, reported, step / steps_per_epoch)
+                        line.update(reported)
                     epoch = int(np.ceil(step / steps_per_epoch))
                     if is_chief:
                         logging.info("%s epoch %d step %d: %s", name, epoch, step, _fmt(line))
@@ -193,6 +212,7 @@ def fit(
         logging.warning("%s interrupted at step %d; checkpoint saved", name, saved)
         raise Interrupted(f"{name} interrupted at step {saved}; checkpoint saved") from None
     finally:
+        scalars.close()
         if hasattr(it, "close"):  # stop the prefetch thread
             it.close()
     ckpt.wait()
