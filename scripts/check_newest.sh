@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# The newest releases on the newest Python available: builds .venv-newest with every runtime and
+# test requirement unpinned (torch/timm stay pinned: a CPU reference for parity tests only),
+# prints what it got, and runs the test suite. Not part of CI (it downloads whatever is newest).
+# Usage: bash scripts/check_newest.sh [python executable] [pytest args...]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+py="${1:-}"
+if [ -z "$py" ]; then  # the newest python3.X on PATH or under pyenv
+  py=$(ls -1 /usr/bin/python3.* /usr/local/bin/python3.* "${PYENV_ROOT:-$HOME/.pyenv}"/versions/3.*/bin/python3 2>/dev/null \
+    | grep -E 'python3(\.[0-9]+)?$' | while read -r p; do echo "$("$p" -c 'import sys; print("%d.%04d" % sys.version_info[:2])') $p"; done \
+    | sort -n | tail -1 | cut -d' ' -f2)
+fi
+shift || true
+echo "check_newest: $("$py" --version) ($py)"
+
+unpinned=$(mktemp -d)
+trap 'rm -rf "$unpinned"' EXIT
+for f in requirements.txt requirements-imagenet.txt requirements-test.txt; do
+  sed -E 's/^([A-Za-z0-9_.-]+)[=<>~!]=[^ #]*/\1/' "$f" > "$unpinned/$f"
+done
+
+"$py" -m venv --clear .venv-newest
+.venv-newest/bin/pip install -q --upgrade pip
+.venv-newest/bin/pip install -q -r "$unpinned/requirements-test.txt"
+.venv-newest/bin/pip install -q -r requirements-torch.txt
+.venv-newest/bin/pip install -q --no-deps timm==1.0.31
+.venv-newest/bin/pip list 2>/dev/null | grep -iE '^(jax|jaxlib|flax|optax|orbax-checkpoint|chex|numpy|tensorflow-datasets|ml-collections|tensorboardX) '
+.venv-newest/bin/python -m pytest -q -n 2 tests "$@"
