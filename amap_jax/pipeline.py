@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 
 import jax
 import jax.numpy as jnp
@@ -18,7 +17,7 @@ from amap_jax import config as config_lib
 from amap_jax import methods, models
 from amap_jax import workdir as workdir_lib
 from amap_jax.data.splits import open_split
-from amap_jax.io import artifact, pretrained, pruned
+from amap_jax.io import artifact, paths, pretrained, pruned
 from amap_jax.logs import log as logging
 from amap_jax.methods import Method, asvit
 from amap_jax.models import tokens
@@ -54,7 +53,7 @@ class Context:
         return self.process_index == 0
 
     def stage_dir(self, name: str) -> str:
-        return os.path.join(self.workdir, name)
+        return paths.join(self.workdir, name)
 
     def steps(self, stage) -> tuple[int, int]:
         """(total steps, steps per epoch) of a stage."""
@@ -364,7 +363,7 @@ def make_context(config, workdir: str) -> tuple[Context, Arch]:
     inputs = steps.Input(arch.mean, arch.std, arch.image_size, d.crop_padding, d.flip)
     ctx = Context(
         config,
-        os.path.abspath(workdir),
+        paths.absolute(workdir),
         mesh,
         train,
         test,
@@ -381,12 +380,12 @@ def run(config, workdir: str) -> dict:
     ctx, arch = make_context(config, workdir)
     workdir = ctx.workdir
     workdir_lib.check(workdir, config)
-    export_dir = os.path.abspath(config.export_dir or os.path.join(workdir, "export"))
+    export_dir = paths.absolute(config.export_dir or paths.join(workdir, "export"))
     _check_export_dir(ctx, export_dir)
     # Every check passed: only now is anything written.
-    os.makedirs(workdir, exist_ok=True)
+    paths.makedirs(workdir)
     if ctx.is_chief:
-        checkpoint.write_json(os.path.join(workdir, "config.json"), config.to_dict())
+        checkpoint.write_json(paths.join(workdir, "config.json"), config.to_dict())
         n_params = _count(
             jax.eval_shape(models.build(arch).init, jax.random.key(0), models.dummy_input(arch))[
                 "params"
@@ -475,7 +474,7 @@ def run(config, workdir: str) -> dict:
         s["dense"]["images_per_s_batch1"] = round(dense_b1, 1)
         s["speedup_batch1"] = round(s["pruned"]["images_per_s_batch1"] / dense_b1, 3)
     if ctx.is_chief:
-        checkpoint.write_json(os.path.join(workdir, "summary.json"), summary)
+        checkpoint.write_json(paths.join(workdir, "summary.json"), summary)
     return summary
 
 

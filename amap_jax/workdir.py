@@ -8,10 +8,9 @@ where the data lies) may change freely.
 
 from __future__ import annotations
 
-import os
-
 from amap_jax import config as config_lib
 from amap_jax import methods
+from amap_jax.io import paths
 from amap_jax.train import checkpoint
 
 RECORD = "stages.json"
@@ -56,21 +55,21 @@ def stage_config(config, stage: str) -> dict:
 
 
 def _started(workdir: str, stage: str) -> bool:
-    directory = os.path.join(workdir, stage)
+    directory = paths.join(workdir, stage)
     if stage == "export":
-        return os.path.exists(os.path.join(workdir, EXPORT_MARKER))
-    return os.path.isdir(directory) and any(n.isdigit() for n in os.listdir(directory))
+        return paths.exists(paths.join(workdir, EXPORT_MARKER))
+    return paths.isdir(directory) and any(n.isdigit() for n in paths.listdir(directory))
 
 
 def _read(workdir: str) -> dict:
-    path = os.path.join(workdir, RECORD)
-    return checkpoint.read_json(path) if os.path.exists(path) else {}
+    path = paths.join(workdir, RECORD)
+    return checkpoint.read_json(path) if paths.exists(path) else {}
 
 
 def _legacy(workdir: str) -> dict:
     """Work directories written before stage records: their config.json is the last run's."""
-    path = os.path.join(workdir, "config.json")
-    if os.path.exists(os.path.join(workdir, RECORD)) or not os.path.exists(path):
+    path = paths.join(workdir, "config.json")
+    if paths.exists(paths.join(workdir, RECORD)) or not paths.exists(path):
         return {}
     old = checkpoint.read_json(path)
     try:
@@ -108,21 +107,20 @@ def record(workdir: str, config, stage: str) -> None:
     """Remembers the config a stage is being made with (before its first checkpoint)."""
     records = _read(workdir)
     records[stage] = stage_config(config, stage)
-    checkpoint.write_json(os.path.join(workdir, RECORD), records)
+    checkpoint.write_json(paths.join(workdir, RECORD), records)
 
 
 def export_location(workdir: str) -> str | None:
     """Where this work directory's finished export went (stored relative when inside it)."""
-    path = os.path.join(workdir, EXPORT_MARKER)
-    if not os.path.exists(path):
+    path = paths.join(workdir, EXPORT_MARKER)
+    if not paths.exists(path):
         return None
-    return os.path.normpath(os.path.join(workdir, checkpoint.read_json(path)["path"]))
+    return paths.normpath(paths.join(workdir, checkpoint.read_json(path)["path"]))
 
 
 def mark_export(workdir: str, export_dir: str) -> None:
-    rel = os.path.relpath(export_dir, workdir)
-    path = export_dir if rel.startswith("..") else rel
-    checkpoint.write_json(os.path.join(workdir, EXPORT_MARKER), {"path": path})
+    path = paths.relpath(export_dir, workdir)  # relative when inside the work directory
+    checkpoint.write_json(paths.join(workdir, EXPORT_MARKER), {"path": path})
 
 
 def _default(key: str):

@@ -10,13 +10,12 @@ between segments, see `models.tokens.predict`).
 
 from __future__ import annotations
 
-import os
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from amap_jax import models
+from amap_jax.io import paths
 from amap_jax.models.arch import Arch
 
 FILE = "forward.jax"
@@ -36,20 +35,16 @@ def serialize(arch: Arch, params) -> bytes:
 
 def write(directory: str, arch: Arch, params) -> str:
     """Writes DIRECTORY/forward.jax (atomically: a partial file is never left under its name)."""
-    path = os.path.join(directory, FILE)
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(serialize(arch, params))
-    os.replace(tmp, path)
+    path = paths.join(directory, FILE)
+    paths.write_atomic(path, serialize(arch, params))
     return path
 
 
 def exists(directory: str) -> bool:
-    return os.path.exists(os.path.join(directory, FILE))
+    return paths.exists(paths.join(directory, FILE))
 
 
 def load(directory: str):
     """The artifact's forward pass: float32 [N, H, W, C] -> [N, classes] logits.
     (`scripts/run_exported.py` holds the same few lines, so that it needs no amap_jax.)"""
-    with open(os.path.join(directory, FILE), "rb") as f:
-        return jax.export.deserialize(bytearray(f.read())).call
+    return jax.export.deserialize(bytearray(paths.read_bytes(paths.join(directory, FILE)))).call

@@ -5,12 +5,10 @@
 
 from __future__ import annotations
 
-import os
-import shutil
-
 import jax
 
 from amap_jax import models
+from amap_jax.io import paths
 from amap_jax.models.arch import Arch, arch_from_dict
 from amap_jax.train import checkpoint, parallel
 
@@ -20,7 +18,7 @@ WEIGHTS = "params"
 
 
 def is_finished(directory: str) -> bool:
-    return os.path.exists(os.path.join(directory, MODEL_JSON))
+    return paths.exists(paths.join(directory, MODEL_JSON))
 
 
 def save_pruned(directory: str, arch: Arch, params, **extra) -> None:
@@ -30,11 +28,11 @@ def save_pruned(directory: str, arch: Arch, params, **extra) -> None:
         raise FileExistsError(
             f"{directory} already holds a finished export; choose another directory"
         )
-    weights = os.path.join(directory, WEIGHTS)
+    weights = paths.join(directory, WEIGHTS)
     if parallel.is_chief():
-        os.makedirs(directory, exist_ok=True)
-        if os.path.exists(weights):  # left by an interrupted export: never finished, redo it
-            shutil.rmtree(weights)
+        paths.makedirs(directory)
+        if paths.exists(weights):  # left by an interrupted export: never finished, redo it
+            paths.rmtree(weights)
     parallel.barrier("export directory ready")
     checksums = checkpoint.save_tree(weights, params)
     if not parallel.is_chief():
@@ -54,14 +52,14 @@ def save_pruned(directory: str, arch: Arch, params, **extra) -> None:
         "weights_sha256": checksums,
         **extra,
     }
-    checkpoint.write_json(os.path.join(directory, MODEL_JSON), meta)
+    checkpoint.write_json(paths.join(directory, MODEL_JSON), meta)
     parallel.barrier("export written")
 
 
 def read_meta(directory: str) -> dict:
     """`model.json` of a finished export, with its architecture parsed; one-line errors."""
-    path = os.path.join(directory, MODEL_JSON)
-    if not os.path.exists(path):
+    path = paths.join(directory, MODEL_JSON)
+    if not paths.exists(path):
         raise FileNotFoundError(f"{directory} holds no finished export (no {MODEL_JSON})")
     try:
         meta = checkpoint.read_json(path)
@@ -89,7 +87,7 @@ def load_pruned(directory: str) -> tuple:
     arch = meta["arch"]
     model = models.build(arch)
     target = jax.eval_shape(model.init, jax.random.key(0), models.dummy_input(arch))["params"]
-    weights = os.path.join(directory, WEIGHTS)
-    checkpoint.check_shapes(weights, target, f"{os.path.join(directory, MODEL_JSON)}")
+    weights = paths.join(directory, WEIGHTS)
+    checkpoint.check_shapes(weights, target, f"{paths.join(directory, MODEL_JSON)}")
     params = checkpoint.load_tree(weights, target, meta.get("weights_sha256"))
     return model, {"params": params}

@@ -10,7 +10,6 @@ floor gets the same training budget as a method that searches.
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import ClassVar
 
 import jax.numpy as jnp
@@ -119,9 +118,9 @@ def uniform_widths(arch: Arch, floor: Floor) -> Counts:
 
 def widths_from_export(run: str) -> Counts:
     """Kept counts per block and site of another run's export (a workdir or an export dir)."""
-    from amap_jax.io import pruned
+    from amap_jax.io import paths, pruned
 
-    directory = os.path.join(run, "export") if os.path.isdir(os.path.join(run, "export")) else run
+    directory = paths.join(run, "export") if paths.isdir(paths.join(run, "export")) else run
     try:
         other = pruned.read_arch(directory)
     except (FileNotFoundError, ValueError) as e:

@@ -11,13 +11,13 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import shutil
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
+from amap_jax.io import paths
 from amap_jax.logs import log as logging
 from amap_jax.train import parallel
 
@@ -31,17 +31,14 @@ class CheckpointError(RuntimeError):
 def digest(directory: str) -> dict[str, str]:
     """SHA-256 of every file under `directory` (but the seal), by relative path."""
     out = {}
-    for root, _, files in os.walk(directory):
-        for name in files:
-            path = os.path.join(root, name)
-            rel = os.path.relpath(path, directory)
-            if rel == SEAL:
-                continue
-            h = hashlib.sha256()
-            with open(path, "rb") as f:
-                for chunk in iter(lambda f=f: f.read(1 << 20), b""):
-                    h.update(chunk)
-            out[rel] = h.hexdigest()
+    for rel in paths.files(directory):
+        if rel == SEAL:
+            continue
+        h = hashlib.sha256()
+        with epath.Path(paths.join(directory, rel)).open("rb") as f:
+            for chunk in iter(lambda f=f: f.read(1 << 20), b""):
+                h.update(chunk)
+        out[rel] = h.hexdigest()
     return out
 
 
@@ -61,7 +58,7 @@ class Checkpointer:
     """Saves a pytree every few steps and restores the latest intact one into a given target."""
 
     def __init__(self, directory: str, max_to_keep: int = 2):
-        self.directory = os.path.abspath(directory)
+        self.directory = paths.absolute(directory)
         self._max_to_keep = max_to_keep
         self._unsealed: list[int] = []
         self._manager = self._open()
@@ -73,7 +70,7 @@ class Checkpointer:
         return ocp.CheckpointManager(self.directory, options=options)
 
     def _step_dir(self, step: int) -> str:
-        return os.path.join(self.directory, str(step))
+        return paths.join(self.directory, str(step))
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
@@ -92,13 +89,13 @@ class Checkpointer:
         if parallel.is_chief():
             for step in self._unsealed:
                 d = self._step_dir(step)
-                if os.path.isdir(d):
-                    write_json(os.path.join(d, SEAL), digest(d))
+                if paths.isdir(d):
+                    write_json(paths.join(d, SEAL), digest(d))
         self._unsealed.clear()
 
     def _problem(self, step: int) -> str | None:
-        seal = os.path.join(self._step_dir(step), SEAL)
-        if not os.path.exists(seal):
+        seal = paths.join(self._step_dir(step), SEAL)
+        if not paths.exists(seal):
             return None  # committed but not sealed (stopped right after a save): try it
         try:
             expected = read_json(seal)
@@ -122,7 +119,7 @@ class Checkpointer:
         failed: list[tuple[int, str]] = []
         for step in sorted(self._manager.all_steps(), reverse=True):
             problem = self._problem(step)
-            sealed = os.path.exists(os.path.join(self._step_dir(step), SEAL))
+            sealed = paths.exists(paths.join(self._step_dir(step), SEAL))
             if problem is None:
                 try:
                     restored = self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
@@ -160,12 +157,12 @@ class Checkpointer:
 
     def _move_aside(self, failed: list[tuple[int, str]]) -> None:
         aside = f"{self.directory}.corrupt"
-        os.makedirs(aside, exist_ok=True)
+        paths.makedirs(aside)
         for step, problem in failed:
-            dest = os.path.join(aside, str(step))
-            if os.path.exists(dest):
-                shutil.rmtree(dest)
-            shutil.move(self._step_dir(step), dest)
+            dest = paths.join(aside, str(step))
+            if paths.exists(dest):
+                paths.rmtree(dest)
+            paths.move(self._step_dir(step), dest)
             logging.warning(
                 "checkpoint step %d in %s is corrupt (%s): moved to %s; resuming from the one "
                 "before it",
@@ -187,7 +184,7 @@ class Checkpointer:
 def save_tree(directory: str, tree) -> dict[str, str]:
     """Writes a finished pytree (e.g. exported params) once, synchronously; returns its
     checksums."""
-    directory = os.path.abspath(directory)
+    directory = paths.absolute(directory)
     with ocp.StandardCheckpointer() as ckpt:
         ckpt.save(directory, jax.tree.map(np.asarray, tree))
     return digest(directory)
@@ -201,7 +198,7 @@ def check_shapes(directory: str, target, described_by: str) -> None:
     """The arrays stored in `directory` must be exactly those of `target` (one-line error)."""
     try:
         with ocp.StandardCheckpointer() as ckpt:
-            stored = ckpt.metadata(os.path.abspath(directory)).item_metadata.tree
+            stored = ckpt.metadata(paths.absolute(directory)).item_metadata.tree
     except Exception as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise CheckpointError(f"cannot read weights in {directory}: {msg}") from None
@@ -221,7 +218,7 @@ def check_shapes(directory: str, target, described_by: str) -> None:
 
 
 def load_tree(directory: str, target, checksums: dict[str, str] | None = None):
-    directory = os.path.abspath(directory)
+    directory = paths.absolute(directory)
     if checksums is not None:
         problem = verify(directory, checksums)
         if problem:
@@ -248,12 +245,8 @@ def _standard(obj):
 
 def write_json(path: str, obj) -> None:
     """Atomic, standard JSON write: a reader never sees half a file, or a bare NaN."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(_standard(obj), f, indent=1, allow_nan=False)
-    os.replace(tmp, path)
+    paths.write_atomic(path, json.dumps(_standard(obj), indent=1, allow_nan=False))
 
 
 def read_json(path: str):
-    with open(path) as f:
-        return json.load(f)
+    return json.loads(paths.read_text(path))
