@@ -57,6 +57,33 @@ def dense_and_pruned(arch, target: float, *, seed: int = 0, method: Amap | None 
     return arch, params, p_arch, p_params
 
 
+def at_widths(arch, head: int, hidden: int):
+    """`arch` with every block at `head` q/k/v channels per head and `hidden` MLP units (the
+    dense softmax scale kept, as export keeps it)."""
+    blocks = tuple(
+        dataclasses.replace(b, qk_dim=head, v_dim=head, mlp_dim=hidden, qk_scale=b.scale)
+        for b in arch.blocks
+    )
+    return arch.replace(blocks=blocks)
+
+
+def interleaved(fns: dict, seconds: float, rounds: int, batch: int) -> dict[str, list[float]]:
+    """Images/s of every `fn()` (which must block until done) per round, the models
+    interleaved within each round so that they all see the same machine."""
+    for fn in fns.values():
+        fn()  # compile / warm up
+    out = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            times, end = [], time.perf_counter() + seconds
+            while len(times) < 2 or time.perf_counter() < end:
+                t = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t)
+            out[name].append(batch / float(np.median(times)))
+    return out
+
+
 def time_fn(fn, *args, seconds: float = 3.0, min_iters: int = 5) -> float:
     """Median seconds per call after one warm-up (compile) call."""
     jax.block_until_ready(fn(*args))

@@ -1,6 +1,7 @@
 """Cost of searching: AMAP search-step time vs dense train-step time on the same model.
 
-  python bench/search_step.py [--variant Ti] [--batch 32]
+  python -m bench.search_step [--models Ti,Ti:LLLLLLSSSSSS,swin_tiny_patch4_window7_224,...]
+      [--batch 32]
 
 The search step adds the indicator collection, the head-balanced projection (sort per head) and
 the masks; the ideal ratio is 1.0. Writes bench/results/search_step_<backend>.json.
@@ -15,16 +16,18 @@ import jax.numpy as jnp
 import optax
 from absl import app, flags
 
+from amap_jax import models
 from amap_jax.methods import amap, similarity
 from amap_jax.methods.amap import INDICATORS, SIMILARITY, Amap
 from amap_jax.models import dummy_input
-from amap_jax.models.arch import vit_arch
-from amap_jax.models.vit import ViT
 from amap_jax.train import steps
 from bench import common
 
-_VARIANT = flags.DEFINE_string("variant", "Ti", "ViT variant.")
-_PATTERNS = flags.DEFINE_list("patterns", ["", "LLLLLLSSSSSS"], "'' = all softmax.")
+_MODELS = flags.DEFINE_list(
+    "models",
+    ["Ti", "Ti:LLLLLLSSSSSS", "swin_tiny_patch4_window7_224", "flatten_swin_tiny_patch4_224"],
+    "ViT variant[:pattern] or published names (Swin, FLatten-Swin).",
+)
 _BATCH = flags.DEFINE_integer("batch", 32, "Batch size.")
 _SECONDS = flags.DEFINE_float("seconds", 8.0, "Timing seconds per step kind.")
 
@@ -36,9 +39,9 @@ def _loss(step):
 
 def main(_):
     rows = []
-    for pattern in _PATTERNS.value:
-        arch = vit_arch(_VARIANT.value, pattern=pattern or None)
-        params = ViT(arch).init(jax.random.key(0), dummy_input(arch))["params"]
+    for spec in _MODELS.value:
+        arch = common.parse_arch(spec)
+        params = models.build(arch).init(jax.random.key(0), dummy_input(arch))["params"]
         inputs = steps.Input(arch.mean, arch.std, arch.image_size)
         batch = {
             "image": jnp.zeros((_BATCH.value, arch.image_size, arch.image_size, 3), jnp.uint8),
@@ -47,7 +50,7 @@ def main(_):
         objective = steps.Objective(arch.num_classes, 0.1)
         tx = steps.per_collection({"params": optax.adamw(1e-4)})
         dense = steps.create_state({"params": params}, tx)
-        dense_step = jax.jit(steps.make_train_step(ViT(arch), tx, inputs, objective, 0))
+        dense_step = jax.jit(steps.make_train_step(models.build(arch), tx, inputs, objective, 0))
 
         s_arch, s_params = arch, amap.add_reweight(arch, params)
         s_tx = steps.per_collection({"params": optax.adamw(1e-4), INDICATORS: optax.adam(0.05)})
@@ -60,7 +63,7 @@ def main(_):
             arch.num_classes, 0.1, regularizer=amap.macs_regularizer(s_arch, 0.7, 10.0)
         )
         search_step = jax.jit(
-            steps.make_train_step(ViT(s_arch, sites=Amap()), s_tx, inputs, s_obj, 0)
+            steps.make_train_step(models.build(s_arch, sites=Amap()), s_tx, inputs, s_obj, 0)
         )
         t_dense = common.time_fn(_loss(dense_step), dense, batch, seconds=_SECONDS.value)
         t_search = common.time_fn(_loss(search_step), search, batch, seconds=_SECONDS.value)
@@ -77,7 +80,8 @@ def main(_):
             }
         )
         print(common.table(rows[-1:], list(rows[-1])), flush=True)
-    path = common.write(f"search_step_{jax.default_backend()}", rows, {"batch": _BATCH.value})
+    name = f"search_step_{jax.default_backend()}{common.suffix()}"
+    path = common.write(name, rows, {"batch": _BATCH.value})
     print(common.table(rows, list(rows[0])))
     print(f"wrote {path}")
 

@@ -7,9 +7,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 py="${1:-}"
 if [ -z "$py" ]; then  # the newest python3.X on PATH or under pyenv
-  py=$(ls -1 /usr/bin/python3.* /usr/local/bin/python3.* "${PYENV_ROOT:-$HOME/.pyenv}"/versions/3.*/bin/python3 2>/dev/null \
-    | grep -E 'python3(\.[0-9]+)?$' | while read -r p; do echo "$("$p" -c 'import sys; print("%d.%04d" % sys.version_info[:2])') $p"; done \
-    | sort -n | tail -1 | cut -d' ' -f2)
+  best=0
+  for p in /usr/bin/python3.* /usr/local/bin/python3.* "${PYENV_ROOT:-$HOME/.pyenv}"/versions/3.*/bin/python3; do
+    [[ -x "$p" && "$p" =~ python3(\.[0-9]+)?$ ]] || continue
+    minor=$("$p" -c 'import sys; print(sys.version_info[1])' 2>/dev/null) || continue
+    if (( minor > best )); then best=$minor; py=$p; fi
+  done
 fi
 shift || true
 echo "check_newest: $("$py" --version) ($py)"
@@ -24,6 +27,6 @@ done
 .venv-newest/bin/pip install -q --upgrade pip
 .venv-newest/bin/pip install -q -r "$unpinned/requirements-test.txt"
 .venv-newest/bin/pip install -q -r requirements-torch.txt
-.venv-newest/bin/pip install -q --no-deps timm==1.0.31
+.venv-newest/bin/pip install -q --no-deps timm==1.0.31 torch-pruning==1.6.1
 .venv-newest/bin/pip list 2>/dev/null | grep -iE '^(jax|jaxlib|flax|optax|orbax-checkpoint|chex|numpy|tensorflow-datasets|ml-collections|tensorboardX) '
 .venv-newest/bin/python -m pytest -q -n 2 tests "$@"

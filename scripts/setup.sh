@@ -17,7 +17,8 @@ python3 -m venv .venv
 .venv/bin/pip install -q --upgrade pip
 .venv/bin/pip install -q -r "$req"
 if [ "$(basename "$req")" = requirements-test.txt ]; then
-  # Test-only torch/timm for parity tests; timm without deps (see requirements-torch.txt).
+  # Test-only torch/timm for parity tests, Torch-Pruning for bench/vs_timm.py; timm and
+  # Torch-Pruning without deps (their declared dependencies pull a CUDA torch).
   .venv/bin/pip install -q -r requirements-torch.txt
-  .venv/bin/pip install -q --no-deps timm==1.0.31
+  .venv/bin/pip install -q --no-deps timm==1.0.31 torch-pruning==1.6.1
 fi

@@ -4,36 +4,14 @@ torch and timm are test-only dependencies (requirements-torch.txt; timm is insta
 --no-deps). Tests should skip when they are missing, e.g. via ``pytest.importorskip("torch")``.
 """
 
-import functools
-import sys
-
 import numpy as np
 
+from bench import torch_env
 
-@functools.cache
+
 def load():
-    """Imports and returns ``(torch, timm)``, working around a broken torchvision once.
-
-    timm imports torchvision, and the only torchvision wheel on the index is a CUDA build whose
-    compiled ops do not load beside CPU torch, so its import fails with
-    ``operator torchvision::nms does not exist``. Defining the two ops it registers fake kernels
-    for lets it import; timm never calls them for classification models.
-    """
-    import torch
-
-    torch.set_num_threads(2)  # the test machines have 2 cores
-    try:
-        import torchvision  # noqa: F401
-    except RuntimeError:
-        for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
-            del sys.modules[name]
-        schema = "(Tensor dets, Tensor scores, float iou_threshold) -> Tensor"
-        torch.library.define("torchvision::nms", schema)
-        torch.library.define("torchvision::qnms", schema)
-        import torchvision  # noqa: F401
-    import timm
-
-    return torch, timm
+    """`(torch, timm)` with 2 threads (the test machines have 2 cores)."""
+    return torch_env.load(threads=2)
 
 
 def timm_model(name, seed=0, **kw):

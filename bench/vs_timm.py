@@ -1,0 +1,327 @@
+"""Ours vs timm: the dense ViT, and the pruned one at the same widths as Torch-Pruning's.
+
+  python -m bench.vs_timm [--model S] [--batch 32] [--widths 45:1099,33:794] [--rounds 5]
+      [--alternations 2] [--seconds 4] [--dtype float32] [--tag TAG]
+
+Widths are `per-head q/k/v width : MLP hidden` in every block: 45:1099 and 33:794 are what
+Torch-Pruning gives timm's DeiT-S at -30% and -50% MACs. The torch side is timm's
+`deit_{tiny,small,base}_patch16_224` cut to those widths with Torch-Pruning's structural
+pruning functions (`tp.prune_linear_out_channels` / `in_channels` on qkv, proj, fc1, fc2,
+what its dependency graph applies to a ViT) and `head_dim` set to match; the jax side is our
+ViT and its export at the same widths, unpadded and zero-padded to the multiple measured
+fastest here (`amap_jax.pruning.padding`). Weights are random: speed does not depend on them.
+
+Each framework runs in its own process (in one process XLA's and torch's thread pools compete),
+jax and torch alternated `alternations` times; a process times each of its models for
+`seconds` per round, models interleaved, `rounds` rounds. Reported: the median over all
+rounds, and the range of the per-alternation values. The ideal speedup is dense MACs / pruned
+MACs. Writes bench/results/vs_timm_<backend>[_TAG].json and a PNG of speedup vs MACs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+from absl import app, flags
+
+from bench import common  # --tag (imports jax, which the torch worker never initialises)
+
+_MODEL = flags.DEFINE_enum("model", "S", ["Ti", "S", "B"], "DeiT size (patch 16, 224 px).")
+_BATCH = flags.DEFINE_integer("batch", 32, "Batch size.")
+_WIDTHS = flags.DEFINE_list("widths", ["45:1099", "33:794"], "head_dim:mlp_hidden per block.")
+_ROUNDS = flags.DEFINE_integer("rounds", 5, "Timing rounds per process.")
+_ALTERNATIONS = flags.DEFINE_integer("alternations", 2, "jax/torch process pairs.")
+_SECONDS = flags.DEFINE_float("seconds", 4.0, "Seconds per model per round.")
+_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
+_IMAGE = flags.DEFINE_integer("image_size", 224, "Input size (smaller: quick checks).")
+_PAD = flags.DEFINE_list("pad_candidates", ["1", "8", "16", "32", "64"], "Padding multiples.")
+_WORKER = flags.DEFINE_enum("worker", None, ["jax", "torch"], "Internal: run one side.")
+
+TIMM = {"Ti": "deit_tiny_patch16_224", "S": "deit_small_patch16_224", "B": "deit_base_patch16_224"}
+
+
+def _widths() -> list[tuple[int, int]]:
+    return [tuple(int(x) for x in w.split(":")) for w in _WIDTHS.value]
+
+
+# -- jax side ------------------------------------------------------------------------------
+
+
+def _our_archs():
+    from amap_jax.models.arch import vit_arch
+
+    dense = vit_arch(_MODEL.value, image_size=_IMAGE.value)
+    pruned = {f"{h}:{m}": common.at_widths(dense, h, m) for h, m in _widths()}
+    return dense, pruned
+
+
+def jax_worker() -> dict:
+    import jax
+    import jax.numpy as jnp
+
+    from amap_jax import models
+    from amap_jax.pruning import padding
+
+    dtype = jnp.bfloat16 if _DTYPE.value == "bfloat16" else jnp.float32
+    dense, pruned = _our_archs()
+    b = _BATCH.value
+    x = jax.random.normal(jax.random.key(0), (b, _IMAGE.value, _IMAGE.value, 3), jnp.float32)
+
+    def forward(arch, params):
+        fwd = jax.jit(models.build(arch, dtype=dtype).apply)
+        return lambda: jax.block_until_ready(fwd({"params": params}, x))
+
+    def init(arch):
+        return models.build(arch).init(jax.random.key(0), models.dummy_input(arch))["params"]
+
+    fns = {"dense": forward(dense, init(dense))}
+    chosen = {}
+    for name, arch in pruned.items():
+        params = init(arch)
+        fns[name] = forward(arch, params)
+        multiple, _ = padding.fastest_multiple(
+            arch, params, b, candidates=tuple(int(m) for m in _PAD.value), seconds=1.0
+        )
+        chosen[name] = multiple
+        if multiple > 1:
+            fns[f"{name} padded"] = forward(*padding.pad(arch, params, multiple))
+    speeds = common.interleaved(fns, _SECONDS.value, _ROUNDS.value, b)
+    return {"images_per_s": speeds, "pad_multiple": chosen, "jax": jax.__version__}
+
+
+# -- torch side ----------------------------------------------------------------------------
+
+
+def _cut(torch, tp, model, head: int, hidden: int):
+    """timm's ViT with every block at `head` channels per head and `hidden` MLP units, by
+    Torch-Pruning's pruning functions (the first channels of each head kept)."""
+    for blk in model.blocks:
+        attn, mlp = blk.attn, blk.mlp
+        h, d = attn.num_heads, attn.head_dim
+        keep = [
+            part * h * d + i * d + c for part in range(3) for i in range(h) for c in range(head)
+        ]
+        drop = sorted(set(range(3 * h * d)) - set(keep))
+        tp.prune_linear_out_channels(attn.qkv, drop)
+        drop_v = [i * d + c for i in range(h) for c in range(head, d)]
+        tp.prune_linear_in_channels(attn.proj, drop_v)
+        attn.head_dim = head
+        if hasattr(attn, "attn_dim"):
+            attn.attn_dim = h * head
+        tp.prune_linear_out_channels(mlp.fc1, list(range(hidden, mlp.fc1.out_features)))
+        tp.prune_linear_in_channels(mlp.fc2, list(range(hidden, mlp.fc2.in_features)))
+    return model
+
+
+def torch_worker() -> dict:
+    import copy
+
+    import torch_pruning as tp
+
+    from bench import torch_env
+
+    torch, timm = torch_env.load()
+    dtype = torch.bfloat16 if _DTYPE.value == "bfloat16" else torch.float32
+    b = _BATCH.value
+    dense = timm.create_model(TIMM[_MODEL.value], pretrained=False, img_size=_IMAGE.value).eval()
+    x = torch.randn(b, 3, _IMAGE.value, _IMAGE.value)
+    models = {"dense": dense}
+    for head, hidden in _widths():
+        models[f"{head}:{hidden}"] = _cut(torch, tp, copy.deepcopy(dense), head, hidden)
+
+    def forward(m):
+        def run():
+            with (
+                torch.inference_mode(),
+                torch.autocast("cpu", dtype, enabled=dtype != torch.float32),
+            ):
+                m(x)
+
+        return run
+
+    for name, m in models.items():  # the cut model computes: shapes are consistent
+        with torch.inference_mode():
+            assert m(x[:1]).shape == (1, 1000), name
+    speeds = common.interleaved(
+        {n: forward(m) for n, m in models.items()}, _SECONDS.value, _ROUNDS.value, b
+    )
+    return {
+        "images_per_s": speeds,
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "torch_pruning": tp.__version__,
+    }
+
+
+# -- the parent: alternate, aggregate, report ------------------------------------------------
+
+
+def _run_worker(side: str) -> dict:
+    args = [a for a in sys.argv[1:] if not a.startswith("--worker")]
+    cmd = [sys.executable, "-m", "bench.vs_timm", f"--worker={side}", *args]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if out.returncode:
+        raise RuntimeError(f"{side} worker failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def summarize(runs: dict[str, list[dict]], ideal: dict[str, float]) -> list[dict]:
+    """One row per width: img/s medians, speedups with their range over alternations."""
+    rows = []
+
+    def med(side, name):
+        return float(np.median([v for r in runs[side] for v in r["images_per_s"].get(name, [])]))
+
+    def per_alt(side, name):
+        return [
+            float(np.median(r["images_per_s"][name]) / np.median(r["images_per_s"]["dense"]))
+            for r in runs[side]
+            if name in r["images_per_s"]
+        ]
+
+    for name, ideal_speedup in ideal.items():
+        row = {"widths": name, "ideal": round(ideal_speedup, 3)}
+        for side, label in (("jax", "ours"), ("torch", "tp")):
+            row[f"{label}_dense_img_s"] = round(med(side, "dense"), 2)
+            row[f"{label}_pruned_img_s"] = round(med(side, name), 2)
+            sp = med(side, name) / med(side, "dense")
+            lo, hi = min(per_alt(side, name)), max(per_alt(side, name))
+            row[f"{label}_speedup"] = round(sp, 3)
+            row[f"{label}_speedup_range"] = [round(lo, 3), round(hi, 3)]
+            row[f"{label}_efficiency"] = round(sp / ideal_speedup, 3)
+        padded = f"{name} padded"
+        if any(padded in r["images_per_s"] for r in runs["jax"]):
+            sp = med("jax", padded) / med("jax", "dense")
+            row["ours_padded_img_s"] = round(med("jax", padded), 2)
+            row["ours_padded_speedup"] = round(sp, 3)
+            row["ours_padded_efficiency"] = round(sp / ideal_speedup, 3)
+            row["pad_multiple"] = runs["jax"][0]["pad_multiple"][name]
+        row["ours_over_tp_dense"] = round(med("jax", "dense") / med("torch", "dense"), 3)
+        best = max(row["ours_pruned_img_s"], row.get("ours_padded_img_s", 0))
+        row["ours_over_tp_pruned"] = round(best / row["tp_pruned_img_s"], 3)
+        rows.append(row)
+    return rows
+
+
+def markdown(rows: list[dict], meta: dict) -> str:
+    lines = [
+        f"{meta['model']} at {meta['image_size']} px, batch {meta['batch']}, {meta['dtype']}, "
+        f"{meta['alternations']} alternations x {meta['rounds']} rounds "
+        f"({meta['device']}, {meta['cpus']} CPUs)",
+        "",
+        "| widths (head:MLP) | ideal | ours img/s (dense / pruned / padded) | ours speedup "
+        "(range) / ideal | padded / ideal | timm+TP img/s (dense / pruned) | TP speedup (range) "
+        "/ ideal | ours / timm dense | ours / TP pruned |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        pad = (
+            f"{r['ours_padded_img_s']:.1f} (x{r['pad_multiple']})"
+            if "ours_padded_img_s" in r
+            else "- (unpadded fastest)"
+        )
+        pad_eff = f"{r['ours_padded_efficiency']:.2f}" if "ours_padded_efficiency" in r else "-"
+        lines.append(
+            f"| {r['widths']} | {r['ideal']:.2f}x | {r['ours_dense_img_s']:.1f} / "
+            f"{r['ours_pruned_img_s']:.1f} / {pad} | {r['ours_speedup']:.2f}x "
+            f"({r['ours_speedup_range'][0]:.2f}-{r['ours_speedup_range'][1]:.2f}) / "
+            f"{r['ours_efficiency']:.2f} | {pad_eff} | {r['tp_dense_img_s']:.1f} / "
+            f"{r['tp_pruned_img_s']:.1f} | {r['tp_speedup']:.2f}x "
+            f"({r['tp_speedup_range'][0]:.2f}-{r['tp_speedup_range'][1]:.2f}) / "
+            f"{r['tp_efficiency']:.2f} | {r['ours_over_tp_dense']:.2f}x "
+            f"| {r['ours_over_tp_pruned']:.2f}x |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict], path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ratio = [1 / r["ideal"] for r in rows]
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    xs = np.linspace(min(ratio) * 0.95, 1.0, 50)
+    ax.plot(xs, 1 / xs, "k--", lw=1, label="ideal (dense MACs / pruned MACs)")
+    ax.plot([1] + ratio, [1] + [r["ours_speedup"] for r in rows], "o-", label="ours (export)")
+    if any("ours_padded_speedup" in r for r in rows):
+        ax.plot(
+            [1] + ratio,
+            [1] + [r.get("ours_padded_speedup", r["ours_speedup"]) for r in rows],
+            "s-",
+            label="ours, padded to the measured multiple",
+        )
+    ax.plot([1] + ratio, [1] + [r["tp_speedup"] for r in rows], "^-", label="timm + Torch-Pruning")
+    for r, x in zip(rows, ratio, strict=True):
+        for key in ("ours", "tp"):
+            lo, hi = r[f"{key}_speedup_range"]
+            ax.plot([x, x], [lo, hi], color="grey", lw=3, alpha=0.4)
+    ax.set_xlabel("MACs ratio (pruned / dense)")
+    ax.set_ylabel("speedup over the same framework's dense model")
+    ax.set_title(title, fontsize=9)
+    ax.invert_xaxis()
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(_):
+    if _WORKER.value:
+        out = jax_worker() if _WORKER.value == "jax" else torch_worker()
+        print(json.dumps(out))
+        return
+    import jax
+
+    from amap_jax.pruning.macs import model_macs
+
+    dense, pruned = _our_archs()
+    ideal = {name: model_macs(dense) / model_macs(a) for name, a in pruned.items()}
+    runs = {"jax": [], "torch": []}
+    for k in range(_ALTERNATIONS.value):
+        for side in ("jax", "torch"):
+            t = time.time()
+            runs[side].append(_run_worker(side))
+            print(
+                f"alternation {k + 1}/{_ALTERNATIONS.value}: {side} {time.time() - t:.0f} s",
+                flush=True,
+            )
+    rows = summarize(runs, ideal)
+    meta = {
+        "model": f"ViT-{_MODEL.value}/16 (timm {TIMM[_MODEL.value]})",
+        "image_size": _IMAGE.value,
+        "batch": _BATCH.value,
+        "dtype": _DTYPE.value,
+        "rounds": _ROUNDS.value,
+        "alternations": _ALTERNATIONS.value,
+        "seconds": _SECONDS.value,
+        "device": str(jax.devices()[0].device_kind),
+        "cpus": os.cpu_count(),
+        "versions": {
+            k: v
+            for r in runs.values()
+            for k, v in r[0].items()
+            if k not in ("images_per_s", "pad_multiple")
+        },
+        "runs": runs,
+    }
+    name = f"vs_timm_{jax.default_backend()}{common.suffix()}"
+    path = common.write(name, rows, meta)
+    md = markdown(rows, meta)
+    with open(os.path.join(common.RESULTS, f"{name}.md"), "w") as f:
+        f.write(md)
+    png = os.path.join(common.RESULTS, f"{name}.png")
+    plot(rows, png, f"{meta['model']}, batch {meta['batch']}, {meta['dtype']}, {meta['device']}")
+    print(md)
+    print(f"wrote {path}, {os.path.basename(png)}")
+
+
+if __name__ == "__main__":
+    app.run(main)
