@@ -69,20 +69,7 @@ def exported_rows() -> list[dict]:
             m = models.build(arch, dtype=dtype)
             batches = test.eval_batches(config.eval.batch_size)
             top1[dtype_name] = evaluate(m, variables, batches, inputs, mesh)["top1"]
-        speed = _speeds(arch, variables["params"], _BATCH.value)
-        rows.append(
-            {
-                "model": cell,
-                "batch": _BATCH.value,
-                "top1_float32": round(top1["float32"], 2),
-                "top1_bfloat16": round(top1["bfloat16"], 2),
-                "top1_change": round(top1["bfloat16"] - top1["float32"], 2),
-                "img_s_float32": round(speed["float32"], 1),
-                "img_s_bfloat16": round(speed["bfloat16"], 1),
-                "bf16_speedup": round(speed["bfloat16"] / speed["float32"], 3),
-            }
-        )
-        print(rows[-1], flush=True)
+        rows.append(_row(cell, arch, variables["params"], _BATCH.value, top1))
     return rows
 
 
@@ -96,18 +83,26 @@ def vit_rows() -> list[dict]:
         ("ViT-S/16 at 45:1099", common.at_widths(dense, 45, 1099)),
     ):
         params = models.build(arch).init(jax.random.key(0), models.dummy_input(arch))["params"]
-        speed = _speeds(arch, params, _VIT_BATCH.value)
-        rows.append(
-            {
-                "model": label,
-                "batch": _VIT_BATCH.value,
-                "img_s_float32": round(speed["float32"], 1),
-                "img_s_bfloat16": round(speed["bfloat16"], 1),
-                "bf16_speedup": round(speed["bfloat16"] / speed["float32"], 3),
-            }
-        )
-        print(rows[-1], flush=True)
+        rows.append(_row(label, arch, params, _VIT_BATCH.value))
     return rows
+
+
+def _row(label: str, arch, params, batch: int, top1: dict | None = None) -> dict:
+    speed = _speeds(arch, params, batch)
+    row = {"model": label, "batch": batch}
+    if top1:
+        row.update(
+            top1_float32=round(top1["float32"], 2),
+            top1_bfloat16=round(top1["bfloat16"], 2),
+            top1_change=round(top1["bfloat16"] - top1["float32"], 2),
+        )
+    row.update(
+        img_s_float32=round(speed["float32"], 1),
+        img_s_bfloat16=round(speed["bfloat16"], 1),
+        bf16_speedup=round(speed["bfloat16"] / speed["float32"], 3),
+    )
+    print(row, flush=True)
+    return row
 
 
 def _cpu_flags() -> list[str]:
