@@ -81,3 +81,42 @@ def test_token_rows_report_kept_tokens_and_both_speedups():
     )
     table = compare.markdown(rows, {"tokens": {"top1": 79.5}}, notes)
     assert "| 0.5 | asvit | 79.70 ± 0.00 |" in table and "50 / 30 of 100" in table
+
+
+def test_vs_timm_summary_takes_medians_and_ranges_over_alternations():
+    from bench import vs_timm
+
+    def run(dense, pruned, padded=None):
+        speeds = {"dense": dense, "45:1099": pruned}
+        if padded:
+            speeds["45:1099 padded"] = padded
+        return {"images_per_s": speeds, "pad_multiple": {"45:1099": 8}}
+
+    runs = {
+        "jax": [
+            run([10, 10, 10], [13, 13, 13], [14, 14, 14]),
+            run([8, 8, 8], [12, 12, 12], [12, 12, 12]),
+        ],
+        "torch": [run([10, 10, 10], [12, 12, 12]), run([10, 10, 10], [11, 11, 11])],
+    }
+    (row,) = vs_timm.summarize(runs, {"45:1099": 1.5})
+    assert row["ours_dense_img_s"] == 9.0 and row["ours_pruned_img_s"] == 12.5
+    assert row["ours_speedup"] == round(12.5 / 9.0, 3)
+    assert row["ours_speedup_range"] == [1.3, 1.5]  # 13/10 and 12/8, one per alternation
+    assert row["ours_efficiency"] == round(12.5 / 9.0 / 1.5, 3)
+    assert row["tp_speedup_range"] == [1.1, 1.2]
+    assert row["ours_padded_img_s"] == 13.0 and row["pad_multiple"] == 8
+    assert row["ours_over_tp_pruned"] == round(13.0 / 11.5, 3)  # the faster of ours
+    assert "45:1099" in vs_timm.markdown(
+        [row],
+        {
+            "model": "ViT-S/16",
+            "image_size": 224,
+            "batch": 32,
+            "dtype": "float32",
+            "alternations": 2,
+            "rounds": 3,
+            "device": "cpu",
+            "cpus": 2,
+        },
+    )
