@@ -423,23 +423,26 @@ def run(config, workdir: str) -> dict:
 
     p_params = finetune(ctx, p_arch, p_params, arch, dense_params)
     unpadded = p_arch
-    p_arch, p_params, multiple = _pad(ctx, p_arch, p_params)
     parallel.barrier("before export")  # every process sees the same is_finished
     if not pruned.is_finished(export_dir):  # every process takes part in the save
         if ctx.is_chief:
             workdir_lib.record(workdir, config, "export")
             workdir_lib.mark_export(workdir, export_dir)  # ours before it is finished
+        padded_arch, padded_params, multiple = _pad(ctx, p_arch, p_params)
         pruned.save_pruned(
             export_dir,
-            p_arch,
-            p_params,
+            padded_arch,
+            padded_params,
             method=config.method,
             dense_macs=int(macs.model_macs(arch)),
+            export_pad=multiple,
         )
-    if config.export_artifact and ctx.is_chief and not artifact.exists(export_dir):
-        artifact.write(export_dir, p_arch, p_params)  # deployable with jax alone
-    parallel.barrier("artifact written")
+    # What was exported, padding included (a finished export is read back, not redone).
     model, loaded = pruned.load_pruned(export_dir)
+    p_arch, multiple = model.arch, pruned.read_meta(export_dir).get("export_pad", 1)
+    if config.export_artifact and ctx.is_chief and not artifact.exists(export_dir):
+        artifact.write(export_dir, p_arch, loaded["params"])  # deployable with jax alone
+    parallel.barrier("artifact written")
     pruned_eval = ctx.evaluate(model, loaded)
 
     summary = {
