@@ -15,7 +15,9 @@ Each framework runs in its own process (in one process XLA's and torch's thread 
 jax and torch alternated `alternations` times; a process times each of its models for
 `seconds` per round, models interleaved, `rounds` rounds. Reported: the median over all
 rounds, and the range of the per-alternation values. The ideal speedup is dense MACs / pruned
-MACs. Writes bench/results/vs_timm_<backend>[_TAG].json and a PNG of speedup vs MACs.
+MACs; a speedup is the median over all rounds of pruned / dense images/s in the same round.
+Writes bench/results/vs_timm_<backend>[_TAG].json, .md and a PNG of speedup vs MACs
+(`--rebuild` rebuilds them from the JSON).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ _SECONDS = flags.DEFINE_float("seconds", 4.0, "Seconds per model per round.")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
 _IMAGE = flags.DEFINE_integer("image_size", 224, "Input size (smaller: quick checks).")
 _PAD = flags.DEFINE_list("pad_candidates", ["1", "8", "16", "32", "64"], "Padding multiples.")
+_REBUILD = flags.DEFINE_bool("rebuild", False, "Rebuild the report from the JSON (no timing).")
 _WORKER = flags.DEFINE_enum("worker", None, ["jax", "torch"], "Internal: run one side.")
 
 TIMM = {"Ti": "deit_tiny_patch16_224", "S": "deit_small_patch16_224", "B": "deit_base_patch16_224"}
@@ -177,26 +180,29 @@ def summarize(runs: dict[str, list[dict]], ideal: dict[str, float]) -> list[dict
     def med(side, name):
         return float(np.median([v for r in runs[side] for v in r["images_per_s"].get(name, [])]))
 
+    def ratios(run, name):  # dense and `name` ran in the same round: compare them there
+        s = run["images_per_s"]
+        return [p / d for p, d in zip(s[name], s["dense"], strict=True)]
+
+    def speedup(side, name):
+        return float(np.median([x for r in runs[side] for x in ratios(r, name)]))
+
     def per_alt(side, name):
-        return [
-            float(np.median(r["images_per_s"][name]) / np.median(r["images_per_s"]["dense"]))
-            for r in runs[side]
-            if name in r["images_per_s"]
-        ]
+        return [float(np.median(ratios(r, name))) for r in runs[side] if name in r["images_per_s"]]
 
     for name, ideal_speedup in ideal.items():
         row = {"widths": name, "ideal": round(ideal_speedup, 3)}
         for side, label in (("jax", "ours"), ("torch", "tp")):
             row[f"{label}_dense_img_s"] = round(med(side, "dense"), 2)
             row[f"{label}_pruned_img_s"] = round(med(side, name), 2)
-            sp = med(side, name) / med(side, "dense")
+            sp = speedup(side, name)
             lo, hi = min(per_alt(side, name)), max(per_alt(side, name))
             row[f"{label}_speedup"] = round(sp, 3)
             row[f"{label}_speedup_range"] = [round(lo, 3), round(hi, 3)]
             row[f"{label}_efficiency"] = round(sp / ideal_speedup, 3)
         padded = f"{name} padded"
         if any(padded in r["images_per_s"] for r in runs["jax"]):
-            sp = med("jax", padded) / med("jax", "dense")
+            sp = speedup("jax", padded)
             row["ours_padded_img_s"] = round(med("jax", padded), 2)
             row["ours_padded_speedup"] = round(sp, 3)
             row["ours_padded_efficiency"] = round(sp / ideal_speedup, 3)
@@ -284,6 +290,11 @@ def main(_):
 
     dense, pruned = _our_archs()
     ideal = {name: model_macs(dense) / model_macs(a) for name, a in pruned.items()}
+    name = f"vs_timm_{jax.default_backend()}{common.suffix()}"
+    if _REBUILD.value:
+        with open(os.path.join(common.RESULTS, f"{name}.json")) as f:
+            meta = json.load(f)["meta"]
+        return _report(name, summarize(meta["runs"], ideal), meta)
     runs = {"jax": [], "torch": []}
     for k in range(_ALTERNATIONS.value):
         for side in ("jax", "torch"):
@@ -312,7 +323,11 @@ def main(_):
         },
         "runs": runs,
     }
-    name = f"vs_timm_{jax.default_backend()}{common.suffix()}"
+    _report(name, rows, meta)
+
+
+def _report(name: str, rows: list[dict], meta: dict) -> None:
+    meta = {k: v for k, v in meta.items() if k not in ("backend", "machine", "jax")}
     path = common.write(name, rows, meta)
     md = markdown(rows, meta)
     with open(os.path.join(common.RESULTS, f"{name}.md"), "w") as f:
