@@ -38,6 +38,7 @@ from absl import app, flags, logging
 
 from amap_jax import logs, pipeline
 from amap_jax import workdir as workdir_lib
+from amap_jax.io import pruned as pruned_io
 from amap_jax.pruning import macs
 from amap_jax.train import checkpoint
 from bench import common
@@ -144,6 +145,18 @@ def dense_stage(name: str, root: str) -> dict:
     out = {"top1": round(top1, 2), "macs": int(macs.model_macs(arch)), "wall_s": time.time() - t0}
     checkpoint.write_json(record, out)
     return out
+
+
+def finished_exports(cells: list[str]):
+    """(cell, config name, export dir) of every finished `CONFIG/CELL` under --root (the others
+    are reported and skipped)."""
+    for cell in cells:
+        name, _, run = cell.partition("/")
+        export = os.path.join(_ROOT.value, name, run, "export")
+        if not pruned_io.is_finished(export):
+            print(f"skipped {cell}: no finished export in {export}")
+            continue
+        yield cell, name, export
 
 
 def _seed_dense(root: str, name: str, workdir: str, config) -> None:

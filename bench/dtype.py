@@ -13,8 +13,6 @@ interleaved rounds; the median is reported. Writes bench/results/dtype_<backend>
 
 from __future__ import annotations
 
-import os
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -53,12 +51,7 @@ def _speeds(arch, params, batch: int) -> dict[str, float]:
 def exported_rows() -> list[dict]:
     rows = []
     mesh = parallel.make_mesh(1)
-    for cell in _CELLS.value:
-        name, _, run = cell.partition("/")
-        export = os.path.join(compare._ROOT.value, name, run, "export")
-        if not pruned.is_finished(export):
-            print(f"skipped {cell}: no finished export in {export}")
-            continue
+    for cell, name, export in compare.finished_exports(_CELLS.value):
         config = compare.load_config(name)
         test = open_split(config.data, config.data.test_split)
         model, variables = pruned.load_pruned(export)

@@ -11,8 +11,6 @@ bench/results/padding_<backend>[_TAG].json.
 
 from __future__ import annotations
 
-import os
-
 import jax
 from absl import app, flags
 
@@ -33,12 +31,7 @@ _SECONDS = flags.DEFINE_float("seconds", 1.0, "Seconds per multiple per round.")
 
 def main(_):
     rows = []
-    for cell in _CELLS.value:
-        name, _, run = cell.partition("/")
-        export = os.path.join(compare._ROOT.value, name, run, "export")
-        if not pruned.is_finished(export):
-            print(f"skipped {cell}: no finished export in {export}")
-            continue
+    for cell, _, export in compare.finished_exports(_CELLS.value):
         model, variables = pruned.load_pruned(export)
         arch = model.arch
         best, speeds = padding.fastest_multiple(
