@@ -24,28 +24,18 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import time
 
 import numpy as np
 from absl import app, flags
 
-from bench import common  # --tag (imports jax, which the torch worker never initialises)
+# common: --tag (it imports jax, which the torch worker never initialises); sides: shared flags
+from bench import common, sides
 
-_MODEL = flags.DEFINE_enum("model", "S", ["Ti", "S", "B"], "DeiT size (patch 16, 224 px).")
-_BATCH = flags.DEFINE_integer("batch", 32, "Batch size.")
 _WIDTHS = flags.DEFINE_list("widths", ["45:1099", "33:794"], "head_dim:mlp_hidden per block.")
-_ROUNDS = flags.DEFINE_integer("rounds", 5, "Timing rounds per process.")
-_ALTERNATIONS = flags.DEFINE_integer("alternations", 2, "jax/torch process pairs.")
-_SECONDS = flags.DEFINE_float("seconds", 4.0, "Seconds per model per round.")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
-_IMAGE = flags.DEFINE_integer("image_size", 224, "Input size (smaller: quick checks).")
 _PAD = flags.DEFINE_list("pad_candidates", ["1", "8", "16", "32", "64"], "Padding multiples.")
 _REBUILD = flags.DEFINE_bool("rebuild", False, "Rebuild the report from the JSON (no timing).")
-_WORKER = flags.DEFINE_enum("worker", None, ["jax", "torch"], "Internal: run one side.")
-
-TIMM = {"Ti": "deit_tiny_patch16_224", "S": "deit_small_patch16_224", "B": "deit_base_patch16_224"}
 
 
 def _widths() -> list[tuple[int, int]]:
@@ -58,7 +48,7 @@ def _widths() -> list[tuple[int, int]]:
 def _our_archs():
     from amap_jax.models.arch import vit_arch
 
-    dense = vit_arch(_MODEL.value, image_size=_IMAGE.value)
+    dense = vit_arch(sides.MODEL.value, image_size=sides.IMAGE.value)
     pruned = {f"{h}:{m}": common.at_widths(dense, h, m) for h, m in _widths()}
     return dense, pruned
 
@@ -72,8 +62,10 @@ def jax_worker() -> dict:
 
     dtype = jnp.bfloat16 if _DTYPE.value == "bfloat16" else jnp.float32
     dense, pruned = _our_archs()
-    b = _BATCH.value
-    x = jax.random.normal(jax.random.key(0), (b, _IMAGE.value, _IMAGE.value, 3), jnp.float32)
+    b = sides.BATCH.value
+    x = jax.random.normal(
+        jax.random.key(0), (b, sides.IMAGE.value, sides.IMAGE.value, 3), jnp.float32
+    )
 
     def forward(arch, params):
         fwd = jax.jit(models.build(arch, dtype=dtype).apply)
@@ -93,7 +85,7 @@ def jax_worker() -> dict:
         chosen[name] = multiple
         if multiple > 1:
             fns[f"{name} padded"] = forward(*padding.pad(arch, params, multiple))
-    speeds = common.interleaved(fns, _SECONDS.value, _ROUNDS.value, b)
+    speeds = common.interleaved(fns, sides.SECONDS.value, sides.ROUNDS.value, b)
     return {"images_per_s": speeds, "pad_multiple": chosen, "jax": jax.__version__}
 
 
@@ -130,9 +122,11 @@ def torch_worker() -> dict:
 
     torch, timm = torch_env.load()
     dtype = torch.bfloat16 if _DTYPE.value == "bfloat16" else torch.float32
-    b = _BATCH.value
-    dense = timm.create_model(TIMM[_MODEL.value], pretrained=False, img_size=_IMAGE.value).eval()
-    x = torch.randn(b, 3, _IMAGE.value, _IMAGE.value)
+    b = sides.BATCH.value
+    dense = timm.create_model(
+        sides.TIMM[sides.MODEL.value], pretrained=False, img_size=sides.IMAGE.value
+    ).eval()
+    x = torch.randn(b, 3, sides.IMAGE.value, sides.IMAGE.value)
     models = {"dense": dense}
     for head, hidden in _widths():
         models[f"{head}:{hidden}"] = _cut(torch, tp, copy.deepcopy(dense), head, hidden)
@@ -151,7 +145,7 @@ def torch_worker() -> dict:
         with torch.inference_mode():
             assert m(x[:1]).shape == (1, 1000), name
     speeds = common.interleaved(
-        {n: forward(m) for n, m in models.items()}, _SECONDS.value, _ROUNDS.value, b
+        {n: forward(m) for n, m in models.items()}, sides.SECONDS.value, sides.ROUNDS.value, b
     )
     return {
         "images_per_s": speeds,
@@ -162,15 +156,6 @@ def torch_worker() -> dict:
 
 
 # -- the parent: alternate, aggregate, report ------------------------------------------------
-
-
-def _run_worker(side: str) -> dict:
-    args = [a for a in sys.argv[1:] if not a.startswith("--worker")]
-    cmd = [sys.executable, "-m", "bench.vs_timm", f"--worker={side}", *args]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if out.returncode:
-        raise RuntimeError(f"{side} worker failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def summarize(runs: dict[str, list[dict]], ideal: dict[str, float]) -> list[dict]:
@@ -280,8 +265,8 @@ def plot(rows: list[dict], path: str, title: str) -> None:
 
 
 def main(_):
-    if _WORKER.value:
-        out = jax_worker() if _WORKER.value == "jax" else torch_worker()
+    if sides.WORKER.value:
+        out = jax_worker() if sides.WORKER.value == "jax" else torch_worker()
         print(json.dumps(out))
         return
     import jax
@@ -296,23 +281,23 @@ def main(_):
             meta = json.load(f)["meta"]
         return _report(name, summarize(meta["runs"], ideal), meta)
     runs = {"jax": [], "torch": []}
-    for k in range(_ALTERNATIONS.value):
+    for k in range(sides.ALTERNATIONS.value):
         for side in ("jax", "torch"):
             t = time.time()
-            runs[side].append(_run_worker(side))
+            runs[side].append(sides.run_worker("bench.vs_timm", side))
             print(
-                f"alternation {k + 1}/{_ALTERNATIONS.value}: {side} {time.time() - t:.0f} s",
+                f"alternation {k + 1}/{sides.ALTERNATIONS.value}: {side} {time.time() - t:.0f} s",
                 flush=True,
             )
     rows = summarize(runs, ideal)
     meta = {
-        "model": f"ViT-{_MODEL.value}/16 (timm {TIMM[_MODEL.value]})",
-        "image_size": _IMAGE.value,
-        "batch": _BATCH.value,
+        "model": f"ViT-{sides.MODEL.value}/16 (timm {sides.TIMM[sides.MODEL.value]})",
+        "image_size": sides.IMAGE.value,
+        "batch": sides.BATCH.value,
         "dtype": _DTYPE.value,
-        "rounds": _ROUNDS.value,
-        "alternations": _ALTERNATIONS.value,
-        "seconds": _SECONDS.value,
+        "rounds": sides.ROUNDS.value,
+        "alternations": sides.ALTERNATIONS.value,
+        "seconds": sides.SECONDS.value,
         "device": str(jax.devices()[0].device_kind),
         "cpus": os.cpu_count(),
         "versions": {

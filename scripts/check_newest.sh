@@ -28,5 +28,9 @@ done
 .venv-newest/bin/pip install -q -r "$unpinned/requirements-test.txt"
 .venv-newest/bin/pip install -q -r requirements-torch.txt
 .venv-newest/bin/pip install -q --no-deps timm==1.0.31 torch-pruning==1.6.1
+# Where no CPU wheel of the pinned torch exists for this Python (3.13 here), pip takes the CUDA
+# build, which brings triton; importing triton after TensorFlow segfaults (their LLVMs clash), and
+# torch on CPU never needs it.
+.venv-newest/bin/pip uninstall -y -q triton 2>/dev/null || true
 .venv-newest/bin/pip list 2>/dev/null | grep -iE '^(jax|jaxlib|flax|optax|orbax-checkpoint|chex|numpy|tensorflow-datasets|ml-collections|tensorboardX) '
 .venv-newest/bin/python -m pytest -q -n 2 tests "$@"

@@ -120,3 +120,36 @@ def test_vs_timm_summary_takes_medians_and_ranges_over_alternations():
             "cpus": 2,
         },
     )
+
+
+def test_dense_profile_reports_ms_per_part_and_shares_of_the_block():
+    from bench import dense_profile
+
+    def run(ips):  # images/s of every part, two rounds
+        return {"images_per_s": {p: [ips.get(p, 100.0)] * 2 for p in dense_profile.PARTS}}
+
+    runs = {
+        "jax": [run({"block": 10.0, "GELU": 40.0})],
+        "torch": [run({"block": 20.0, "GELU": 40.0})],
+    }
+    rows = {r["part"]: r for r in dense_profile.summarize(runs, batch=8)}
+    assert rows["block"]["ours_ms"] == 800.0 and rows["block"]["timm_ms"] == 400.0
+    assert rows["block"]["ours_over_timm_time"] == 2.0
+    assert (
+        rows["GELU"]["ours_share_of_block"] == 0.25 and rows["GELU"]["timm_share_of_block"] == 0.5
+    )
+    assert "ours_share_of_block" not in rows["model"]
+    md = dense_profile.markdown(
+        list(rows.values()),
+        {
+            "model": "ViT-S/16",
+            "batch": 8,
+            "tokens": 197,
+            "alternations": 1,
+            "rounds": 2,
+            "device": "cpu",
+            "cpus": 2,
+            "fused_attn": True,
+        },
+    )
+    assert "| GELU | 200.00 | 200.00 | 1.00 | 0.25 / 0.50 |" in md

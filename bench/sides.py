@@ -1,0 +1,35 @@
+"""Benchmarks that time jax and torch side by side: their shared flags, timm's model names,
+and the runner of one side's process.
+
+Each framework runs in its own process (in one process XLA's and torch's thread pools compete),
+jax and torch alternated `alternations` times.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from absl import flags
+
+MODEL = flags.DEFINE_enum("model", "S", ["Ti", "S", "B"], "DeiT size (patch 16, 224 px).")
+BATCH = flags.DEFINE_integer("batch", 32, "Batch size.")
+ROUNDS = flags.DEFINE_integer("rounds", 5, "Timing rounds per process.")
+ALTERNATIONS = flags.DEFINE_integer("alternations", 2, "jax/torch process pairs.")
+SECONDS = flags.DEFINE_float("seconds", 4.0, "Seconds per model per round.")
+IMAGE = flags.DEFINE_integer("image_size", 224, "Input size (smaller: quick checks).")
+WORKER = flags.DEFINE_enum("worker", None, ["jax", "torch"], "Internal: run one side.")
+
+TIMM = {"Ti": "deit_tiny_patch16_224", "S": "deit_small_patch16_224", "B": "deit_base_patch16_224"}
+
+
+def run_worker(module: str, side: str) -> dict:
+    """Runs `python -m module --worker=side` with this process's flags; its last stdout line
+    is JSON."""
+    args = [a for a in sys.argv[1:] if not a.startswith("--worker")]
+    cmd = [sys.executable, "-m", module, f"--worker={side}", *args]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if out.returncode:
+        raise RuntimeError(f"{side} worker failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
