@@ -327,6 +327,29 @@ def test_artifact_of_a_swin_model_equals_its_forward():
     )
 
 
+def test_savedmodel_gives_the_exports_logits(finished_run, tmp_path):
+    """`python -m amap_jax.io.savedmodel` on a finished export: TensorFlow alone runs it (any
+    batch size) and gives load_pruned's float32 logits."""
+    from amap_jax.io import savedmodel
+
+    export = os.path.join(finished_run[0], "export")
+    out = str(tmp_path / "sm")
+    cli = [sys.executable, "-m", "amap_jax.io.savedmodel", f"--export={export}", f"--out={out}"]
+    run = subprocess.run(cli, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert run.returncode == 0 and f"wrote {out}" in run.stdout, run.stderr[-2000:]
+    model, variables = amap_jax.load_pruned(export)
+    forward = savedmodel.load(out)
+    for n in (1, 6):
+        images = np.random.default_rng(n).normal(size=(n, 8, 8, 1)).astype(np.float32)
+        np.testing.assert_allclose(
+            forward(images), model.apply(variables, images), atol=1e-5, rtol=0
+        )
+    run = subprocess.run(
+        [*cli[:3], f"--export={tmp_path}"], capture_output=True, text=True, cwd=ROOT
+    )
+    assert run.returncode != 0 and "not an export directory" in run.stderr
+
+
 def test_run_writes_scalars_of_every_stage(finished_run):
     from scalars_test import read_events
 
