@@ -4,7 +4,9 @@
       [--batch 32]
 
 The search step adds the indicator collection, the head-balanced projection (sort per head) and
-the masks; the ideal ratio is 1.0. Writes bench/results/search_step_<backend>.json.
+the masks; the ideal ratio is 1.0. The two steps are timed in alternation, `rounds` rounds of
+`seconds` each, so that both see the same machine; the ratio is the median of the rounds'
+ratios, with their range. Writes bench/results/search_step_<backend>.json.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from absl import app, flags
 
@@ -29,12 +32,14 @@ _MODELS = flags.DEFINE_list(
     "ViT variant[:pattern] or published names (Swin, FLatten-Swin).",
 )
 _BATCH = flags.DEFINE_integer("batch", 32, "Batch size.")
-_SECONDS = flags.DEFINE_float("seconds", 8.0, "Timing seconds per step kind.")
+_SECONDS = flags.DEFINE_float("seconds", 4.0, "Timing seconds per step kind and round.")
+_ROUNDS = flags.DEFINE_integer("rounds", 5, "Alternating timing rounds.")
 
 
-def _loss(step):
-    """The step's loss only: timing must not keep every new state alive."""
-    return lambda state, batch: step(state, batch)[1]["loss"]
+def _run(step, state, batch):
+    """One step, its loss waited for; the new state is dropped (timing must not keep every new
+    state alive)."""
+    jax.block_until_ready(step(state, batch)[1]["loss"])
 
 
 def main(_):
@@ -65,23 +70,29 @@ def main(_):
         search_step = jax.jit(
             steps.make_train_step(models.build(s_arch, sites=Amap()), s_tx, inputs, s_obj, 0)
         )
-        t_dense = common.time_fn(_loss(dense_step), dense, batch, seconds=_SECONDS.value)
-        t_search = common.time_fn(_loss(search_step), search, batch, seconds=_SECONDS.value)
+        fns = {
+            "dense": functools.partial(_run, dense_step, dense, batch),
+            "search": functools.partial(_run, search_step, search, batch),
+        }
+        ips = common.interleaved(fns, _SECONDS.value, _ROUNDS.value, _BATCH.value)
+        ratios = [d / s for d, s in zip(ips["dense"], ips["search"], strict=True)]
         sim = jax.jit(functools.partial(similarity.similarity_weights, s_arch))
         t_sim = common.time_fn(sim, s_params, seconds=2.0)
         rows.append(
             {
                 "model": arch.name,
-                "dense_step_s": round(t_dense, 4),
-                "search_step_s": round(t_search, 4),
-                "ratio": round(t_search / t_dense, 3),
+                "dense_step_s": round(_BATCH.value / float(np.median(ips["dense"])), 4),
+                "search_step_s": round(_BATCH.value / float(np.median(ips["search"])), 4),
+                "ratio": round(float(np.median(ratios)), 3),
+                "ratio_range": [round(min(ratios), 3), round(max(ratios), 3)],
                 "ideal": 1.0,
                 "similarity_refresh_s": round(t_sim, 4),
             }
         )
         print(common.table(rows[-1:], list(rows[-1])), flush=True)
     name = f"search_step_{jax.default_backend()}{common.suffix()}"
-    path = common.write(name, rows, {"batch": _BATCH.value})
+    meta = {"batch": _BATCH.value, "rounds": _ROUNDS.value, "seconds": _SECONDS.value}
+    path = common.write(name, rows, meta)
     print(common.table(rows, list(rows[0])))
     print(f"wrote {path}")
 

@@ -273,3 +273,23 @@ def test_focused_linear_differs_from_softmax():
     a = jax.jit(lin.apply)({"params": params}, x)
     b = jax.jit(soft.apply)({"params": shared}, x)
     assert np.abs(np.asarray(a) - np.asarray(b)).max() > 1e-2
+
+
+def test_dense_takes_site_multipliers_on_its_kernel():
+    """`attention.Dense` has `nn.Dense`'s parameters (checkpoints unchanged) and scaling its
+    kernel's rows / columns equals scaling its input / output channels."""
+    import chex
+    import flax.linen as nn
+    import jax.numpy as jnp
+
+    from amap_jax.models.attention import Dense, dense_init
+
+    x = jax.random.normal(jax.random.key(1), (2, 5, 6))
+    ours, ref = Dense(4), nn.Dense(4, kernel_init=dense_init)
+    p = ours.init(jax.random.key(0), x)
+    chex.assert_trees_all_equal(p, ref.init(jax.random.key(0), x))
+    p = jax.tree.map(lambda a: a + 0.1, p)  # a non-zero bias
+    rows, cols = jnp.array([1.0, 0.0, 0.5, 2.0, 1.0, 0.0]), jnp.array([0.0, 1.0, 0.3, 1.0])
+    np.testing.assert_allclose(ours.apply(p, x), ref.apply(p, x), atol=1e-6)
+    np.testing.assert_allclose(ours.apply(p, x, rows=rows), ref.apply(p, x * rows), atol=1e-6)
+    np.testing.assert_allclose(ours.apply(p, x, cols=cols), ref.apply(p, x) * cols, atol=1e-6)

@@ -20,6 +20,28 @@ from amap_jax.models.arch import SOFTMAX, BlockArch, Geometry
 dense_init = nn.initializers.truncated_normal(0.02)
 
 
+class Dense(nn.Module):
+    """`nn.Dense` (same parameters) that takes a site's multiplier on its input channels
+    (`rows`) or output channels (`cols`) and applies it to the kernel: [in, out] numbers
+    instead of [batch x tokens, width] ones, and the mask's gradient comes from the weight
+    gradient, with no extra pass over the activations."""
+
+    features: int
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, rows=None, cols=None):
+        kernel = self.param("kernel", dense_init, (x.shape[-1], self.features))
+        bias = self.param("bias", nn.initializers.zeros, (self.features,))
+        if rows is not None:
+            kernel = kernel * rows.astype(kernel.dtype)[:, None]
+        if cols is not None:
+            kernel, bias = kernel * cols.astype(kernel.dtype), bias * cols.astype(bias.dtype)
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        y = jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
+        return y + bias
+
+
 def _heads(x: jax.Array, heads: int) -> jax.Array:
     """[B, N, H*d] -> [B, H, N, d]."""
     b, n, _ = x.shape
@@ -72,35 +94,35 @@ class Attention(nn.Module):
         their own. With `stats`, also (class attention [B, H, N], norm of each head's output
         after the projection [B, H, N]): what token scores are made of."""
         a, g = self.arch, self.geometry
-        dense = lambda n, name: nn.Dense(n, kernel_init=dense_init, dtype=self.dtype, name=name)  # noqa: E731
-        q = dense(a.heads * a.qk_dim, "q")(x)
-        k = dense(a.heads * a.qk_dim, "k")(x)
-        v = dense(a.heads * a.v_dim, "v")(x)
-        if a.attn == SOFTMAX:
-            out, cls_attn = self._softmax(q, k, v, qk_mask, key_mask)
+        softmax = a.attn == SOFTMAX
+        # On softmax attention a masked q channel drops out of every q.k sum: mask q's kernel.
+        q = Dense(a.heads * a.qk_dim, self.dtype, name="q")(x, cols=qk_mask if softmax else None)
+        k = Dense(a.heads * a.qk_dim, self.dtype, name="k")(x)
+        v = Dense(a.heads * a.v_dim, self.dtype, name="v")(x)
+        if softmax:
+            out, cls_attn = self._softmax(q, k, v, key_mask)
         else:
             if key_mask is not None:
                 raise ValueError("focused linear attention takes no key mask (token pruning)")
             out, cls_attn = self._focused_linear(q, k, v, qk_mask)
-        if v_scale is not None:
-            out = out * v_scale.astype(out.dtype)
-        proj = dense(g.dim, "proj")
-        y = proj(out)
+        proj = Dense(g.dim, self.dtype, name="proj")
+        y = proj(out, rows=v_scale)  # value channels scaled where export folds them
         if not stats:
             return y
         # A head's output as the residual stream gets it: unchanged by export, which folds
         # scales into the projection.
+        kernel = proj.variables["params"]["kernel"]
+        if v_scale is not None:
+            kernel = kernel * v_scale.astype(kernel.dtype)[:, None]
         per_head = jnp.einsum(
             "bnhd,hde->bhne",
             out.reshape(*out.shape[:2], a.heads, a.v_dim),
-            proj.variables["params"]["kernel"].reshape(a.heads, a.v_dim, -1).astype(out.dtype),
+            kernel.reshape(a.heads, a.v_dim, -1).astype(out.dtype),
         )
         return y, (cls_attn, jnp.linalg.norm(per_head.astype(jnp.float32), axis=-1))
 
-    def _softmax(self, q, k, v, qk_mask, key_mask=None):
+    def _softmax(self, q, k, v, key_mask=None):
         a = self.arch
-        if qk_mask is not None:
-            q = q * qk_mask.astype(q.dtype)  # masked channels drop out of every q.k sum
         q, k, v = (_heads(t, a.heads) for t in (q, k, v))
         logits = jnp.matmul(q * jnp.asarray(a.scale, q.dtype), k.swapaxes(-1, -2))
         if a.window:

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from amap_jax.models.arch import BlockArch, Geometry
-from amap_jax.models.attention import Attention, dense_init
+from amap_jax.models.attention import Attention, Dense
 
 SITES = ("attn_in", "qk", "v", "mlp_in", "hidden")
 
@@ -61,11 +61,9 @@ class Mlp(nn.Module):
 
     @nn.compact
     def __call__(self, x, scale=None):
-        h = nn.Dense(self.hidden, kernel_init=dense_init, dtype=self.dtype, name="fc1")(x)
+        h = Dense(self.hidden, self.dtype, name="fc1")(x)
         h = nn.gelu(h, approximate=self.gelu_approximate)
-        if scale is not None:
-            h = h * scale.astype(h.dtype)
-        return nn.Dense(self.out, kernel_init=dense_init, dtype=self.dtype, name="fc2")(h)
+        return Dense(self.out, self.dtype, name="fc2")(h, rows=scale)  # hidden units scaled
 
 
 def to_windows(x: jax.Array, block: BlockArch, resolution: int) -> jax.Array:
