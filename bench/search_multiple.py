@@ -108,7 +108,7 @@ def main(_):
                         "target": target,
                         "variant": name,
                         "top1_mean": round(float(np.mean(acc)), 2),
-                        "top1_sd": round(float(np.std(acc)), 2),
+                        "top1_sd": round(float(np.std(acc, ddof=1)) if len(acc) > 1 else 0.0, 2),
                         "seeds": len(acc),
                         "macs_ratio": round(m / dense_macs, 3),
                         "ideal_speedup": round(dense_macs / macs.model_macs(searched), 3),
