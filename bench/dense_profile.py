@@ -17,6 +17,7 @@ Writes bench/results/dense_profile_<backend>[_TAG].json, .md and a PNG of ms per
 from __future__ import annotations
 
 import os
+import textwrap
 import time
 
 import numpy as np
@@ -196,7 +197,7 @@ def plot(rows: list[dict], path: str, title: str) -> None:
     ax.set_yticks(ys, [r["part"] for r in rows])
     ax.invert_yaxis()
     ax.set_xlabel("ms per call")
-    ax.set_title(title, fontsize=9)
+    ax.set_title(textwrap.fill(title, 80), fontsize=8)
     ax.grid(axis="x", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
