@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import os
 import textwrap
-import time
 
 import numpy as np
 from absl import app
@@ -206,19 +205,11 @@ def plot(rows: list[dict], path: str, title: str) -> None:
 
 
 def main(_):
-    import json
-
-    if sides.WORKER.value:
-        print(json.dumps(jax_worker() if sides.WORKER.value == "jax" else torch_worker()))
+    if sides.serve(jax_worker, torch_worker):
         return
     import jax
 
-    runs = {"jax": [], "torch": []}
-    for k in range(sides.ALTERNATIONS.value):
-        for side in ("jax", "torch"):
-            t = time.time()
-            runs[side].append(sides.run_worker("bench.dense_profile", side))
-            print(f"alternation {k + 1}/{sides.ALTERNATIONS.value}: {side} {time.time() - t:.0f} s")
+    runs = sides.alternate("bench.dense_profile")
     rows = summarize(runs, sides.BATCH.value)
     meta = {
         "model": f"ViT-{sides.MODEL.value}/16 (timm {sides.TIMM[sides.MODEL.value]})",

@@ -67,11 +67,10 @@ def main(_):
             if not free or not mult:
                 print(f"skipped {config} {target}: unfinished cells")
                 continue
-            (_, f_vars), (_, m_vars) = (
+            (f_model, f_vars), (m_model, m_vars) = (
                 pruned.load_pruned(os.path.join(c[0][0], "export")) for c in (free, mult)
             )
-            f_arch = pruned.read_arch(os.path.join(free[0][0], "export"))
-            m_arch = pruned.read_arch(os.path.join(mult[0][0], "export"))
+            f_arch, m_arch = f_model.arch, m_model.arch
             best, _ = padding.fastest_multiple(
                 f_arch, f_vars["params"], _BATCH.value, seconds=_SECONDS.value, cache=None
             )

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 
 from absl import flags
 
@@ -33,3 +34,21 @@ def run_worker(module: str, side: str) -> dict:
     if out.returncode:
         raise RuntimeError(f"{side} worker failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def serve(jax_worker, torch_worker) -> bool:
+    """In a worker process (`--worker`): runs that side, prints its JSON line; True if so."""
+    if WORKER.value:
+        print(json.dumps(jax_worker() if WORKER.value == "jax" else torch_worker()))
+    return bool(WORKER.value)
+
+
+def alternate(module: str) -> dict[str, list[dict]]:
+    """{"jax": [...], "torch": [...]}: each side's worker output, `alternations` times in turn."""
+    runs = {"jax": [], "torch": []}
+    for k in range(ALTERNATIONS.value):
+        for side in runs:
+            t = time.time()
+            runs[side].append(run_worker(module, side))
+            print(f"alternation {k + 1}/{ALTERNATIONS.value}: {side} {time.time() - t:.0f} s")
+    return runs

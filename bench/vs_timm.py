@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 
 import numpy as np
 from absl import app, flags
@@ -265,9 +264,7 @@ def plot(rows: list[dict], path: str, title: str) -> None:
 
 
 def main(_):
-    if sides.WORKER.value:
-        out = jax_worker() if sides.WORKER.value == "jax" else torch_worker()
-        print(json.dumps(out))
+    if sides.serve(jax_worker, torch_worker):
         return
     import jax
 
@@ -280,15 +277,7 @@ def main(_):
         with open(os.path.join(common.RESULTS, f"{name}.json")) as f:
             meta = json.load(f)["meta"]
         return _report(name, summarize(meta["runs"], ideal), meta)
-    runs = {"jax": [], "torch": []}
-    for k in range(sides.ALTERNATIONS.value):
-        for side in ("jax", "torch"):
-            t = time.time()
-            runs[side].append(sides.run_worker("bench.vs_timm", side))
-            print(
-                f"alternation {k + 1}/{sides.ALTERNATIONS.value}: {side} {time.time() - t:.0f} s",
-                flush=True,
-            )
+    runs = sides.alternate("bench.vs_timm")
     rows = summarize(runs, ideal)
     meta = {
         "model": f"ViT-{sides.MODEL.value}/16 (timm {sides.TIMM[sides.MODEL.value]})",

@@ -61,9 +61,9 @@ _OUT = flags.DEFINE_string("out", None, "Where the SavedModel goes (default EXPO
 def main(_):
     if not pruned.is_finished(_EXPORT.value):
         raise SystemExit(f"{_EXPORT.value}: not an export directory (no {pruned.MODEL_JSON})")
-    _, variables = pruned.load_pruned(_EXPORT.value)
+    model, variables = pruned.load_pruned(_EXPORT.value)
     out = _OUT.value or paths.join(_EXPORT.value, DIRECTORY)
-    print(f"wrote {write(out, pruned.read_arch(_EXPORT.value), variables['params'])}")
+    print(f"wrote {write(out, model.arch, variables['params'])}")
 
 
 if __name__ == "__main__":
