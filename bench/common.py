@@ -20,6 +20,16 @@ from amap_jax.models.arch import vit_arch
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 _TAG = flags.DEFINE_string("tag", "", "Suffix of the results file names.")
+# Timing flags of every benchmark; each bench sets its own defaults with `timing_defaults`.
+BATCH = flags.DEFINE_integer("batch", 32, "Batch size.")
+ROUNDS = flags.DEFINE_integer("rounds", 5, "Interleaved timing rounds.")
+SECONDS = flags.DEFINE_float("seconds", 4.0, "Seconds per model per round.")
+
+
+def timing_defaults(*, batch: int, rounds: int = 5, seconds: float) -> None:
+    """A bench's own defaults of --batch/--rounds/--seconds; call before `app.run`."""
+    for holder, value in ((BATCH, batch), (ROUNDS, rounds), (SECONDS, seconds)):
+        flags.FLAGS.set_default(holder.name, value)
 
 
 def suffix() -> str:

@@ -54,7 +54,7 @@ def jax_worker() -> dict:
     from amap_jax.models.attention import Attention
 
     arch, blk, geo, n = _shapes()
-    b, dim = sides.BATCH.value, geo.dim
+    b, dim = common.BATCH.value, geo.dim
     key = jax.random.key(0)
     x = jax.random.normal(key, (b, n, dim))
     block = block_lib.blocks(arch, None, np.float32)[0]
@@ -81,7 +81,7 @@ def jax_worker() -> dict:
         "model": (jax.jit(model.apply), {"params": model_params}, images),
     }
     fns = {k: (lambda f=f, a=a: jax.block_until_ready(f(*a))) for k, (f, *a) in calls.items()}
-    ips = common.interleaved(fns, sides.SECONDS.value, sides.ROUNDS.value, b)
+    ips = common.interleaved(fns, common.SECONDS.value, common.ROUNDS.value, b)
     return {"images_per_s": ips, "jax": jax.__version__}
 
 
@@ -92,7 +92,7 @@ def torch_worker() -> dict:
     import torch.nn.functional as F
 
     _, blk, geo, n = _shapes()
-    b, dim = sides.BATCH.value, geo.dim
+    b, dim = common.BATCH.value, geo.dim
     model = timm.create_model(
         sides.TIMM[sides.MODEL.value], pretrained=False, img_size=sides.IMAGE.value
     ).eval()
@@ -127,7 +127,7 @@ def torch_worker() -> dict:
             f(*a)
 
     fns = {k: (lambda f=f, a=a: run(f, *a)) for k, (f, *a) in calls.items()}
-    ips = common.interleaved(fns, sides.SECONDS.value, sides.ROUNDS.value, b)
+    ips = common.interleaved(fns, common.SECONDS.value, common.ROUNDS.value, b)
     return {
         "images_per_s": ips,
         "torch": torch.__version__,
@@ -210,13 +210,13 @@ def main(_):
     import jax
 
     runs = sides.alternate("bench.dense_profile")
-    rows = summarize(runs, sides.BATCH.value)
+    rows = summarize(runs, common.BATCH.value)
     meta = {
         "model": f"ViT-{sides.MODEL.value}/16 (timm {sides.TIMM[sides.MODEL.value]})",
         "image_size": sides.IMAGE.value,
         "tokens": _shapes()[3],
-        "batch": sides.BATCH.value,
-        "rounds": sides.ROUNDS.value,
+        "batch": common.BATCH.value,
+        "rounds": common.ROUNDS.value,
         "alternations": sides.ALTERNATIONS.value,
         "fused_attn": runs["torch"][0]["fused_attn"],
         "device": str(jax.devices()[0].device_kind),

@@ -30,10 +30,7 @@ _CELLS = flags.DEFINE_list(
     ["vit/amap_t0.7_s0", "vit/amap_t0.5_s0", "flatten/amap_t0.7_s0", "flatten/amap_t0.5_s0"],
     "CONFIG/CELL of finished compare cells whose exports are measured.",
 )
-_BATCH = flags.DEFINE_integer("batch", 256, "Batch for the Fashion-MNIST models.")
 _VIT_BATCH = flags.DEFINE_integer("vit_batch", 32, "Batch for ViT-S/16 at 224 px (0: skip).")
-_ROUNDS = flags.DEFINE_integer("rounds", 5, "Interleaved timing rounds.")
-_SECONDS = flags.DEFINE_float("seconds", 2.0, "Seconds per model per round.")
 
 
 def _speeds(arch, params, batch: int) -> dict[str, float]:
@@ -44,7 +41,7 @@ def _speeds(arch, params, batch: int) -> dict[str, float]:
     for name, dtype in (("float32", jnp.float32), ("bfloat16", jnp.bfloat16)):
         fwd = jax.jit(models.build(arch, dtype=dtype).apply)
         fns[name] = lambda fwd=fwd: jax.block_until_ready(fwd({"params": params}, x))
-    got = common.interleaved(fns, _SECONDS.value, _ROUNDS.value, batch)
+    got = common.interleaved(fns, common.SECONDS.value, common.ROUNDS.value, batch)
     return {k: float(np.median(v)) for k, v in got.items()}
 
 
@@ -62,7 +59,7 @@ def exported_rows() -> list[dict]:
             m = models.build(arch, dtype=dtype)
             batches = test.eval_batches(config.eval.batch_size)
             top1[dtype_name] = evaluate(m, variables, batches, inputs, mesh)["top1"]
-        rows.append(_row(cell, arch, variables["params"], _BATCH.value, top1))
+        rows.append(_row(cell, arch, variables["params"], common.BATCH.value, top1))
     return rows
 
 
@@ -109,7 +106,11 @@ def _cpu_flags() -> list[str]:
 
 def main(_):
     rows = exported_rows() + vit_rows()
-    meta = {"rounds": _ROUNDS.value, "seconds": _SECONDS.value, "cpu_flags": _cpu_flags()}
+    meta = {
+        "rounds": common.ROUNDS.value,
+        "seconds": common.SECONDS.value,
+        "cpu_flags": _cpu_flags(),
+    }
     path = common.write(f"dtype_{jax.default_backend()}{common.suffix()}", rows, meta)
     print(f"CPU bf16-related flags: {meta['cpu_flags'] or 'none'}")
     print(
@@ -127,4 +128,5 @@ def main(_):
 
 
 if __name__ == "__main__":
+    common.timing_defaults(batch=256, seconds=2.0)
     app.run(main)

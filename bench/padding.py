@@ -23,10 +23,7 @@ _CELLS = flags.DEFINE_list(
     ["vit/amap_t0.7_s0", "vit/amap_t0.5_s0", "flatten/amap_t0.7_s0", "flatten/amap_t0.5_s0"],
     "CONFIG/CELL of finished compare cells.",
 )
-_BATCH = flags.DEFINE_integer("batch", 256, "Batch size.")
 _CANDIDATES = flags.DEFINE_list("candidates", ["1", "8", "16", "32", "64"], "Multiples.")
-_ROUNDS = flags.DEFINE_integer("rounds", 5, "Interleaved timing rounds.")
-_SECONDS = flags.DEFINE_float("seconds", 1.0, "Seconds per multiple per round.")
 
 
 def main(_):
@@ -37,10 +34,10 @@ def main(_):
         best, speeds = padding.fastest_multiple(
             arch,
             variables["params"],
-            _BATCH.value,
+            common.BATCH.value,
             candidates=tuple(int(c) for c in _CANDIDATES.value),
-            seconds=_SECONDS.value,
-            rounds=_ROUNDS.value,
+            seconds=common.SECONDS.value,
+            rounds=common.ROUNDS.value,
             cache=None,
         )
         row = {
@@ -57,10 +54,15 @@ def main(_):
     path = common.write(
         f"padding_{jax.default_backend()}{common.suffix()}",
         rows,
-        {"batch": _BATCH.value, "rounds": _ROUNDS.value, "seconds": _SECONDS.value},
+        {
+            "batch": common.BATCH.value,
+            "rounds": common.ROUNDS.value,
+            "seconds": common.SECONDS.value,
+        },
     )
     print(f"wrote {path}")
 
 
 if __name__ == "__main__":
+    common.timing_defaults(batch=256, seconds=1.0)
     app.run(main)

@@ -30,9 +30,6 @@ from bench import common, compare  # compare's --configs, --targets, --seeds (sp
 _FREE = flags.DEFINE_string("free", "workdirs/compare_free", "Grid searched freely.")
 _MULTIPLE = flags.DEFINE_string("multiple", "workdirs/compare_mult8", "Grid with amap.multiple.")
 _PAD = flags.DEFINE_integer("pad", 8, "The multiple the grid searched with.")
-_BATCH = flags.DEFINE_integer("batch", 256, "Batch size.")
-_ROUNDS = flags.DEFINE_integer("rounds", 5, "Interleaved timing rounds.")
-_SECONDS = flags.DEFINE_float("seconds", 1.0, "Seconds per model per round.")
 
 
 def _cells(root: str, config: str, target: float) -> list[tuple[str, dict]]:
@@ -55,7 +52,8 @@ def main(_):
     for config in compare._CONFIGS.value:
         d_arch = compare.pipeline_arch(config)
         images = jax.random.normal(
-            jax.random.key(0), (_BATCH.value, d_arch.image_size, d_arch.image_size, d_arch.in_chans)
+            jax.random.key(0),
+            (common.BATCH.value, d_arch.image_size, d_arch.image_size, d_arch.in_chans),
         )
         d_params = models.build(d_arch).init(jax.random.key(0), models.dummy_input(d_arch))
         dense_macs = macs.model_macs(d_arch)
@@ -72,7 +70,11 @@ def main(_):
             )
             f_arch, m_arch = f_model.arch, m_model.arch
             best, _ = padding.fastest_multiple(
-                f_arch, f_vars["params"], _BATCH.value, seconds=_SECONDS.value, cache=None
+                f_arch,
+                f_vars["params"],
+                common.BATCH.value,
+                seconds=common.SECONDS.value,
+                cache=None,
             )
             variants = {
                 "dense": (d_arch, d_params["params"]),
@@ -86,9 +88,9 @@ def main(_):
                 )
             ips = common.interleaved(
                 {k: _forward(a, p, images) for k, (a, p) in variants.items()},
-                _SECONDS.value,
-                _ROUNDS.value,
-                _BATCH.value,
+                common.SECONDS.value,
+                common.ROUNDS.value,
+                common.BATCH.value,
             )
             top1 = {
                 "free": [c["top1"] for _, c in free],
@@ -97,32 +99,44 @@ def main(_):
             for name, (arch, _) in variants.items():
                 if name == "dense":
                     continue
-                speedups = [p / d for p, d in zip(ips[name], ips["dense"], strict=True)]
-                acc = top1["free" if name.startswith("free") else name]
-                m = macs.model_macs(arch)  # pads counted
-                searched = f_arch if name.startswith("free") else m_arch
+                free_side = name.startswith("free")
                 rows.append(
-                    {
-                        "config": config,
-                        "target": target,
-                        "variant": name,
-                        "top1_mean": round(float(np.mean(acc)), 2),
-                        "top1_sd": round(float(np.std(acc, ddof=1)) if len(acc) > 1 else 0.0, 2),
-                        "seeds": len(acc),
-                        "macs_ratio": round(m / dense_macs, 3),
-                        "ideal_speedup": round(dense_macs / macs.model_macs(searched), 3),
-                        "speedup": round(float(np.median(speedups)), 3),
-                        "speedup_range": [round(min(speedups), 3), round(max(speedups), 3)],
-                    }
+                    row(
+                        config,
+                        target,
+                        name,
+                        arch,
+                        searched=f_arch if free_side else m_arch,
+                        top1=top1["free" if free_side else name],
+                        speedups=[p / d for p, d in zip(ips[name], ips["dense"], strict=True)],
+                        dense_macs=dense_macs,
+                    )
                 )
                 print(rows[-1], flush=True)
-    meta = {"batch": _BATCH.value, "rounds": _ROUNDS.value, "pad": _PAD.value}
+    meta = {"batch": common.BATCH.value, "rounds": common.ROUNDS.value, "pad": _PAD.value}
     name = f"search_multiple_{jax.default_backend()}{common.suffix()}"
     common.write(name, rows, meta)
     md = markdown(rows)
     with open(os.path.join(common.RESULTS, f"{name}.md"), "w") as f:
         f.write(md)
     print(md)
+
+
+def row(config, target, name, arch, *, searched, top1, speedups, dense_macs) -> dict:
+    """One table row: `arch` is the timed model (pads counted in its MACs), `searched` the
+    search's widths (the ideal speedup), `top1` one value per seed, `speedups` one per round."""
+    return {
+        "config": config,
+        "target": target,
+        "variant": name,
+        "top1_mean": round(float(np.mean(top1)), 2),
+        "top1_sd": round(float(np.std(top1, ddof=1)) if len(top1) > 1 else 0.0, 2),
+        "seeds": len(top1),
+        "macs_ratio": round(macs.model_macs(arch) / dense_macs, 3),
+        "ideal_speedup": round(dense_macs / macs.model_macs(searched), 3),
+        "speedup": round(float(np.median(speedups)), 3),
+        "speedup_range": [round(min(speedups), 3), round(max(speedups), 3)],
+    }
 
 
 def markdown(rows: list[dict]) -> str:
@@ -142,4 +156,5 @@ def markdown(rows: list[dict]) -> str:
 
 
 if __name__ == "__main__":
+    common.timing_defaults(batch=256, seconds=1.0)
     app.run(main)

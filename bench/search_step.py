@@ -31,9 +31,6 @@ _MODELS = flags.DEFINE_list(
     ["Ti", "Ti:LLLLLLSSSSSS", "swin_tiny_patch4_window7_224", "flatten_swin_tiny_patch4_224"],
     "ViT variant[:pattern] or published names (Swin, FLatten-Swin).",
 )
-_BATCH = flags.DEFINE_integer("batch", 32, "Batch size.")
-_SECONDS = flags.DEFINE_float("seconds", 4.0, "Timing seconds per step kind and round.")
-_ROUNDS = flags.DEFINE_integer("rounds", 5, "Alternating timing rounds.")
 
 
 def _run(step, state, batch):
@@ -49,8 +46,10 @@ def main(_):
         params = models.build(arch).init(jax.random.key(0), dummy_input(arch))["params"]
         inputs = steps.Input(arch.mean, arch.std, arch.image_size)
         batch = {
-            "image": jnp.zeros((_BATCH.value, arch.image_size, arch.image_size, 3), jnp.uint8),
-            "label": jnp.zeros((_BATCH.value,), jnp.int32),
+            "image": jnp.zeros(
+                (common.BATCH.value, arch.image_size, arch.image_size, 3), jnp.uint8
+            ),
+            "label": jnp.zeros((common.BATCH.value,), jnp.int32),
         }
         objective = steps.Objective(arch.num_classes, 0.1)
         tx = steps.per_collection({"params": optax.adamw(1e-4)})
@@ -74,15 +73,15 @@ def main(_):
             "dense": functools.partial(_run, dense_step, dense, batch),
             "search": functools.partial(_run, search_step, search, batch),
         }
-        ips = common.interleaved(fns, _SECONDS.value, _ROUNDS.value, _BATCH.value)
+        ips = common.interleaved(fns, common.SECONDS.value, common.ROUNDS.value, common.BATCH.value)
         ratios = [d / s for d, s in zip(ips["dense"], ips["search"], strict=True)]
         sim = jax.jit(functools.partial(similarity.similarity_weights, s_arch))
         t_sim = common.time_fn(sim, s_params, seconds=2.0)
         rows.append(
             {
                 "model": arch.name,
-                "dense_step_s": round(_BATCH.value / float(np.median(ips["dense"])), 4),
-                "search_step_s": round(_BATCH.value / float(np.median(ips["search"])), 4),
+                "dense_step_s": round(common.BATCH.value / float(np.median(ips["dense"])), 4),
+                "search_step_s": round(common.BATCH.value / float(np.median(ips["search"])), 4),
                 "ratio": round(float(np.median(ratios)), 3),
                 "ratio_range": [round(min(ratios), 3), round(max(ratios), 3)],
                 "ideal": 1.0,
@@ -91,11 +90,16 @@ def main(_):
         )
         print(common.table(rows[-1:], list(rows[-1])), flush=True)
     name = f"search_step_{jax.default_backend()}{common.suffix()}"
-    meta = {"batch": _BATCH.value, "rounds": _ROUNDS.value, "seconds": _SECONDS.value}
+    meta = {
+        "batch": common.BATCH.value,
+        "rounds": common.ROUNDS.value,
+        "seconds": common.SECONDS.value,
+    }
     path = common.write(name, rows, meta)
     print(common.table(rows, list(rows[0])))
     print(f"wrote {path}")
 
 
 if __name__ == "__main__":
+    common.timing_defaults(batch=32, seconds=4.0)
     app.run(main)

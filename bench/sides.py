@@ -15,10 +15,7 @@ import time
 from absl import flags
 
 MODEL = flags.DEFINE_enum("model", "S", ["Ti", "S", "B"], "DeiT size (patch 16, 224 px).")
-BATCH = flags.DEFINE_integer("batch", 32, "Batch size.")
-ROUNDS = flags.DEFINE_integer("rounds", 5, "Timing rounds per process.")
 ALTERNATIONS = flags.DEFINE_integer("alternations", 2, "jax/torch process pairs.")
-SECONDS = flags.DEFINE_float("seconds", 4.0, "Seconds per model per round.")
 IMAGE = flags.DEFINE_integer("image_size", 224, "Input size (smaller: quick checks).")
 WORKER = flags.DEFINE_enum("worker", None, ["jax", "torch"], "Internal: run one side.")
 

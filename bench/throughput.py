@@ -24,8 +24,6 @@ _MODELS = flags.DEFINE_list(
     "Published names (e.g. flatten_swin_tiny_patch4_224) or ViT variant[:pattern] (224px).",
 )
 _TARGETS = flags.DEFINE_list("targets", ["0.7", "0.5"], "MACs ratios to prune to.")
-_BATCH = flags.DEFINE_integer("batch", 32, "Batch size.")
-_SECONDS = flags.DEFINE_float("seconds", 5.0, "Timing seconds per model.")
 _FLOOR = flags.DEFINE_float(
     "min_keep_fraction", 0.0, "Per-head floor of kept channels (amap.min_keep_fraction)."
 )
@@ -36,23 +34,23 @@ def main(_):
     for spec in _MODELS.value:
         arch = common.parse_arch(spec)
         fwd = jax.jit(models.build(arch).apply)
-        x = jnp.ones((_BATCH.value, arch.image_size, arch.image_size, arch.in_chans))
+        x = jnp.ones((common.BATCH.value, arch.image_size, arch.image_size, arch.in_chans))
         t_dense = None
         for target in map(float, _TARGETS.value):
             method = Amap(min_keep_fraction=_FLOOR.value)
             _, params, p_arch, p_params = common.dense_and_pruned(arch, target, method=method)
             if t_dense is None:  # one dense timing per model, shared by its targets
-                t_dense = common.time_fn(fwd, {"params": params}, x, seconds=_SECONDS.value)
+                t_dense = common.time_fn(fwd, {"params": params}, x, seconds=common.SECONDS.value)
             p_fwd = jax.jit(models.build(p_arch).apply)
-            t_pruned = common.time_fn(p_fwd, {"params": p_params}, x, seconds=_SECONDS.value)
+            t_pruned = common.time_fn(p_fwd, {"params": p_params}, x, seconds=common.SECONDS.value)
             ideal = model_macs(arch) / model_macs(p_arch)
             speedup = t_dense / t_pruned
             rows.append(
                 {
                     "model": arch.name,
                     "target": target,
-                    "dense_img_s": round(_BATCH.value / t_dense, 1),
-                    "pruned_img_s": round(_BATCH.value / t_pruned, 1),
+                    "dense_img_s": round(common.BATCH.value / t_dense, 1),
+                    "pruned_img_s": round(common.BATCH.value / t_pruned, 1),
                     "speedup": round(speedup, 3),
                     "ideal": round(ideal, 3),
                     "efficiency": round(speedup / ideal, 3),
@@ -60,11 +58,12 @@ def main(_):
             )
             print(common.table(rows[-1:], list(rows[-1])), flush=True)
     name = f"throughput_{jax.default_backend()}" + common.suffix()
-    meta = {"batch": _BATCH.value, "dtype": "float32", "min_keep_fraction": _FLOOR.value}
+    meta = {"batch": common.BATCH.value, "dtype": "float32", "min_keep_fraction": _FLOOR.value}
     path = common.write(name, rows, meta)
     print(common.table(rows, list(rows[0])))
     print(f"wrote {path}")
 
 
 if __name__ == "__main__":
+    common.timing_defaults(batch=32, seconds=5.0)
     app.run(main)

@@ -61,7 +61,7 @@ def jax_worker() -> dict:
 
     dtype = jnp.bfloat16 if _DTYPE.value == "bfloat16" else jnp.float32
     dense, pruned = _our_archs()
-    b = sides.BATCH.value
+    b = common.BATCH.value
     x = jax.random.normal(
         jax.random.key(0), (b, sides.IMAGE.value, sides.IMAGE.value, 3), jnp.float32
     )
@@ -84,7 +84,7 @@ def jax_worker() -> dict:
         chosen[name] = multiple
         if multiple > 1:
             fns[f"{name} padded"] = forward(*padding.pad(arch, params, multiple))
-    speeds = common.interleaved(fns, sides.SECONDS.value, sides.ROUNDS.value, b)
+    speeds = common.interleaved(fns, common.SECONDS.value, common.ROUNDS.value, b)
     return {"images_per_s": speeds, "pad_multiple": chosen, "jax": jax.__version__}
 
 
@@ -121,7 +121,7 @@ def torch_worker() -> dict:
 
     torch, timm = torch_env.load()
     dtype = torch.bfloat16 if _DTYPE.value == "bfloat16" else torch.float32
-    b = sides.BATCH.value
+    b = common.BATCH.value
     dense = timm.create_model(
         sides.TIMM[sides.MODEL.value], pretrained=False, img_size=sides.IMAGE.value
     ).eval()
@@ -144,7 +144,7 @@ def torch_worker() -> dict:
         with torch.inference_mode():
             assert m(x[:1]).shape == (1, 1000), name
     speeds = common.interleaved(
-        {n: forward(m) for n, m in models.items()}, sides.SECONDS.value, sides.ROUNDS.value, b
+        {n: forward(m) for n, m in models.items()}, common.SECONDS.value, common.ROUNDS.value, b
     )
     return {
         "images_per_s": speeds,
@@ -282,11 +282,11 @@ def main(_):
     meta = {
         "model": f"ViT-{sides.MODEL.value}/16 (timm {sides.TIMM[sides.MODEL.value]})",
         "image_size": sides.IMAGE.value,
-        "batch": sides.BATCH.value,
+        "batch": common.BATCH.value,
         "dtype": _DTYPE.value,
-        "rounds": sides.ROUNDS.value,
+        "rounds": common.ROUNDS.value,
         "alternations": sides.ALTERNATIONS.value,
-        "seconds": sides.SECONDS.value,
+        "seconds": common.SECONDS.value,
         "device": str(jax.devices()[0].device_kind),
         "cpus": os.cpu_count(),
         "versions": {

@@ -153,3 +153,47 @@ def test_dense_profile_reports_ms_per_part_and_shares_of_the_block():
         },
     )
     assert "| GELU | 200.00 | 200.00 | 1.00 | 0.25 / 0.50 |" in md
+
+
+def test_search_multiple_rows_count_pads_in_macs_and_take_the_ideal_from_the_search():
+    from amap_jax.models.arch import vit_arch
+    from amap_jax.pruning import macs
+    from bench import common, search_multiple
+
+    dense = vit_arch("mini", image_size=28, patch_size=7, in_chans=1, num_classes=10)
+    free = common.at_widths(dense, 13, 101)
+    padded = common.at_widths(dense, 16, 104)  # the widths `padding.pad(free, ., 8)` gives
+    dense_macs = macs.model_macs(dense)
+    row = search_multiple.row(
+        "vit",
+        0.5,
+        "free, padded x8",
+        padded,
+        searched=free,
+        top1=[88.0, 88.2],
+        speedups=[1.5, 1.2, 1.4],
+        dense_macs=dense_macs,
+    )
+    assert row["macs_ratio"] == round(macs.model_macs(padded) / dense_macs, 3)
+    assert row["ideal_speedup"] == round(dense_macs / macs.model_macs(free), 3)
+    assert row["macs_ratio"] > round(1 / row["ideal_speedup"], 3)  # the pads cost MACs
+    assert (row["top1_mean"], row["top1_sd"], row["seeds"]) == (88.1, 0.14, 2)
+    assert (row["speedup"], row["speedup_range"]) == (1.4, [1.2, 1.5])
+    md = search_multiple.markdown([row])
+    assert "| vit | 0.5 | free, padded x8 | 88.10 ± 0.14 |" in md and "1.40x (1.20-1.50)" in md
+
+
+def test_benches_import_together_and_keep_their_own_timing_defaults():
+    from absl import flags
+
+    from bench import common, dense_profile, padding, search_multiple, vs_timm  # noqa: F401
+
+    before = flags.FLAGS["batch"].default
+    try:
+        common.timing_defaults(batch=256, seconds=1.0)
+        got = tuple(
+            flags.FLAGS[h.name].value for h in (common.BATCH, common.ROUNDS, common.SECONDS)
+        )
+        assert got == (256, 5, 1.0)
+    finally:
+        common.timing_defaults(batch=before, seconds=4.0)
