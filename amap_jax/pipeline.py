@@ -285,19 +285,18 @@ def _count(params) -> int:
     return int(sum(np.size(x) for x in jax.tree.leaves(params)))
 
 
-def _pad(ctx: Context, arch: Arch, params) -> tuple[Arch, dict, int]:
-    """The fine-tuned export padded to `export_pad` (0: the multiple measured fastest here,
-    chosen by process 0 for all)."""
+def _pad(ctx: Context, arch: Arch, params):
+    """The fine-tuned export padded to `export_pad`; 0: per block, the (attention, MLP)
+    multiples measured fastest here for each layer shape, chosen by process 0 for all."""
     multiple = ctx.config.export_pad
     if multiple == 0:
-        multiple, speeds = padding.fastest_multiple(arch, params, ctx.config.eval.bench_batch)
-        multiple = int(parallel.broadcast(np.asarray(multiple)))
-        logging.info(
-            "export padding: %s images/s at batch %d; padded to a multiple of %d",
-            ", ".join(f"x{m}: {v:.0f}" for m, v in speeds.items()),
-            ctx.config.eval.bench_batch,
-            multiple,
-        )
+        batch = ctx.config.eval.bench_batch
+        pairs, speeds = padding.fastest_multiples(arch, batch)
+        multiple = [tuple(p) for p in parallel.broadcast(np.asarray(pairs)).tolist()]
+        for shape, m in speeds.items():
+            rates = ", ".join(f"x{k}: {v:.0f}" for k, v in m["images_per_s"].items())
+            logging.info("export padding, %s: %s images/s", shape.split("|")[-1], rates)
+        logging.info("export padded per block (attention, MLP): %s", multiple)
     return (*padding.pad(arch, params, multiple), multiple)
 
 
@@ -501,11 +500,14 @@ def format_summary(s: dict) -> str:
         f"top-1 change {s['pruned']['top1'] - s['dense']['top1']:+.2f}, "
         f"speedup {s['speedup']:.2f}x (ideal {s['ideal_speedup']:.2f}x), method {s['method']}"
     )
-    if s.get("export_pad", 1) > 1 and "padded_macs" in s["pruned"]:
-        lines.append(
-            f"export padded to multiples of {s['export_pad']}: "
-            f"{s['pruned']['padded_macs'] / 1e6:.2f}M MACs computed"
+    pad = s.get("export_pad", 1)
+    if pad != 1 and "padded_macs" in s["pruned"]:
+        how = (
+            f"to multiples of {pad}"
+            if isinstance(pad, int)
+            else "per block (attention, MLP): " + " ".join(f"{a}/{m}" for a, m in pad)
         )
+        lines.append(f"export padded {how}: {s['pruned']['padded_macs'] / 1e6:.2f}M MACs computed")
     if s.get("reference"):
         lines.append(f"published: {s['reference']}")
     return "\n".join(lines)

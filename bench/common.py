@@ -20,16 +20,22 @@ from amap_jax.models.arch import vit_arch
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 _TAG = flags.DEFINE_string("tag", "", "Suffix of the results file names.")
-# Timing flags of every benchmark; each bench sets its own defaults with `timing_defaults`.
+# Flags several benchmarks take; each bench sets its own defaults with `defaults`.
 BATCH = flags.DEFINE_integer("batch", 32, "Batch size.")
 ROUNDS = flags.DEFINE_integer("rounds", 5, "Interleaved timing rounds.")
 SECONDS = flags.DEFINE_float("seconds", 4.0, "Seconds per model per round.")
+MODELS = flags.DEFINE_list(
+    "models",
+    ["Ti"],
+    "Published names (e.g. flatten_swin_tiny_patch4_224) or ViT variant[:pattern].",
+)
+TARGETS = flags.DEFINE_list("targets", ["0.7", "0.5"], "MACs targets.")
 
 
-def timing_defaults(*, batch: int, rounds: int = 5, seconds: float) -> None:
-    """A bench's own defaults of --batch/--rounds/--seconds; call before `app.run`."""
-    for holder, value in ((BATCH, batch), (ROUNDS, rounds), (SECONDS, seconds)):
-        flags.FLAGS.set_default(holder.name, value)
+def defaults(**values) -> None:
+    """A bench's own defaults of the shared flags (e.g. batch=256); call before `app.run`."""
+    for name, value in values.items():
+        flags.FLAGS.set_default(name, value)
 
 
 def suffix() -> str:
@@ -75,23 +81,6 @@ def at_widths(arch, head: int, hidden: int):
         for b in arch.blocks
     )
     return arch.replace(blocks=blocks)
-
-
-def interleaved(fns: dict, seconds: float, rounds: int, batch: int) -> dict[str, list[float]]:
-    """Images/s of every `fn()` (which must block until done) per round, the models
-    interleaved within each round so that they all see the same machine."""
-    for fn in fns.values():
-        fn()  # compile / warm up
-    out = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            times, end = [], time.perf_counter() + seconds
-            while len(times) < 2 or time.perf_counter() < end:
-                t = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - t)
-            out[name].append(batch / float(np.median(times)))
-    return out
 
 
 def time_fn(fn, *args, seconds: float = 3.0, min_iters: int = 5) -> float:

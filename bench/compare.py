@@ -68,7 +68,6 @@ DENSE_BUDGET = "dense, equal budget"
 
 _ROOT = flags.DEFINE_string("root", "workdirs/compare", "Where the cells' work directories go.")
 _CONFIGS = flags.DEFINE_list("configs", ["vit", "flatten"], f"Configs ({', '.join(CONFIGS)}).")
-_TARGETS = flags.DEFINE_list("targets", ["0.7", "0.5"], "MACs targets.")
 _METHODS = flags.DEFINE_list("methods", None, "Methods (default: every method of each config).")
 _SEEDS = flags.DEFINE_list("seeds", ["0", "1"], "Seeds (search / fine-tune / random choice).")
 _ABLATIONS = flags.DEFINE_bool("ablations", True, "AMAP ablations on flatten at the first target.")
@@ -81,6 +80,11 @@ _SPEED = flags.DEFINE_bool(
     "Measure every finished channel cell's exported model again in this one sitting, each "
     "beside the dense model (alternated), and report that speedup: the one measured while the "
     "cell ran shares the machine with whatever else ran then.",
+)
+CELLS = flags.DEFINE_list(
+    "cells",
+    ["vit/amap_t0.7_s0", "vit/amap_t0.5_s0", "flatten/amap_t0.7_s0", "flatten/amap_t0.5_s0"],
+    "Benches that measure finished cells' exports: which ones (CONFIG/CELL under --root).",
 )
 _REPORT_ONLY = flags.DEFINE_bool(
     "report_only", False, "Only rebuild the report from finished cells."
@@ -147,10 +151,10 @@ def dense_stage(name: str, root: str) -> dict:
     return out
 
 
-def finished_exports(cells: list[str]):
-    """(cell, config name, export dir) of every finished `CONFIG/CELL` under --root (the others
-    are reported and skipped)."""
-    for cell in cells:
+def finished_exports():
+    """(cell, config name, export dir) of every finished `CONFIG/CELL` of --cells under --root
+    (the others are reported and skipped)."""
+    for cell in CELLS.value:
         name, _, run = cell.partition("/")
         export = os.path.join(_ROOT.value, name, run, "export")
         if not pruned_io.is_finished(export):
@@ -226,7 +230,7 @@ def _dense_budget(config, workdir: str) -> dict:
 
 
 def grid() -> list[tuple[str, str, float, int]]:
-    targets = [float(t) for t in _TARGETS.value]
+    targets = [float(t) for t in common.TARGETS.value]
     seeds = [int(s) for s in _SEEDS.value]
     cells = []
     for name in _CONFIGS.value:

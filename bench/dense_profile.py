@@ -22,6 +22,7 @@ import textwrap
 import numpy as np
 from absl import app
 
+from amap_jax.train.evaluate import interleaved
 from bench import common, sides
 
 PARTS = (
@@ -81,7 +82,7 @@ def jax_worker() -> dict:
         "model": (jax.jit(model.apply), {"params": model_params}, images),
     }
     fns = {k: (lambda f=f, a=a: jax.block_until_ready(f(*a))) for k, (f, *a) in calls.items()}
-    ips = common.interleaved(fns, common.SECONDS.value, common.ROUNDS.value, b)
+    ips = interleaved(fns, common.SECONDS.value, common.ROUNDS.value, b)
     return {"images_per_s": ips, "jax": jax.__version__}
 
 
@@ -127,7 +128,7 @@ def torch_worker() -> dict:
             f(*a)
 
     fns = {k: (lambda f=f, a=a: run(f, *a)) for k, (f, *a) in calls.items()}
-    ips = common.interleaved(fns, common.SECONDS.value, common.ROUNDS.value, b)
+    ips = interleaved(fns, common.SECONDS.value, common.ROUNDS.value, b)
     return {
         "images_per_s": ips,
         "torch": torch.__version__,

@@ -22,14 +22,9 @@ from amap_jax import models
 from amap_jax.data.splits import open_split
 from amap_jax.io import pruned
 from amap_jax.train import parallel, steps
-from amap_jax.train.evaluate import evaluate
+from amap_jax.train.evaluate import evaluate, interleaved
 from bench import common, compare  # compare's --root: where its cells are
 
-_CELLS = flags.DEFINE_list(
-    "cells",
-    ["vit/amap_t0.7_s0", "vit/amap_t0.5_s0", "flatten/amap_t0.7_s0", "flatten/amap_t0.5_s0"],
-    "CONFIG/CELL of finished compare cells whose exports are measured.",
-)
 _VIT_BATCH = flags.DEFINE_integer("vit_batch", 32, "Batch for ViT-S/16 at 224 px (0: skip).")
 
 
@@ -41,14 +36,14 @@ def _speeds(arch, params, batch: int) -> dict[str, float]:
     for name, dtype in (("float32", jnp.float32), ("bfloat16", jnp.bfloat16)):
         fwd = jax.jit(models.build(arch, dtype=dtype).apply)
         fns[name] = lambda fwd=fwd: jax.block_until_ready(fwd({"params": params}, x))
-    got = common.interleaved(fns, common.SECONDS.value, common.ROUNDS.value, batch)
+    got = interleaved(fns, common.SECONDS.value, common.ROUNDS.value, batch)
     return {k: float(np.median(v)) for k, v in got.items()}
 
 
 def exported_rows() -> list[dict]:
     rows = []
     mesh = parallel.make_mesh(1)
-    for cell, name, export in compare.finished_exports(_CELLS.value):
+    for cell, name, export in compare.finished_exports():
         config = compare.load_config(name)
         test = open_split(config.data, config.data.test_split)
         model, variables = pruned.load_pruned(export)
@@ -128,5 +123,5 @@ def main(_):
 
 
 if __name__ == "__main__":
-    common.timing_defaults(batch=256, seconds=2.0)
+    common.defaults(batch=256, seconds=2.0)
     app.run(main)

@@ -25,6 +25,7 @@ from amap_jax import models
 from amap_jax.io import pruned
 from amap_jax.pruning import macs, padding
 from amap_jax.train import checkpoint
+from amap_jax.train.evaluate import interleaved
 from bench import common, compare  # compare's --configs, --targets, --seeds (speed: the first)
 
 _FREE = flags.DEFINE_string("free", "workdirs/compare_free", "Grid searched freely.")
@@ -57,7 +58,7 @@ def main(_):
         )
         d_params = models.build(d_arch).init(jax.random.key(0), models.dummy_input(d_arch))
         dense_macs = macs.model_macs(d_arch)
-        for target in map(float, compare._TARGETS.value):
+        for target in map(float, common.TARGETS.value):
             free, mult = (
                 _cells(_FREE.value, config, target),
                 _cells(_MULTIPLE.value, config, target),
@@ -86,7 +87,7 @@ def main(_):
                 variants[f"free, padded x{best} (fastest)"] = padding.pad(
                     f_arch, f_vars["params"], best
                 )
-            ips = common.interleaved(
+            ips = interleaved(
                 {k: _forward(a, p, images) for k, (a, p) in variants.items()},
                 common.SECONDS.value,
                 common.ROUNDS.value,
@@ -156,5 +157,5 @@ def markdown(rows: list[dict]) -> str:
 
 
 if __name__ == "__main__":
-    common.timing_defaults(batch=256, seconds=1.0)
+    common.defaults(batch=256, seconds=1.0)
     app.run(main)

@@ -17,20 +17,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from absl import app, flags
+from absl import app
 
 from amap_jax import models
 from amap_jax.methods import amap, similarity
 from amap_jax.methods.amap import INDICATORS, SIMILARITY, Amap
 from amap_jax.models import dummy_input
 from amap_jax.train import steps
+from amap_jax.train.evaluate import interleaved
 from bench import common
-
-_MODELS = flags.DEFINE_list(
-    "models",
-    ["Ti", "Ti:LLLLLLSSSSSS", "swin_tiny_patch4_window7_224", "flatten_swin_tiny_patch4_224"],
-    "ViT variant[:pattern] or published names (Swin, FLatten-Swin).",
-)
 
 
 def _run(step, state, batch):
@@ -41,7 +36,7 @@ def _run(step, state, batch):
 
 def main(_):
     rows = []
-    for spec in _MODELS.value:
+    for spec in common.MODELS.value:
         arch = common.parse_arch(spec)
         params = models.build(arch).init(jax.random.key(0), dummy_input(arch))["params"]
         inputs = steps.Input(arch.mean, arch.std, arch.image_size)
@@ -73,7 +68,7 @@ def main(_):
             "dense": functools.partial(_run, dense_step, dense, batch),
             "search": functools.partial(_run, search_step, search, batch),
         }
-        ips = common.interleaved(fns, common.SECONDS.value, common.ROUNDS.value, common.BATCH.value)
+        ips = interleaved(fns, common.SECONDS.value, common.ROUNDS.value, common.BATCH.value)
         ratios = [d / s for d, s in zip(ips["dense"], ips["search"], strict=True)]
         sim = jax.jit(functools.partial(similarity.similarity_weights, s_arch))
         t_sim = common.time_fn(sim, s_params, seconds=2.0)
@@ -101,5 +96,14 @@ def main(_):
 
 
 if __name__ == "__main__":
-    common.timing_defaults(batch=32, seconds=4.0)
+    common.defaults(
+        models=[
+            "Ti",
+            "Ti:LLLLLLSSSSSS",
+            "swin_tiny_patch4_window7_224",
+            "flatten_swin_tiny_patch4_224",
+        ],
+        batch=32,
+        seconds=4.0,
+    )
     app.run(main)

@@ -17,6 +17,9 @@ from absl import flags
 MODEL = flags.DEFINE_enum("model", "S", ["Ti", "S", "B"], "DeiT size (patch 16, 224 px).")
 ALTERNATIONS = flags.DEFINE_integer("alternations", 2, "jax/torch process pairs.")
 IMAGE = flags.DEFINE_integer("image_size", 224, "Input size (smaller: quick checks).")
+WIDTHS = flags.DEFINE_list(
+    "widths", ["45:1099", "33:794"], "Pruned models: head_dim:mlp_hidden in every block."
+)
 WORKER = flags.DEFINE_enum("worker", None, ["jax", "torch"], "Internal: run one side.")
 
 TIMM = {"Ti": "deit_tiny_patch16_224", "S": "deit_small_patch16_224", "B": "deit_base_patch16_224"}

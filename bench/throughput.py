@@ -18,12 +18,6 @@ from amap_jax.methods import Amap
 from amap_jax.pruning.macs import model_macs
 from bench import common
 
-_MODELS = flags.DEFINE_list(
-    "models",
-    ["Ti", "Ti:LLLLLLSSSSSS", "S", "S:LLLLLLSSSSSS"],
-    "Published names (e.g. flatten_swin_tiny_patch4_224) or ViT variant[:pattern] (224px).",
-)
-_TARGETS = flags.DEFINE_list("targets", ["0.7", "0.5"], "MACs ratios to prune to.")
 _FLOOR = flags.DEFINE_float(
     "min_keep_fraction", 0.0, "Per-head floor of kept channels (amap.min_keep_fraction)."
 )
@@ -31,12 +25,12 @@ _FLOOR = flags.DEFINE_float(
 
 def main(_):
     rows = []
-    for spec in _MODELS.value:
+    for spec in common.MODELS.value:
         arch = common.parse_arch(spec)
         fwd = jax.jit(models.build(arch).apply)
         x = jnp.ones((common.BATCH.value, arch.image_size, arch.image_size, arch.in_chans))
         t_dense = None
-        for target in map(float, _TARGETS.value):
+        for target in map(float, common.TARGETS.value):
             method = Amap(min_keep_fraction=_FLOOR.value)
             _, params, p_arch, p_params = common.dense_and_pruned(arch, target, method=method)
             if t_dense is None:  # one dense timing per model, shared by its targets
@@ -65,5 +59,5 @@ def main(_):
 
 
 if __name__ == "__main__":
-    common.timing_defaults(batch=32, seconds=5.0)
+    common.defaults(models=["Ti", "Ti:LLLLLLSSSSSS", "S", "S:LLLLLLSSSSSS"], batch=32, seconds=5.0)
     app.run(main)

@@ -31,14 +31,13 @@ from absl import app, flags
 # common: --tag (it imports jax, which the torch worker never initialises); sides: shared flags
 from bench import common, sides
 
-_WIDTHS = flags.DEFINE_list("widths", ["45:1099", "33:794"], "head_dim:mlp_hidden per block.")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
 _PAD = flags.DEFINE_list("pad_candidates", ["1", "8", "16", "32", "64"], "Padding multiples.")
 _REBUILD = flags.DEFINE_bool("rebuild", False, "Rebuild the report from the JSON (no timing).")
 
 
 def _widths() -> list[tuple[int, int]]:
-    return [tuple(int(x) for x in w.split(":")) for w in _WIDTHS.value]
+    return [tuple(int(x) for x in w.split(":")) for w in sides.WIDTHS.value]
 
 
 # -- jax side ------------------------------------------------------------------------------

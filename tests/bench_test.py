@@ -186,14 +186,40 @@ def test_search_multiple_rows_count_pads_in_macs_and_take_the_ideal_from_the_sea
 def test_benches_import_together_and_keep_their_own_timing_defaults():
     from absl import flags
 
-    from bench import common, dense_profile, padding, search_multiple, vs_timm  # noqa: F401
+    from bench import (  # noqa: F401  every bench in one process: no flag defined twice
+        common,
+        dense_profile,
+        dtype,
+        padding,
+        search_multiple,
+        search_step,
+        throughput,
+        vs_timm,
+        xla_flags,
+    )
 
     before = flags.FLAGS["batch"].default
     try:
-        common.timing_defaults(batch=256, seconds=1.0)
+        common.defaults(batch=256, seconds=1.0)
         got = tuple(
             flags.FLAGS[h.name].value for h in (common.BATCH, common.ROUNDS, common.SECONDS)
         )
         assert got == (256, 5, 1.0)
     finally:
-        common.timing_defaults(batch=before, seconds=4.0)
+        common.defaults(batch=before, seconds=4.0)
+
+
+def test_padding_bench_judges_the_per_layer_choice_against_the_best_single_multiple():
+    from bench import padding as padding_bench
+
+    ips = {"x1": [100.0, 90.0], "x8": [120.0, 99.0], "x16": [80.0, 80.0], "per layer": [110, 108]}
+    model_macs = {"x1": 1000, "x8": 1100, "x16": 1200, "per layer": 1050}
+    row = padding_bench.summarize(ips, model_macs, [(8, 1), (1, 16)])
+    assert row["best_single"] == "x8"  # by its median over rounds, 109.5
+    assert row["per_layer_over_best_single"] == round((110 / 120 + 108 / 99) / 2, 3)
+    assert row["per_layer_over_unpadded"] == 1.15 and row["best_single_over_unpadded"] == 1.15
+    assert row["per layer MACs"] == 1050 and row["per_layer_multiples"] == [[8, 1], [1, 16]]
+    row = {"model": "m", "calibration_s": 3.0, **row}
+    assert "| m | x1 95, x8 110, x16 80 | x8 | 109 (8/1 1/16) | 1.15x |" in padding_bench.markdown(
+        [row]
+    )

@@ -45,11 +45,13 @@ ARCHS = {
 }
 
 
-@pytest.mark.parametrize("multiple", [8, 16])
+@pytest.mark.parametrize("multiple", [8, 16, "per block"])
 @pytest.mark.parametrize("name", list(ARCHS))
 def test_padded_model_gives_the_same_logits(name, multiple):
-    arch = _odd(ARCHS[name](), seed=multiple)
-    params = random_params(param_shapes(models.build(arch))["params"], seed=multiple)
+    arch = _odd(ARCHS[name](), seed=len(str(multiple)))
+    params = random_params(param_shapes(models.build(arch))["params"], seed=len(str(multiple)))
+    if multiple == "per block":  # attention and MLP of each block at their own multiple
+        multiple = [((1, 8), (16, 1), (8, 32), (4, 4))[i % 4] for i in range(len(arch.blocks))]
     images = random_images(arch, 2, seed=0)
     want = jax.jit(models.build(arch).apply)({"params": params}, images)
 
@@ -60,11 +62,10 @@ def test_padded_model_gives_the_same_logits(name, multiple):
     assert jax.tree.map(np.shape, big_params) == jax.tree.map(
         lambda s: s.shape, param_shapes(models.build(big))["params"]
     )
-    for b in big.blocks:
-        for width in (b.qk_dim, b.v_dim, b.mlp_dim):
-            assert width % multiple == 0
-        for idx in (b.attn_in, b.mlp_in):
-            assert idx == () or len(idx) % multiple == 0
+    for b, (attn_m, mlp_m) in zip(big.blocks, padding.per_block(arch, multiple), strict=True):
+        assert b.qk_dim % attn_m == 0 and b.v_dim % attn_m == 0 and b.mlp_dim % mlp_m == 0
+        assert b.attn_in == () or len(b.attn_in) % attn_m == 0
+        assert b.mlp_in == () or len(b.mlp_in) % mlp_m == 0
     assert macs.model_macs(big) > macs.model_macs(arch)  # the pads are counted
 
 
@@ -94,3 +95,32 @@ def test_fastest_multiple_is_measured_once_then_cached(tmp_path, monkeypatch):
         best,
         speeds,
     )
+
+
+def test_per_layer_multiples_are_measured_once_per_shape_then_cached(tmp_path, monkeypatch):
+    base = _odd(vit_arch("micro", pattern="SS"), 1)
+    arch = base.replace(blocks=(base.blocks[0],) * 2)  # two blocks of one shape
+    cache = str(tmp_path / "padding.json")
+    timed = []
+    real = padding._layer
+
+    def counting(arch, block, geometry, part, batch):
+        timed.append(part)
+        return real(arch, block, geometry, part, batch)
+
+    monkeypatch.setattr(padding, "_layer", counting)
+    pairs, speeds = padding.fastest_multiples(
+        arch, 4, candidates=(1, 8), seconds=0.02, rounds=1, cache=cache
+    )
+    assert sorted(timed) == ["attention"] * 2 + ["mlp"] * 2  # one shape each, two candidates
+    assert len(speeds) == 2 and len(pairs) == 2 and pairs[0] == pairs[1]
+    for shape in speeds.values():
+        rates = shape["images_per_s"]
+        assert shape["multiple"] == max(rates, key=rates.get) and all(v > 0 for v in rates.values())
+    timed.clear()
+    again = padding.fastest_multiples(arch, 4, candidates=(1, 8), cache=cache)
+    assert timed == [] and again[0] == pairs
+    with pytest.raises(ValueError, match="3 padding multiples for 2 blocks"):
+        padding.pad(arch, {}, [(1, 1)] * 3)
+    with pytest.raises(ValueError, match=">= 1"):
+        padding.pad(arch, {}, 0)

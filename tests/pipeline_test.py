@@ -14,6 +14,7 @@ from conftest import ROOT, snapshot, tiny_config
 import amap_jax
 from amap_jax import pipeline
 from amap_jax.data import DatasetNotFoundError
+from amap_jax.pruning import padding
 
 
 def test_run_writes_summary_and_export(finished_run):
@@ -368,24 +369,31 @@ def test_run_writes_scalars_of_every_stage(finished_run):
     assert {"train/loss", "train/lr", "search/loss", "finetune/test_top1"} <= tags
 
 
-def test_padded_export_gives_the_same_predictions(finished_run, tmp_path):
-    """export_pad=8 on a copy of a finished run: only the export is redone, padded to
-    multiples of 8, with the unpadded export's top-1 and its pruned MACs beside the padded."""
+def test_padded_export_gives_the_same_predictions(finished_run, tmp_path, monkeypatch):
+    """export_pad=0 on a copy of a finished run: only the export is redone, each block's
+    attention and MLP padded to the multiples the calibration chose (here a fixed choice: the
+    measuring is padding_test's), with the unpadded export's top-1 and its pruned MACs beside
+    the padded."""
     workdir, summary = finished_run
     copy = str(tmp_path / "run")
     shutil.copytree(workdir, copy)
     shutil.rmtree(os.path.join(copy, "export"))
     os.remove(os.path.join(copy, "export_dir.json"))
+    n = len(summary["arch"]["pruned_blocks"])
+    chosen = [((8, 16), (16, 8))[i % 2] for i in range(n)]
+    monkeypatch.setattr(padding, "fastest_multiples", lambda arch, batch: (chosen, {}))
     c = tiny_config()
-    c.export_pad = 8
+    c.export_pad = 0
     padded = pipeline.run(c, copy)
-    assert padded["export_pad"] == 8
+    assert [tuple(p) for p in padded["export_pad"]] == chosen
     assert padded["pruned"]["top1"] == summary["pruned"]["top1"]
     assert padded["pruned"]["macs"] == summary["pruned"]["macs"]
     assert padded["pruned"]["padded_macs"] > padded["pruned"]["macs"]
     assert padded["arch"] == summary["arch"]  # the pruned widths, not the padded ones
+    assert "export padded per block (attention, MLP): 8/16 16/8" in pipeline.format_summary(padded)
     model, _ = amap_jax.load_pruned(os.path.join(copy, "export"))
-    assert all(b.mlp_dim % 8 == 0 and b.qk_dim % 8 == 0 for b in model.arch.blocks)
+    for b, (attn_m, mlp_m) in zip(model.arch.blocks, chosen, strict=True):
+        assert b.qk_dim % attn_m == 0 and b.v_dim % attn_m == 0 and b.mlp_dim % mlp_m == 0
     with pytest.raises(ValueError, match="export stage made with another config"):
         c.export_pad = 16
         pipeline.run(c, copy)

@@ -20,6 +20,11 @@ from amap_jax.models.arch import SOFTMAX, BlockArch, Geometry
 dense_init = nn.initializers.truncated_normal(0.02)
 
 
+def scale_rows(kernel: jax.Array, rows: jax.Array | None) -> jax.Array:
+    """`kernel` [in, out] with input channel i scaled by `rows[i]` (None: unchanged)."""
+    return kernel if rows is None else kernel * rows.astype(kernel.dtype)[:, None]
+
+
 class Dense(nn.Module):
     """`nn.Dense` (same parameters) that takes a site's multiplier on its input channels
     (`rows`) or output channels (`cols`) and applies it to the kernel: [in, out] numbers
@@ -33,8 +38,7 @@ class Dense(nn.Module):
     def __call__(self, x, rows=None, cols=None):
         kernel = self.param("kernel", dense_init, (x.shape[-1], self.features))
         bias = self.param("bias", nn.initializers.zeros, (self.features,))
-        if rows is not None:
-            kernel = kernel * rows.astype(kernel.dtype)[:, None]
+        kernel = scale_rows(kernel, rows)
         if cols is not None:
             kernel, bias = kernel * cols.astype(kernel.dtype), bias * cols.astype(bias.dtype)
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
@@ -111,9 +115,7 @@ class Attention(nn.Module):
             return y
         # A head's output as the residual stream gets it: unchanged by export, which folds
         # scales into the projection.
-        kernel = proj.variables["params"]["kernel"]
-        if v_scale is not None:
-            kernel = kernel * v_scale.astype(kernel.dtype)[:, None]
+        kernel = scale_rows(proj.variables["params"]["kernel"], v_scale)
         per_head = jnp.einsum(
             "bnhd,hde->bhne",
             out.reshape(*out.shape[:2], a.heads, a.v_dim),

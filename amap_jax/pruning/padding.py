@@ -5,8 +5,10 @@ that reach nothing: zero q/k/v/fc1 columns and zero proj/fc2 rows (GELU(0) = 0, 
 q/k channel adds 0 to q . k), zero rows for extra gathered residual channels, and the padded
 focused-attention channels of `export` (scale `PAD_SCALE`). The MACs counter counts the pads:
 they are real work, kept only where they are faster. Which multiple is faster depends on the
-backend and the shapes, so `fastest_multiple` measures the candidates on this backend and
-caches the choice per (backend, device kind, widths).
+backend and the shapes, so it is measured here: `fastest_multiples` times each layer shape (a
+block's attention, its MLP) alone at every candidate and caches the choice per backend, device
+kind and shape, so that a block's attention and MLP may get different multiples and blocks of
+one shape are measured once; `fastest_multiple` times the whole model at each candidate.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import dataclasses
 import hashlib
 import json
 import os
+from collections.abc import Sequence
 
 import jax
 import numpy as np
@@ -23,6 +26,8 @@ from amap_jax.models.arch import LINEAR, Arch, BlockArch
 from amap_jax.pruning.export import PAD_SCALE
 
 CANDIDATES = (1, 8, 16, 32, 64)
+# One multiple for every width, or per block (attention: q/k, v, input; MLP: hidden, input).
+Multiples = int | Sequence[tuple[int, int]]
 CACHE = os.path.join(os.path.expanduser("~"), ".cache", "amap_jax", "padding.json")
 
 
@@ -63,13 +68,29 @@ def _rows(kernel, where: np.ndarray, n: int) -> np.ndarray:
     return out
 
 
-def _pad_block(b: BlockArch, dim: int, p: dict, m: int) -> tuple[BlockArch, dict]:
+def _padded(b: BlockArch, dim: int, attn_m: int, mlp_m: int):
+    """Block `b` at widths rounded up (attention's to `attn_m`, the MLP's to `mlp_m`), and
+    where each old gathered input row lands."""
+    attn_in, a_where = _gather(b.attn_in, dim, attn_m)
+    mlp_in, m_where = _gather(b.mlp_in, dim, mlp_m)
+    block = dataclasses.replace(
+        b,
+        qk_dim=_up(b.qk_dim, attn_m),
+        v_dim=_up(b.v_dim, attn_m),
+        mlp_dim=_up(b.mlp_dim, mlp_m),
+        qk_scale=b.scale,  # the softmax scale of the real channels
+        attn_in=attn_in,
+        mlp_in=mlp_in,
+    )
+    return block, a_where, m_where
+
+
+def _pad_block(b: BlockArch, dim: int, p: dict, attn_m: int, mlp_m: int):
     h = b.heads
-    qk, v, hidden = _up(b.qk_dim, m), _up(b.v_dim, m), _up(b.mlp_dim, m)
-    attn_in, a_where = _gather(b.attn_in, dim, m)
-    mlp_in, m_where = _gather(b.mlp_in, dim, m)
-    a_rows = len(attn_in) or dim
-    m_rows = len(mlp_in) or dim
+    block, a_where, m_where = _padded(b, dim, attn_m, mlp_m)
+    qk, v, hidden = block.qk_dim, block.v_dim, block.mlp_dim
+    a_rows = len(block.attn_in) or dim
+    m_rows = len(block.mlp_in) or dim
 
     def dense(layer, cols_groups=None, cols=None, rows_groups=None, rows=None, gather=None):
         kernel, bias = np.asarray(layer["kernel"], np.float32), np.asarray(layer["bias"])
@@ -103,38 +124,42 @@ def _pad_block(b: BlockArch, dim: int, p: dict, m: int) -> tuple[BlockArch, dict
             "fc2": dense(mlp["fc2"], rows_groups=1, rows=hidden),
         },
     }
-    block = dataclasses.replace(
-        b,
-        qk_dim=qk,
-        v_dim=v,
-        mlp_dim=hidden,
-        qk_scale=b.scale,  # the softmax scale of the real channels
-        attn_in=attn_in,
-        mlp_in=mlp_in,
-    )
     return block, new_p
 
 
-def pad(arch: Arch, params, multiple: int) -> tuple[Arch, dict]:
+def per_block(arch: Arch, multiples: Multiples) -> list[tuple[int, int]]:
+    """The (attention, MLP) multiple of every block, checked."""
+    if isinstance(multiples, int | np.integer):
+        multiples = [(int(multiples), int(multiples))] * len(arch.blocks)
+    out = [(int(a), int(m)) for a, m in multiples]
+    if len(out) != len(arch.blocks):
+        raise ValueError(f"{len(out)} padding multiples for {len(arch.blocks)} blocks")
+    if any(m < 1 for pair in out for m in pair):
+        raise ValueError(f"padding multiples must be >= 1, got {out}")
+    return out
+
+
+def pad(arch: Arch, params, multiple: Multiples) -> tuple[Arch, dict]:
     """Every per-head width (q/k, v, MLP hidden) and every gathered input rounded up to a
-    multiple of `multiple` with channels that change no logit."""
-    if multiple < 1:
-        raise ValueError(f"multiple must be >= 1, got {multiple}")
+    multiple (one for all, or per block: attention, MLP) with channels that change no logit."""
+    pairs = per_block(arch, multiple)
     params = jax.tree.map(np.asarray, params)
-    if multiple == 1:
+    if all(pair == (1, 1) for pair in pairs):
         return arch, params
     new, blocks = dict(params), []
-    for i, (b, g) in enumerate(zip(arch.blocks, arch.geometry(), strict=True)):
-        block, new[f"block_{i}"] = _pad_block(b, g.dim, params[f"block_{i}"], multiple)
+    for i, (b, g, (am, mm)) in enumerate(zip(arch.blocks, arch.geometry(), pairs, strict=True)):
+        block, new[f"block_{i}"] = _pad_block(b, g.dim, params[f"block_{i}"], am, mm)
         blocks.append(block)
     return arch.replace(blocks=tuple(blocks)), new
 
 
+def _device() -> str:
+    return f"{jax.default_backend()}|{jax.devices()[0].device_kind}"
+
+
 def _key(arch: Arch, batch: int) -> str:
-    backend = jax.default_backend()
-    kind = jax.devices()[0].device_kind
     digest = hashlib.sha256(repr(arch).encode()).hexdigest()[:16]
-    return f"{backend}|{kind}|batch {batch}|{digest}"
+    return f"{_device()}|batch {batch}|{digest}"
 
 
 def fastest_multiple(
@@ -147,7 +172,7 @@ def fastest_multiple(
     rounds: int = 3,
     cache: str | None = CACHE,
 ) -> tuple[int, dict[int, float]]:
-    """The candidate multiple whose padded model runs fastest here (images/s, median over
+    """The one candidate multiple whose padded model runs fastest here (images/s, median over
     `rounds` interleaved rounds), and each candidate's images/s; cached per backend, device
     kind, batch and architecture."""
     from amap_jax import models
@@ -167,12 +192,90 @@ def fastest_multiple(
     best = max(median, key=median.get)
     if cache:
         stored[key] = {"multiple": best, "images_per_s": median}
-        os.makedirs(os.path.dirname(cache), exist_ok=True)
-        tmp = f"{cache}.{os.getpid()}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(stored, f, indent=1)
-        os.replace(tmp, cache)
+        _write(cache, stored)
     return best, median
+
+
+def _part(arch: Arch, b: BlockArch, g, part: str) -> str:
+    """What one layer's speed depends on besides its padding (not which channels it keeps)."""
+    if part == "mlp":
+        return (
+            f"mlp in {len(b.mlp_in) or g.dim}/{g.dim} hidden {b.mlp_dim} tokens {g.tokens} "
+            f"gelu_approximate {arch.gelu_approximate}"
+        )
+    return (
+        f"attention {b.attn} in {len(b.attn_in) or g.dim}/{g.dim} heads {b.heads} qk {b.qk_dim} "
+        f"v {b.v_dim} calls {g.windows}x{g.window_tokens} grid {g.grid} shifted {b.shift > 0} "
+        f"dwc_per_head {b.dwc_per_head} kernel {arch.kernel_size}"
+    )
+
+
+def _layer(arch: Arch, b: BlockArch, g, part: str, batch: int):
+    """One layer alone on random inputs and weights, as a blocking call."""
+    from amap_jax.models.attention import Attention
+    from amap_jax.models.block import Mlp
+
+    if part == "mlp":
+        module = Mlp(b.mlp_dim, g.dim, arch.gelu_approximate)
+        shape = (batch, g.tokens, len(b.mlp_in) or g.dim)
+    else:
+        module = Attention(b, g, arch.focusing_factor, arch.kernel_size)
+        shape = (batch * g.windows, g.window_tokens, len(b.attn_in) or g.dim)
+    x = jax.random.normal(jax.random.key(0), shape)
+    variables = module.init(jax.random.key(1), x)
+    fn = jax.jit(module.apply)
+    return lambda: jax.block_until_ready(fn(variables, x))
+
+
+def fastest_multiples(
+    arch: Arch,
+    batch: int,
+    *,
+    candidates: tuple[int, ...] = CANDIDATES,
+    seconds: float = 0.3,
+    rounds: int = 3,
+    cache: str | None = CACHE,
+) -> tuple[list[tuple[int, int]], dict[str, dict]]:
+    """Per block, the (attention, MLP) multiples whose padded layer runs fastest here.
+
+    Each layer shape is timed alone at every candidate (images/s, median over `rounds`
+    interleaved rounds), once per shape, and cached per backend, device kind, batch and shape;
+    also returns each shape's measurement.
+    """
+    from amap_jax.train.evaluate import interleaved
+
+    stored, seen, pairs = _read(cache), {}, []
+    for b, g in zip(arch.blocks, arch.geometry(), strict=True):
+        pair = []
+        for part in ("attention", "mlp"):
+            key = f"{_device()}|batch {batch}|{_part(arch, b, g, part)}"
+            if key not in stored:
+                fns = {
+                    m: _layer(arch, _padded(b, g.dim, m, m)[0], g, part, batch) for m in candidates
+                }
+                median = {
+                    m: float(np.median(v))
+                    for m, v in interleaved(fns, seconds, rounds, batch).items()
+                }
+                stored[key] = {"multiple": max(median, key=median.get), "images_per_s": median}
+                if cache:
+                    _write(cache, stored)
+            hit = stored[key]
+            seen[key] = {
+                "multiple": int(hit["multiple"]),
+                "images_per_s": {int(k): v for k, v in hit["images_per_s"].items()},
+            }
+            pair.append(seen[key]["multiple"])
+        pairs.append(tuple(pair))
+    return pairs, seen
+
+
+def _write(cache: str, stored: dict) -> None:
+    os.makedirs(os.path.dirname(cache), exist_ok=True)
+    tmp = f"{cache}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(stored, f, indent=1)
+    os.replace(tmp, cache)
 
 
 def _read(cache: str | None) -> dict:
