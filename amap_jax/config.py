@@ -18,7 +18,8 @@ def defaults() -> ml_collections.ConfigDict:
     c.parallel = "jit"  # or "pmap": the same numbers with jax.pmap and replicated state
     # Exported widths zero-padded up to a multiple (same logits, maybe faster matmuls): 1 = no
     # padding, N = a multiple of N, 0 = per block, the attention and MLP multiples measured
-    # fastest on this backend for each layer shape (cached in ~/.cache/amap_jax/padding.json).
+    # fastest on this backend for each layer shape, kept if the whole model gains from them
+    # (measurements cached in ~/.cache/amap_jax/padding.json).
     c.export_pad = 1
     c.export_artifact = True  # EXPORT/forward.jax: the pruned model for jax alone (jax.export)
     c.checkpoint_every = 200  # steps

@@ -287,16 +287,24 @@ def _count(params) -> int:
 
 def _pad(ctx: Context, arch: Arch, params):
     """The fine-tuned export padded to `export_pad`; 0: per block, the (attention, MLP)
-    multiples measured fastest here for each layer shape, chosen by process 0 for all."""
+    multiples measured fastest here for each layer shape if the whole model gains from them
+    (`padding.measured`), chosen by process 0 for all."""
     multiple = ctx.config.export_pad
     if multiple == 0:
         batch = ctx.config.eval.bench_batch
-        pairs, speeds = padding.fastest_multiples(arch, batch)
-        multiple = [tuple(p) for p in parallel.broadcast(np.asarray(pairs)).tolist()]
-        for shape, m in speeds.items():
+        choice, report = padding.measured(arch, params, batch)
+        pairs = padding.per_block(arch, choice)
+        pairs = [tuple(p) for p in parallel.broadcast(np.asarray(pairs)).tolist()]
+        multiple = 1 if all(p == (1, 1) for p in pairs) else pairs
+        for shape, m in report["shapes"].items():
             rates = ", ".join(f"x{k}: {v:.0f}" for k, v in m["images_per_s"].items())
             logging.info("export padding, %s: %s images/s", shape.split("|")[-1], rates)
-        logging.info("export padded per block (attention, MLP): %s", multiple)
+        logging.info(
+            "export padding per block (attention, MLP) %s: whole model %.2fx unpadded; padded %s",
+            report["per_layer"],
+            report.get("gain", 1.0),
+            multiple,
+        )
     return (*padding.pad(arch, params, multiple), multiple)
 
 

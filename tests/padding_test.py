@@ -124,3 +124,25 @@ def test_per_layer_multiples_are_measured_once_per_shape_then_cached(tmp_path, m
         padding.pad(arch, {}, [(1, 1)] * 3)
     with pytest.raises(ValueError, match=">= 1"):
         padding.pad(arch, {}, 0)
+
+
+@pytest.mark.parametrize("gain, kept", [(1.2, True), (0.9, False)])
+def test_measured_keeps_the_per_layer_choice_only_if_the_whole_model_gains(
+    tmp_path, monkeypatch, gain, kept
+):
+    arch = _odd(vit_arch("micro", pattern="SS"), 2)
+    params = random_params(param_shapes(models.build(arch))["params"], 2)
+    pairs = [(8, 1)] * len(arch.blocks)
+    monkeypatch.setattr(padding, "fastest_multiples", lambda *a, **k: (pairs, {}))
+    rounds = []
+
+    def timed(fns, seconds, n, batch):  # per layer `gain` times the unpadded rate, every round
+        rounds.append(sorted(fns))
+        return {"unpadded": [100.0] * n, "per layer": [100.0 * gain] * n}
+
+    monkeypatch.setattr("amap_jax.train.evaluate.interleaved", timed)
+    cache = str(tmp_path / "padding.json")
+    choice, report = padding.measured(arch, params, 4, rounds=2, cache=cache)
+    assert rounds == [["per layer", "unpadded"]] and report["gain"] == pytest.approx(gain)
+    assert choice == (pairs if kept else 1)
+    assert padding.measured(arch, params, 4, cache=cache)[0] == choice and len(rounds) == 1

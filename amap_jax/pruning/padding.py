@@ -8,7 +8,8 @@ they are real work, kept only where they are faster. Which multiple is faster de
 backend and the shapes, so it is measured here: `fastest_multiples` times each layer shape (a
 block's attention, its MLP) alone at every candidate and caches the choice per backend, device
 kind and shape, so that a block's attention and MLP may get different multiples and blocks of
-one shape are measured once; `fastest_multiple` times the whole model at each candidate.
+one shape are measured once. `measured` keeps that choice only if the whole padded model is
+faster than the unpadded one; `fastest_multiple` times the whole model at each candidate.
 """
 
 from __future__ import annotations
@@ -268,6 +269,53 @@ def fastest_multiples(
             pair.append(seen[key]["multiple"])
         pairs.append(tuple(pair))
     return pairs, seen
+
+
+def measured(
+    arch: Arch,
+    params,
+    batch: int,
+    *,
+    seconds: float = 1.0,
+    rounds: int = 3,
+    cache: str | None = CACHE,
+) -> tuple[Multiples, dict]:
+    """What `export_pad=0` pads to: the per-layer choice of `fastest_multiples` if the whole
+    padded model then runs faster here than the unpadded one (median of same-round ratios
+    over `rounds` interleaved rounds), else 1. A layer timed alone can mislead (tiny layers,
+    fusion across layers), so the whole model decides. Cached per backend, device kind, batch
+    and architecture; also returns the measurements."""
+    from amap_jax import models
+    from amap_jax.train.evaluate import interleaved
+
+    pairs, shapes = fastest_multiples(arch, batch, cache=cache)
+    report: dict = {"per_layer": pairs, "shapes": shapes}
+    if all(pair == (1, 1) for pair in pairs):
+        return 1, report
+    key = f"{_key(arch, batch)}|per layer {pairs}"
+    stored = _read(cache)
+    if key not in stored:
+        x = jax.random.normal(
+            jax.random.key(0), (batch, arch.image_size, arch.image_size, arch.in_chans)
+        )
+
+        def forward(a, p):
+            fn = jax.jit(models.build(a).apply)
+            return lambda: jax.block_until_ready(fn({"params": p}, x))
+
+        ips = interleaved(
+            {"unpadded": forward(arch, params), "per layer": forward(*pad(arch, params, pairs))},
+            seconds,
+            rounds,
+            batch,
+        )
+        ratios = [p / u for p, u in zip(ips["per layer"], ips["unpadded"], strict=True)]
+        gain = float(np.median(ratios))
+        stored[key] = {"gain": gain}
+        if cache:
+            _write(cache, stored)
+    report["gain"] = stored[key]["gain"]
+    return (pairs if report["gain"] > 1.0 else 1), report
 
 
 def _write(cache: str, stored: dict) -> None:
