@@ -104,18 +104,22 @@ def markdown(rows: list[dict]) -> str:
     ]
     for r in rows:
         singles = ", ".join(
-            f"{k.split()[0]} {v:.0f}"
+            f"{k.split()[0]} {_rate(v)}"
             for k, v in r.items()
             if k.endswith(" img/s") and not k.startswith("per layer")
         )
         multiples = " ".join(f"{a}/{m}" for a, m in r["per_layer_multiples"])
         lines.append(
-            f"| {r['model']} | {singles} | {r['best_single']} | {r['per layer img/s']:.0f} "
+            f"| {r['model']} | {singles} | {r['best_single']} | {_rate(r['per layer img/s'])} "
             f"({multiples}) | {r['per_layer_over_unpadded']:.2f}x | "
             f"{r['per_layer_over_best_single']:.2f}x | {r['calibration_s']:.0f} s | "
             f"{'per layer' if r['per_layer_over_unpadded'] > 1 else 'unpadded'} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _rate(v: float) -> str:
+    return f"{v:.0f}" if v >= 100 else f"{v:.1f}"
 
 
 def main(_):

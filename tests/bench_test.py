@@ -220,6 +220,7 @@ def test_padding_bench_judges_the_per_layer_choice_against_the_best_single_multi
     assert row["per_layer_over_unpadded"] == 1.15 and row["best_single_over_unpadded"] == 1.15
     assert row["per layer MACs"] == 1050 and row["per_layer_multiples"] == [[8, 1], [1, 16]]
     row = {"model": "m", "calibration_s": 3.0, **row}
-    assert "| m | x1 95, x8 110, x16 80 | x8 | 109 (8/1 1/16) | 1.15x |" in padding_bench.markdown(
-        [row]
+    assert (
+        "| m | x1 95.0, x8 110, x16 80.0 | x8 | 109 (8/1 1/16) | 1.15x |"
+        in padding_bench.markdown([row])
     )
