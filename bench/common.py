@@ -104,6 +104,7 @@ def write(name: str, rows: list[dict], meta: dict) -> str:
         "machine": platform.machine(),
         "cpus": os.cpu_count(),
         "jax": jax.__version__,
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),  # e.g. another CPU kernel library
     }
     with open(path, "w") as f:
         json.dump({"meta": {**info, **meta}, "rows": rows}, f, indent=1)

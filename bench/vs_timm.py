@@ -29,6 +29,7 @@ import numpy as np
 from absl import app, flags
 
 # common: --tag (it imports jax, which the torch worker never initialises); sides: shared flags
+from amap_jax.train.evaluate import interleaved
 from bench import common, sides
 
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
@@ -83,7 +84,7 @@ def jax_worker() -> dict:
         chosen[name] = multiple
         if multiple > 1:
             fns[f"{name} padded"] = forward(*padding.pad(arch, params, multiple))
-    speeds = common.interleaved(fns, common.SECONDS.value, common.ROUNDS.value, b)
+    speeds = interleaved(fns, common.SECONDS.value, common.ROUNDS.value, b)
     return {"images_per_s": speeds, "pad_multiple": chosen, "jax": jax.__version__}
 
 
@@ -142,7 +143,7 @@ def torch_worker() -> dict:
     for name, m in models.items():  # the cut model computes: shapes are consistent
         with torch.inference_mode():
             assert m(x[:1]).shape == (1, 1000), name
-    speeds = common.interleaved(
+    speeds = interleaved(
         {n: forward(m) for n, m in models.items()}, common.SECONDS.value, common.ROUNDS.value, b
     )
     return {
