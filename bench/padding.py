@@ -30,7 +30,6 @@ from amap_jax import models
 from amap_jax.io import pruned
 from amap_jax.models.arch import vit_arch
 from amap_jax.pruning import macs, padding
-from amap_jax.train.evaluate import interleaved
 from bench import common, compare  # compare's --root: where its cells are
 
 _VITS = flags.DEFINE_list("vits", [], "VARIANT:head:hidden ViTs at 224 px (random weights).")
@@ -54,20 +53,7 @@ def measure(arch, params, batch: int, candidates: tuple[int, ...]) -> dict:
     calibration_s = time.perf_counter() - t
     variants = {f"x{m}": padding.pad(arch, params, m) for m in candidates}
     variants["per layer"] = padding.pad(arch, params, pairs)
-    x = jax.random.normal(
-        jax.random.key(0), (batch, arch.image_size, arch.image_size, arch.in_chans)
-    )
-
-    def forward(a, p):
-        fn = jax.jit(models.build(a).apply)
-        return lambda: jax.block_until_ready(fn({"params": p}, x))
-
-    ips = interleaved(
-        {k: forward(a, p) for k, (a, p) in variants.items()},
-        common.SECONDS.value,
-        common.ROUNDS.value,
-        batch,
-    )
+    ips = padding.rates(variants, batch, seconds=common.SECONDS.value, rounds=common.ROUNDS.value)
     return summarize(ips, {k: macs.model_macs(a) for k, (a, _) in variants.items()}, pairs) | {
         "calibration_s": round(calibration_s, 1)
     }

@@ -271,6 +271,24 @@ def fastest_multiples(
     return pairs, seen
 
 
+def rates(models: dict, batch: int, *, seconds: float, rounds: int) -> dict[str, list[float]]:
+    """Images/s per round of each {name: (arch, params)} forward pass on one random batch, the
+    models interleaved within each round."""
+    from amap_jax import models as models_lib
+    from amap_jax.train.evaluate import interleaved
+
+    arch = next(iter(models.values()))[0]
+    x = jax.random.normal(
+        jax.random.key(0), (batch, arch.image_size, arch.image_size, arch.in_chans)
+    )
+
+    def forward(a, p):
+        fn = jax.jit(models_lib.build(a).apply)
+        return lambda: jax.block_until_ready(fn({"params": p}, x))
+
+    return interleaved({k: forward(a, p) for k, (a, p) in models.items()}, seconds, rounds, batch)
+
+
 def measured(
     arch: Arch,
     params,
@@ -285,9 +303,6 @@ def measured(
     over `rounds` interleaved rounds), else 1. A layer timed alone can mislead (tiny layers,
     fusion across layers), so the whole model decides. Cached per backend, device kind, batch
     and architecture; also returns the measurements."""
-    from amap_jax import models
-    from amap_jax.train.evaluate import interleaved
-
     pairs, shapes = fastest_multiples(arch, batch, cache=cache)
     report: dict = {"per_layer": pairs, "shapes": shapes}
     if all(pair == (1, 1) for pair in pairs):
@@ -295,20 +310,8 @@ def measured(
     key = f"{_key(arch, batch)}|per layer {pairs}"
     stored = _read(cache)
     if key not in stored:
-        x = jax.random.normal(
-            jax.random.key(0), (batch, arch.image_size, arch.image_size, arch.in_chans)
-        )
-
-        def forward(a, p):
-            fn = jax.jit(models.build(a).apply)
-            return lambda: jax.block_until_ready(fn({"params": p}, x))
-
-        ips = interleaved(
-            {"unpadded": forward(arch, params), "per layer": forward(*pad(arch, params, pairs))},
-            seconds,
-            rounds,
-            batch,
-        )
+        models = {"unpadded": (arch, params), "per layer": pad(arch, params, pairs)}
+        ips = rates(models, batch, seconds=seconds, rounds=rounds)
         ratios = [p / u for p, u in zip(ips["per layer"], ips["unpadded"], strict=True)]
         gain = float(np.median(ratios))
         stored[key] = {"gain": gain}
