@@ -10,7 +10,7 @@ alone, GELU alone, the whole block, and the whole model. Ours are the project's 
 (`models.block`, `models.attention`) with block 0's parameters; timm's are `blocks[0]` of
 `deit_*_patch16_224` and its parts, the core as its Attention runs it
 (`F.scaled_dot_product_attention` when `fused_attn`). Each framework in its own process,
-alternated (`common.run_worker`).
+alternated (`sides.run_worker`).
 Writes bench/results/dense_profile_<backend>[_TAG].json, .md and a PNG of ms per part.
 """
 

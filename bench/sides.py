@@ -25,12 +25,13 @@ WORKER = flags.DEFINE_enum("worker", None, ["jax", "torch"], "Internal: run one 
 TIMM = {"Ti": "deit_tiny_patch16_224", "S": "deit_small_patch16_224", "B": "deit_base_patch16_224"}
 
 
-def run_worker(module: str, side: str) -> dict:
-    """Runs `python -m module --worker=side` with this process's flags; its last stdout line
-    is JSON."""
-    args = [a for a in sys.argv[1:] if not a.startswith("--worker")]
-    cmd = [sys.executable, "-m", module, f"--worker={side}", *args]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+def run_worker(module: str, side: str, flag: str = "worker", extra=(), env=None) -> dict:
+    """Runs `python -m module --{flag}=side [extra]` with this process's other flags (and
+    `env`); its last stdout line is JSON."""
+    own = (f"--{flag}", *(a.partition("=")[0] for a in extra))
+    args = [a for a in sys.argv[1:] if not a.startswith(own)]
+    cmd = [sys.executable, "-m", module, f"--{flag}={side}", *extra, *args]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
     if out.returncode:
         raise RuntimeError(f"{side} worker failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import tempfile
 import time
 
@@ -79,13 +77,13 @@ def worker() -> dict:
 
 
 def _run(name: str, logits: str) -> dict:
-    args = [a for a in sys.argv[1:] if not a.startswith(("--set_worker", "--logits"))]
-    cmd = [sys.executable, "-m", "bench.xla_flags", f"--set_worker={name}", f"--logits={logits}"]
     env = {**os.environ, "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {SETS[name]}".strip()}
-    out = subprocess.run([*cmd, *args], capture_output=True, text=True, env=env, check=False)
-    if out.returncode:
-        return {"error": (out.stderr.strip().splitlines() or ["(no output)"])[-1][-300:]}
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    try:
+        return sides.run_worker(
+            "bench.xla_flags", name, "set_worker", extra=(f"--logits={logits}",), env=env
+        )
+    except RuntimeError as e:  # reported as failed, not skipped
+        return {"error": (str(e).strip().splitlines() or ["(no output)"])[-1][-300:]}
 
 
 def summarize(runs: dict[str, list[dict]], diffs: dict[str, float]) -> list[dict]:

@@ -90,7 +90,7 @@ def test_fastest_multiple_is_measured_once_then_cached(tmp_path, monkeypatch):
     def no_measuring(*a, **k):
         raise AssertionError("measured again")
 
-    monkeypatch.setattr("amap_jax.train.evaluate.throughput", no_measuring)
+    monkeypatch.setattr("amap_jax.train.evaluate.interleaved", no_measuring)
     assert padding.fastest_multiple(arch, params, 4, candidates=(1, 8), cache=cache) == (
         best,
         speeds,

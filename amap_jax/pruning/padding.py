@@ -176,19 +176,13 @@ def fastest_multiple(
     """The one candidate multiple whose padded model runs fastest here (images/s, median over
     `rounds` interleaved rounds), and each candidate's images/s; cached per backend, device
     kind, batch and architecture."""
-    from amap_jax import models
-    from amap_jax.train.evaluate import throughput
-
     key = _key(arch, batch)
     stored = _read(cache)
     if key in stored:
         hit = stored[key]
         return hit["multiple"], {int(k): v for k, v in hit["images_per_s"].items()}
     padded = {m: pad(arch, params, m) for m in candidates}
-    speeds: dict[int, list[float]] = {m: [] for m in candidates}
-    for _ in range(rounds):
-        for m, (a, p) in padded.items():
-            speeds[m].append(throughput(models.build(a), {"params": p}, a, batch, seconds=seconds))
+    speeds = rates(padded, batch, seconds=seconds, rounds=rounds)
     median = {m: float(np.median(s)) for m, s in speeds.items()}
     best = max(median, key=median.get)
     if cache:
