@@ -286,9 +286,9 @@ def _count(params) -> int:
 
 
 def _pad(ctx: Context, arch: Arch, params):
-    """The fine-tuned export padded to `export_pad`; 0: per block, the (attention, MLP)
-    multiples measured fastest here for each layer shape if the whole model gains from them
-    (`padding.measured`), chosen by process 0 for all."""
+    """The fine-tuned export padded to `export_pad`; 0: whatever runs fastest here as a whole
+    model, of unpadded, padded per layer shape and padded to one multiple (`padding.measured`),
+    chosen by process 0 for all."""
     multiple = ctx.config.export_pad
     if multiple == 0:
         batch = ctx.config.eval.bench_batch
@@ -299,11 +299,12 @@ def _pad(ctx: Context, arch: Arch, params):
         for shape, m in report["shapes"].items():
             rates = ", ".join(f"x{k}: {v:.0f}" for k, v in m["images_per_s"].items())
             logging.info("export padding, %s: %s images/s", shape.split("|")[-1], rates)
+        gains = ", ".join(f"{k}: {v:.2f}x" for k, v in report["gains"].items())
         logging.info(
-            "export padding per block (attention, MLP) %s: whole model %.2fx unpadded; padded %s",
+            "export padding, whole model over unpadded (per layer: %s): %s; chose %s",
             report["per_layer"],
-            report.get("gain", 1.0),
-            multiple,
+            gains or "nothing to pad",
+            report["choice"],
         )
     return (*padding.pad(arch, params, multiple), multiple)
 

@@ -8,9 +8,10 @@ Both roots are bench.compare grids of the `amap` method on the same dense checkp
 schedule, one run with `--set amap.multiple=8`. Accuracy: top-1 mean and sd over the seeds of
 each root's finished cells (padding changes no logit: the free export's top-1 holds padded).
 Speed: seed 0's exports, the dense model, the free export unpadded, padded to `--pad`, and padded
-to the multiple measured fastest here (`padding.fastest_multiple`, as `export_pad=0`), and the
-export searched with the multiple, interleaved in rounds; speedups are over the dense model in
-the same round. Writes bench/results/search_multiple_<backend>[_TAG].json and .md.
+as `export_pad=0` pads it when that differs (`padding.measured`: per layer shape or one multiple,
+whichever whole model runs fastest here), and the export searched with the multiple,
+interleaved in rounds; speedups are over the dense model in the same round. Writes
+bench/results/search_multiple_<backend>[_TAG].json and .md.
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ def main(_):
                 pruned.load_pruned(os.path.join(c[0][0], "export")) for c in (free, mult)
             )
             f_arch, m_arch = f_model.arch, m_model.arch
-            best, _ = padding.fastest_multiple(
+            best, report = padding.measured(
                 f_arch,
                 f_vars["params"],
                 common.BATCH.value,
@@ -84,7 +85,7 @@ def main(_):
                 f"searched with multiple {_PAD.value}": (m_arch, m_vars["params"]),
             }
             if best not in (1, _PAD.value):
-                variants[f"free, padded x{best} (fastest)"] = padding.pad(
+                variants[f"free, padded {report['choice']} (export_pad=0)"] = padding.pad(
                     f_arch, f_vars["params"], best
                 )
             ips = interleaved(

@@ -8,8 +8,9 @@ Torch-Pruning gives timm's DeiT-S at -30% and -50% MACs. The torch side is timm'
 `deit_{tiny,small,base}_patch16_224` cut to those widths with Torch-Pruning's structural
 pruning functions (`tp.prune_linear_out_channels` / `in_channels` on qkv, proj, fc1, fc2,
 what its dependency graph applies to a ViT) and `head_dim` set to match; the jax side is our
-ViT and its export at the same widths, unpadded and zero-padded to the multiple measured
-fastest here (`amap_jax.pruning.padding`). Weights are random: speed does not depend on them.
+ViT and its export at the same widths, unpadded and padded as `export_pad=0` pads it (the
+whole model timed unpadded, padded per layer shape and to each single multiple, the fastest
+kept: `amap_jax.pruning.padding.measured`). Weights are random: speed does not depend on them.
 
 Each framework runs in its own process (in one process XLA's and torch's thread pools compete),
 jax and torch alternated `alternations` times; a process times each of its models for
@@ -78,11 +79,11 @@ def jax_worker() -> dict:
     for name, arch in pruned.items():
         params = init(arch)
         fns[name] = forward(arch, params)
-        multiple, _ = padding.fastest_multiple(
-            arch, params, b, candidates=tuple(int(m) for m in _PAD.value), seconds=1.0
+        multiple, report = padding.measured(
+            arch, params, b, candidates=tuple(int(m) for m in _PAD.value)
         )
-        chosen[name] = multiple
-        if multiple > 1:
+        chosen[name] = {"multiple": multiple, "gains": report["gains"]}
+        if multiple != 1:
             fns[f"{name} padded"] = forward(*padding.pad(arch, params, multiple))
     speeds = interleaved(fns, common.SECONDS.value, common.ROUNDS.value, b)
     return {"images_per_s": speeds, "pad_multiple": chosen, "jax": jax.__version__}
@@ -190,12 +191,24 @@ def summarize(runs: dict[str, list[dict]], ideal: dict[str, float]) -> list[dict
             row["ours_padded_img_s"] = round(med("jax", padded), 2)
             row["ours_padded_speedup"] = round(sp, 3)
             row["ours_padded_efficiency"] = round(sp / ideal_speedup, 3)
-            row["pad_multiple"] = runs["jax"][0]["pad_multiple"][name]
+            chosen = runs["jax"][0]["pad_multiple"][name]  # a bare multiple in older results
+            row["pad_multiple"] = chosen["multiple"] if isinstance(chosen, dict) else chosen
         row["ours_over_tp_dense"] = round(med("jax", "dense") / med("torch", "dense"), 3)
         best = max(row["ours_pruned_img_s"], row.get("ours_padded_img_s", 0))
         row["ours_over_tp_pruned"] = round(best / row["tp_pruned_img_s"], 3)
         rows.append(row)
     return rows
+
+
+def pad_label(multiple) -> str:
+    """`x8`; `attention x8, MLP x1` when every block has that pair; `per layer` otherwise."""
+    if isinstance(multiple, int):
+        return f"x{multiple}"
+    pairs = {tuple(p) for p in multiple}
+    if len(pairs) == 1:
+        ((attn, mlp),) = pairs
+        return f"attention x{attn}, MLP x{mlp}"
+    return "per layer"
 
 
 def markdown(rows: list[dict], meta: dict) -> str:
@@ -211,7 +224,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
     ]
     for r in rows:
         pad = (
-            f"{r['ours_padded_img_s']:.1f} (x{r['pad_multiple']})"
+            f"{r['ours_padded_img_s']:.1f} ({pad_label(r['pad_multiple'])})"
             if "ours_padded_img_s" in r
             else "- (unpadded fastest)"
         )
@@ -245,7 +258,7 @@ def plot(rows: list[dict], path: str, title: str) -> None:
             [1] + ratio,
             [1] + [r.get("ours_padded_speedup", r["ours_speedup"]) for r in rows],
             "s-",
-            label="ours, padded to the measured multiple",
+            label="ours, padded as export_pad=0 (measured)",
         )
     ax.plot([1] + ratio, [1] + [r["tp_speedup"] for r in rows], "^-", label="timm + Torch-Pruning")
     for r, x in zip(rows, ratio, strict=True):

@@ -90,7 +90,8 @@ def test_vs_timm_summary_takes_medians_and_ranges_over_alternations():
         speeds = {"dense": dense, "45:1099": pruned}
         if padded:
             speeds["45:1099 padded"] = padded
-        return {"images_per_s": speeds, "pad_multiple": {"45:1099": 8}}
+        pads = {"multiple": [[8, 1]] * 12, "gains": {"x8": 1.02, "per layer": 1.05}}
+        return {"images_per_s": speeds, "pad_multiple": {"45:1099": pads}}
 
     runs = {
         "jax": [
@@ -105,9 +106,9 @@ def test_vs_timm_summary_takes_medians_and_ranges_over_alternations():
     assert row["ours_speedup_range"] == [1.3, 1.5]  # one per alternation
     assert row["ours_efficiency"] == round(1.4 / 1.5, 3)
     assert row["tp_speedup_range"] == [1.1, 1.2]
-    assert row["ours_padded_img_s"] == 13.0 and row["pad_multiple"] == 8
+    assert row["ours_padded_img_s"] == 13.0 and row["pad_multiple"] == [[8, 1]] * 12
     assert row["ours_over_tp_pruned"] == round(13.0 / 11.5, 3)  # the faster of ours
-    assert "45:1099" in vs_timm.markdown(
+    assert "13.0 (attention x8, MLP x1)" in vs_timm.markdown(
         [row],
         {
             "model": "ViT-S/16",
@@ -120,6 +121,14 @@ def test_vs_timm_summary_takes_medians_and_ranges_over_alternations():
             "cpus": 2,
         },
     )
+
+
+def test_vs_timm_names_the_padding_it_timed():
+    from bench.vs_timm import pad_label
+
+    assert pad_label(8) == "x8"
+    assert pad_label([[8, 1], [8, 1]]) == "attention x8, MLP x1"
+    assert pad_label([[8, 1], [16, 1]]) == "per layer"
 
 
 def test_dense_profile_reports_ms_per_part_and_shares_of_the_block():

@@ -77,26 +77,6 @@ def test_multiple_one_changes_nothing():
     jax.tree.map(np.testing.assert_array_equal, same_params, params)
 
 
-def test_fastest_multiple_is_measured_once_then_cached(tmp_path, monkeypatch):
-    arch = _odd(vit_arch("micro", pattern="SS"), 1)
-    params = random_params(param_shapes(models.build(arch))["params"], 1)
-    cache = str(tmp_path / "padding.json")
-    best, speeds = padding.fastest_multiple(
-        arch, params, 4, candidates=(1, 8), seconds=0.05, rounds=1, cache=cache
-    )
-    assert set(speeds) == {1, 8} and best == max(speeds, key=speeds.get)
-    assert all(s > 0 for s in speeds.values())
-
-    def no_measuring(*a, **k):
-        raise AssertionError("measured again")
-
-    monkeypatch.setattr("amap_jax.train.evaluate.interleaved", no_measuring)
-    assert padding.fastest_multiple(arch, params, 4, candidates=(1, 8), cache=cache) == (
-        best,
-        speeds,
-    )
-
-
 def test_per_layer_multiples_are_measured_once_per_shape_then_cached(tmp_path, monkeypatch):
     base = _odd(vit_arch("micro", pattern="SS"), 1)
     arch = base.replace(blocks=(base.blocks[0],) * 2)  # two blocks of one shape
@@ -126,9 +106,16 @@ def test_per_layer_multiples_are_measured_once_per_shape_then_cached(tmp_path, m
         padding.pad(arch, {}, 0)
 
 
-@pytest.mark.parametrize("gain, kept", [(1.2, True), (0.9, False)])
-def test_measured_keeps_the_per_layer_choice_only_if_the_whole_model_gains(
-    tmp_path, monkeypatch, gain, kept
+@pytest.mark.parametrize(
+    "gains, choice",
+    [
+        ({"x8": 1.1, "per layer": 1.2}, "per layer"),
+        ({"x8": 1.3, "per layer": 1.2}, "x8"),
+        ({"x8": 0.95, "per layer": 0.9}, None),
+    ],
+)
+def test_measured_pads_to_the_fastest_whole_model_if_faster_than_unpadded(
+    tmp_path, monkeypatch, gains, choice
 ):
     arch = _odd(vit_arch("micro", pattern="SS"), 2)
     params = random_params(param_shapes(models.build(arch))["params"], 2)
@@ -136,13 +123,31 @@ def test_measured_keeps_the_per_layer_choice_only_if_the_whole_model_gains(
     monkeypatch.setattr(padding, "fastest_multiples", lambda *a, **k: (pairs, {}))
     rounds = []
 
-    def timed(fns, seconds, n, batch):  # per layer `gain` times the unpadded rate, every round
+    def timed(fns, seconds, n, batch):  # each option `gains` times the unpadded rate, each round
         rounds.append(sorted(fns))
-        return {"unpadded": [100.0] * n, "per layer": [100.0 * gain] * n}
+        return {"unpadded": [100.0] * n, **{k: [100.0 * g] * n for k, g in gains.items()}}
 
     monkeypatch.setattr("amap_jax.train.evaluate.interleaved", timed)
     cache = str(tmp_path / "padding.json")
-    choice, report = padding.measured(arch, params, 4, rounds=2, cache=cache)
-    assert rounds == [["per layer", "unpadded"]] and report["gain"] == pytest.approx(gain)
-    assert choice == (pairs if kept else 1)
-    assert padding.measured(arch, params, 4, cache=cache)[0] == choice and len(rounds) == 1
+    got, report = padding.measured(arch, params, 4, candidates=(1, 8), rounds=2, cache=cache)
+    assert rounds == [["per layer", "unpadded", "x8"]]
+    assert report["gains"] == pytest.approx(gains)
+    assert got == {"per layer": pairs, "x8": 8, None: 1}[choice]
+    assert report["choice"] == (choice or "unpadded")
+    again = padding.measured(arch, params, 4, candidates=(1, 8), cache=cache)
+    assert again[0] == got and len(rounds) == 1  # cached
+
+
+def test_measured_does_not_time_per_layer_twice_when_it_is_one_multiple(monkeypatch):
+    arch = _odd(vit_arch("micro", pattern="SS"), 2)
+    params = random_params(param_shapes(models.build(arch))["params"], 2)
+    monkeypatch.setattr(
+        padding, "fastest_multiples", lambda *a, **k: ([(8, 8)] * len(arch.blocks), {})
+    )
+    seen = []
+    monkeypatch.setattr(
+        "amap_jax.train.evaluate.interleaved",
+        lambda fns, s, n, b: seen.append(sorted(fns)) or {k: [1.0] * n for k in fns},
+    )
+    assert padding.measured(arch, params, 4, candidates=(1, 8, 16), cache=None)[0] == 1
+    assert seen == [["unpadded", "x16", "x8"]]

@@ -371,7 +371,7 @@ def test_run_writes_scalars_of_every_stage(finished_run):
 
 def test_padded_export_gives_the_same_predictions(finished_run, tmp_path, monkeypatch):
     """export_pad=0 on a copy of a finished run: only the export is redone, each block's
-    attention and MLP padded to the multiples the calibration kept (here a fixed choice: the
+    attention and MLP padded to the multiples the calibration chose (here a fixed choice: the
     measuring is padding_test's), with the unpadded export's top-1 and its pruned MACs beside
     the padded."""
     workdir, summary = finished_run
@@ -384,7 +384,10 @@ def test_padded_export_gives_the_same_predictions(finished_run, tmp_path, monkey
     monkeypatch.setattr(
         padding,
         "measured",
-        lambda arch, params, batch: (chosen, {"per_layer": chosen, "shapes": {}}),
+        lambda arch, params, batch: (
+            chosen,
+            {"per_layer": chosen, "shapes": {}, "gains": {"per layer": 1.1}, "choice": "per layer"},
+        ),
     )
     c = tiny_config()
     c.export_pad = 0

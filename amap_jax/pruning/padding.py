@@ -8,8 +8,8 @@ they are real work, kept only where they are faster. Which multiple is faster de
 backend and the shapes, so it is measured here: `fastest_multiples` times each layer shape (a
 block's attention, its MLP) alone at every candidate and caches the choice per backend, device
 kind and shape, so that a block's attention and MLP may get different multiples and blocks of
-one shape are measured once. `measured` keeps that choice only if the whole padded model is
-faster than the unpadded one; `fastest_multiple` times the whole model at each candidate.
+one shape are measured once. `measured` then times the whole model unpadded, padded per layer
+and padded to each single multiple, and keeps the fastest.
 """
 
 from __future__ import annotations
@@ -163,34 +163,6 @@ def _key(arch: Arch, batch: int) -> str:
     return f"{_device()}|batch {batch}|{digest}"
 
 
-def fastest_multiple(
-    arch: Arch,
-    params,
-    batch: int,
-    *,
-    candidates: tuple[int, ...] = CANDIDATES,
-    seconds: float = 1.0,
-    rounds: int = 3,
-    cache: str | None = CACHE,
-) -> tuple[int, dict[int, float]]:
-    """The one candidate multiple whose padded model runs fastest here (images/s, median over
-    `rounds` interleaved rounds), and each candidate's images/s; cached per backend, device
-    kind, batch and architecture."""
-    key = _key(arch, batch)
-    stored = _read(cache)
-    if key in stored:
-        hit = stored[key]
-        return hit["multiple"], {int(k): v for k, v in hit["images_per_s"].items()}
-    padded = {m: pad(arch, params, m) for m in candidates}
-    speeds = rates(padded, batch, seconds=seconds, rounds=rounds)
-    median = {m: float(np.median(s)) for m, s in speeds.items()}
-    best = max(median, key=median.get)
-    if cache:
-        stored[key] = {"multiple": best, "images_per_s": median}
-        _write(cache, stored)
-    return best, median
-
-
 def _part(arch: Arch, b: BlockArch, g, part: str) -> str:
     """What one layer's speed depends on besides its padding (not which channels it keeps)."""
     if part == "mlp":
@@ -288,31 +260,43 @@ def measured(
     params,
     batch: int,
     *,
+    candidates: tuple[int, ...] = CANDIDATES,
     seconds: float = 1.0,
     rounds: int = 3,
     cache: str | None = CACHE,
 ) -> tuple[Multiples, dict]:
-    """What `export_pad=0` pads to: the per-layer choice of `fastest_multiples` if the whole
-    padded model then runs faster here than the unpadded one (median of same-round ratios
-    over `rounds` interleaved rounds), else 1. A layer timed alone can mislead (tiny layers,
-    fusion across layers), so the whole model decides. Cached per backend, device kind, batch
-    and architecture; also returns the measurements."""
-    pairs, shapes = fastest_multiples(arch, batch, cache=cache)
-    report: dict = {"per_layer": pairs, "shapes": shapes}
-    if all(pair == (1, 1) for pair in pairs):
+    """What `export_pad=0` pads to: of the per-layer choice of `fastest_multiples` and each
+    single candidate multiple, the padded model that runs fastest here as a whole, if faster
+    than the unpadded one (median of same-round ratios over `rounds` interleaved rounds), else
+    1. A layer timed alone can mislead (tiny layers, fusion across layers), so the whole model
+    decides. Cached per backend, device kind, batch and architecture; also returns the
+    measurements (`gains`: each option's images/s over the unpadded model's)."""
+    pairs, shapes = fastest_multiples(arch, batch, candidates=candidates, cache=cache)
+    options: dict[str, Multiples] = {f"x{m}": m for m in candidates if m > 1}
+    if len(set(pairs)) > 1 or pairs[0][0] != pairs[0][1]:
+        options["per layer"] = pairs  # not one multiple for every width
+    report: dict = {"per_layer": pairs, "shapes": shapes, "gains": {}, "choice": "unpadded"}
+    if not options:
         return 1, report
-    key = f"{_key(arch, batch)}|per layer {pairs}"
+    key = f"{_key(arch, batch)}|options {sorted(options.items(), key=str)}"
     stored = _read(cache)
     if key not in stored:
-        models = {"unpadded": (arch, params), "per layer": pad(arch, params, pairs)}
+        models = {"unpadded": (arch, params)}
+        models.update({name: pad(arch, params, m) for name, m in options.items()})
         ips = rates(models, batch, seconds=seconds, rounds=rounds)
-        ratios = [p / u for p, u in zip(ips["per layer"], ips["unpadded"], strict=True)]
-        gain = float(np.median(ratios))
-        stored[key] = {"gain": gain}
+        gains = {
+            name: float(np.median([p / u for p, u in zip(ips[name], ips["unpadded"], strict=True)]))
+            for name in options
+        }
+        stored[key] = {"gains": gains}
         if cache:
             _write(cache, stored)
-    report["gain"] = stored[key]["gain"]
-    return (pairs if report["gain"] > 1.0 else 1), report
+    report["gains"] = gains = stored[key]["gains"]
+    best = max(gains, key=gains.get)
+    if gains[best] <= 1.0:
+        return 1, report
+    report["choice"] = best
+    return options[best], report
 
 
 def _write(cache: str, stored: dict) -> None:
