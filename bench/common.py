@@ -95,6 +95,11 @@ def time_fn(fn, *args, seconds: float = 3.0, min_iters: int = 5) -> float:
     return float(np.median(times))
 
 
+def cpus() -> int:
+    """The CPUs this process may run on (fewer than the machine's under `taskset`)."""
+    return len(os.sched_getaffinity(0))
+
+
 def write(name: str, rows: list[dict], meta: dict) -> str:
     os.makedirs(RESULTS, exist_ok=True)
     path = os.path.join(RESULTS, f"{name}.json")
@@ -102,7 +107,7 @@ def write(name: str, rows: list[dict], meta: dict) -> str:
         "device": str(jax.devices()[0].device_kind),
         "backend": jax.default_backend(),
         "machine": platform.machine(),
-        "cpus": os.cpu_count(),
+        "cpus": cpus(),
         "jax": jax.__version__,
         "xla_flags": os.environ.get("XLA_FLAGS", ""),  # e.g. another CPU kernel library
     }

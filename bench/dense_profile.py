@@ -221,7 +221,7 @@ def main(_):
         "alternations": sides.ALTERNATIONS.value,
         "fused_attn": runs["torch"][0]["fused_attn"],
         "device": str(jax.devices()[0].device_kind),
-        "cpus": os.cpu_count(),
+        "cpus": common.cpus(),
         "runs": runs,
     }
     name = f"dense_profile_{jax.default_backend()}{common.suffix()}"

@@ -22,7 +22,8 @@ def load(threads: int | None = None):
     """
     import torch
 
-    torch.set_num_threads(threads or os.cpu_count() or 1)
+    # as many threads as CPUs this process may use (XLA's pool counts them so under taskset)
+    torch.set_num_threads(threads or len(os.sched_getaffinity(0)))
     try:
         import torchvision  # noqa: F401
     except RuntimeError:

@@ -301,7 +301,7 @@ def main(_):
         "alternations": sides.ALTERNATIONS.value,
         "seconds": common.SECONDS.value,
         "device": str(jax.devices()[0].device_kind),
-        "cpus": os.cpu_count(),
+        "cpus": common.cpus(),
         "versions": {
             k: v
             for r in runs.values()
