@@ -26,7 +26,6 @@ from amap_jax import models
 from amap_jax.io import pruned
 from amap_jax.pruning import macs, padding
 from amap_jax.train import checkpoint
-from amap_jax.train.evaluate import interleaved
 from bench import common, compare  # compare's --configs, --targets, --seeds (speed: the first)
 
 _FREE = flags.DEFINE_string("free", "workdirs/compare_free", "Grid searched freely.")
@@ -43,20 +42,10 @@ def _cells(root: str, config: str, target: float) -> list[tuple[str, dict]]:
     return out
 
 
-def _forward(arch, params, images):
-    fn = jax.jit(models.build(arch).apply)
-    variables = {"params": params}
-    return lambda: jax.block_until_ready(fn(variables, images))
-
-
 def main(_):
     rows = []
     for config in compare._CONFIGS.value:
         d_arch = compare.pipeline_arch(config)
-        images = jax.random.normal(
-            jax.random.key(0),
-            (common.BATCH.value, d_arch.image_size, d_arch.image_size, d_arch.in_chans),
-        )
         d_params = models.build(d_arch).init(jax.random.key(0), models.dummy_input(d_arch))
         dense_macs = macs.model_macs(d_arch)
         for target in map(float, common.TARGETS.value):
@@ -88,11 +77,11 @@ def main(_):
                 variants[f"free, padded {report['choice']} (export_pad=0)"] = padding.pad(
                     f_arch, f_vars["params"], best
                 )
-            ips = interleaved(
-                {k: _forward(a, p, images) for k, (a, p) in variants.items()},
-                common.SECONDS.value,
-                common.ROUNDS.value,
+            ips = padding.rates(
+                variants,
                 common.BATCH.value,
+                seconds=common.SECONDS.value,
+                rounds=common.ROUNDS.value,
             )
             top1 = {
                 "free": [c["top1"] for _, c in free],
