@@ -441,6 +441,7 @@ def run(config, workdir: str) -> dict:
             export_dir,
             padded_arch,
             padded_params,
+            class_names=ctx.train.info.class_names,
             method=config.method,
             dense_macs=int(macs.model_macs(arch)),
             export_pad=multiple,

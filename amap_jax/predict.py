@@ -74,8 +74,10 @@ def forward_fn(directory: str):
 
 
 def predict(directory: str, items: list[str], batch_size: int = 64, top: int = 5):
-    """Yields {"image", "top": [[label, probability], ...]} per image."""
+    """Yields {"image", "top": [[label, probability], ...]} per image, and "names" (the top
+    labels' class names) when the export holds them."""
     meta = pruned.read_meta(directory)
+    names = meta.get("class_names")
     paths = image_paths(items)
     forward = forward_fn(directory)
     for i in range(0, len(paths), batch_size):
@@ -85,7 +87,10 @@ def predict(directory: str, items: list[str], batch_size: int = 64, top: int = 5
         probs = np.exp(z) / np.exp(z).sum(-1, keepdims=True)
         for path, p in zip(chunk, probs, strict=True):
             order = np.argsort(-p)[:top]
-            yield {"image": path, "top": [[int(k), round(float(p[k]), 5)] for k in order]}
+            row = {"image": path, "top": [[int(k), round(float(p[k]), 5)] for k in order]}
+            if names:
+                row["names"] = [names[k] for k in order]
+            yield row
 
 
 def main(argv):

@@ -33,6 +33,7 @@ def test_fashion_mnist_from_debian_files():
     assert (len(train), len(test)) == (60000, 10000)
     for src in (train, test):
         assert src.info.num_classes == 10
+        assert src.info.class_names[0] == "T-shirt/top" and src.info.class_names[9] == "Ankle boot"
         assert src.info.image_shape == (28, 28, 1)
         assert src.info.mean == pytest.approx((0.2860,), abs=1e-4)
         assert src.info.std == pytest.approx((0.3530,), abs=1e-4)
@@ -157,6 +158,7 @@ def test_tfds_source_with_mock_data(tmp_path):
         assert isinstance(src, data.TfdsSource) and len(src) == 20
         assert src.info.image_shape == (32, 32, 3) and src.info.num_classes == 10
         assert src.info.mean == (0.4914, 0.4822, 0.4465)
+        assert len(src.info.class_names) == 10  # the mock's metadata names them "0".."9"
         batch = src.get(np.arange(20))
         assert batch["image"].dtype == np.uint8 and batch["image"].shape == (20, 32, 32, 3)
         assert batch["label"].dtype == np.int32 and batch["label"].max() < 10

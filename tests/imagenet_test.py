@@ -153,6 +153,7 @@ def test_folder_train_shards_are_disjoint_and_cover_the_split(tree):
     root, ids, _ = tree
     split = imagenet.open_imagenet("train", image_folder=str(root))
     assert (split.info.num_examples, split.info.num_classes) == (12, 3)
+    assert split.info.class_names == ("cat", "dog", "eel")
     seen = []
     for process in range(2):
         batches = _take(

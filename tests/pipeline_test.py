@@ -107,11 +107,14 @@ def test_finished_export_dir_is_never_overwritten(finished_run, tmp_path):
     assert not (tmp_path / "other").exists()
 
 
-def test_save_pruned_refuses_finished_export(finished_run):
+def test_save_pruned_refuses_finished_export_and_wrong_class_names(finished_run, tmp_path):
     workdir, _ = finished_run
     model, variables = amap_jax.load_pruned(os.path.join(workdir, "export"))
     with pytest.raises(FileExistsError):
         amap_jax.save_pruned(os.path.join(workdir, "export"), model.arch, variables["params"])
+    with pytest.raises(ValueError, match="3 class names for 10 classes"):
+        amap_jax.save_pruned(str(tmp_path / "e"), model.arch, variables["params"], "abc")
+    assert not (tmp_path / "e").exists()
 
 
 def test_missing_dataset_fails_fast_and_writes_nothing(tmp_path, monkeypatch):
@@ -305,6 +308,7 @@ def test_artifact_runs_with_jax_alone_and_predict_reads_images(finished_run, tmp
     rows = [json.loads(line) for line in out.stdout.splitlines()]
     assert out.returncode == 0 and len(rows) == 3, out.stderr[-2000:]
     assert all(len(r["top"]) == 5 and abs(sum(p for _, p in r["top"]) - 1) < 0.5 for r in rows)
+    assert all(r["names"] == [str(k) for k, _ in r["top"]] for r in rows)  # digits' class names
     (folder / "broken.png").write_bytes(b"not an image")
     out = subprocess.run([*predict, str(folder)], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 2 and out.stderr.strip().endswith(

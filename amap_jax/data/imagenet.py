@@ -265,6 +265,7 @@ class _TfdsSplit:
             image_shape=(None, None, 3),
             mean=IMAGENET_MEAN,
             std=IMAGENET_STD,
+            class_names=tuple(features["label"].names),
         )
 
     def _dataset(self, split: Any, shuffle_seed: int | None = None) -> tf.data.Dataset:
@@ -342,6 +343,7 @@ class _FolderSplit:
             image_shape=(None, None, 3),
             mean=IMAGENET_MEAN,
             std=IMAGENET_STD,
+            class_names=tuple(classes),
         )
 
     def records(

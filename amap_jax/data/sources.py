@@ -25,6 +25,10 @@ _FASHION_FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
     "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
 }
+_FASHION_MNIST_CLASSES = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+)  # fmt: skip
 _DIGITS_NUM_TRAIN = 1497
 
 # Per-channel statistics, in [0, 1] pixel units, for tfds datasets too large to scan.
@@ -57,6 +61,7 @@ class DatasetInfo:
     image_shape: tuple[int | None, int | None, int]  # None: size varies across images.
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    class_names: tuple[str, ...] = ()  # By label; empty when the dataset names none.
 
 
 @runtime_checkable
@@ -109,6 +114,7 @@ class TfdsSource:
             image_shape=shape + (1,) if self._add_channel else shape,
             mean=mean,
             std=std,
+            class_names=tuple(features["label"].names),
         )
 
     def __len__(self) -> int:
@@ -176,11 +182,16 @@ class _InMemory:
     num_classes: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    class_names: tuple[str, ...]
 
     @classmethod
     def create(
-        cls, splits: dict[str, tuple[np.ndarray, np.ndarray]], num_classes: int, name: str
+        cls,
+        splits: dict[str, tuple[np.ndarray, np.ndarray]],
+        class_names: tuple[str, ...],
+        name: str,
     ) -> _InMemory:
+        num_classes = len(class_names)
         for split, (x, y) in splits.items():  # checked once, before any slicing
             if len(x) != len(y):
                 raise DataError(f"{name} {split}: {len(x)} images but {len(y)} labels")
@@ -192,7 +203,7 @@ class _InMemory:
                 )
         splits = {k: (_frozen(x), _frozen(y.astype(np.int32))) for k, (x, y) in splits.items()}
         mean, std = _channel_stats(_pixel_counts(splits["train"][0]))
-        return cls(splits, num_classes, mean, std)
+        return cls(splits, num_classes, mean, std, class_names)
 
 
 def _array_source(name: str, split: str, data: _InMemory) -> ArraySource:
@@ -206,6 +217,7 @@ def _array_source(name: str, split: str, data: _InMemory) -> ArraySource:
         image_shape=tuple(images.shape[1:]),
         mean=data.mean,
         std=data.std,
+        class_names=data.class_names,
     )
     return ArraySource(images, labels, info)
 
@@ -238,7 +250,7 @@ def _load_fashion_mnist(directory: str) -> _InMemory:
                 f"{image_file} holds {len(images)} images but {label_file} {len(labels)} labels"
             )
         splits[split] = (images[..., None], labels)
-    return _InMemory.create(splits, num_classes=10, name="fashion_mnist")
+    return _InMemory.create(splits, _FASHION_MNIST_CLASSES, name="fashion_mnist")
 
 
 def _read_idx(path: str) -> np.ndarray:
@@ -269,7 +281,7 @@ def _load_digits() -> _InMemory:
     labels = digits.target
     n = _DIGITS_NUM_TRAIN
     splits = {"train": (images[:n], labels[:n]), "test": (images[n:], labels[n:])}
-    return _InMemory.create(splits, num_classes=10, name="digits")
+    return _InMemory.create(splits, tuple(str(d) for d in range(10)), name="digits")
 
 
 def _pixel_counts(images: np.ndarray) -> np.ndarray:

@@ -8,12 +8,13 @@ and a calibration batch.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 
 import numpy as np
 
 from amap_jax.data import imagenet, pipeline
-from amap_jax.data.sources import DatasetInfo, Source, load_source
+from amap_jax.data.sources import Source, load_source
 
 # Data sets read through tf.data with the ImageNet recipe (any prepared tfds image data set
 # with variable-size images works the same way).
@@ -49,11 +50,8 @@ class RecipeSplit:
 
     def __init__(self, split: imagenet.ImageSplit, recipe: imagenet.Recipe):
         self.split, self.recipe = split, recipe
-        i = split.info
         size = recipe.image_size
-        self.info = DatasetInfo(
-            i.name, i.split, i.num_examples, i.num_classes, (size, size, 3), i.mean, i.std
-        )
+        self.info = dataclasses.replace(split.info, image_shape=(size, size, 3))
 
     def __len__(self) -> int:
         return self.info.num_examples

@@ -21,9 +21,13 @@ def is_finished(directory: str) -> bool:
     return paths.exists(paths.join(directory, MODEL_JSON))
 
 
-def save_pruned(directory: str, arch: Arch, params, **extra) -> None:
+def save_pruned(directory: str, arch: Arch, params, class_names=(), **extra) -> None:
     """Writes an exported model; refuses to overwrite a finished export. With several
-    processes every one must call it (orbax's save is collective); the chief writes."""
+    processes every one must call it (orbax's save is collective); the chief writes.
+    `class_names` (one per class, by label) let predictions name their classes."""
+    class_names = [str(c) for c in class_names]
+    if class_names and len(class_names) != arch.num_classes:
+        raise ValueError(f"{len(class_names)} class names for {arch.num_classes} classes")
     if is_finished(directory):
         raise FileExistsError(
             f"{directory} already holds a finished export; choose another directory"
@@ -49,6 +53,7 @@ def save_pruned(directory: str, arch: Arch, params, **extra) -> None:
             "layout": "NHWC, float32, (pixel/255 - mean) / std",
         },
         "num_classes": arch.num_classes,
+        **({"class_names": class_names} if class_names else {}),
         "weights_sha256": checksums,
         **extra,
     }
