@@ -355,6 +355,29 @@ def test_savedmodel_gives_the_exports_logits(finished_run, tmp_path):
     assert run.returncode != 0 and "not an export directory" in run.stderr
 
 
+def test_savedmodel_that_tensorflow_cannot_run_is_an_error(finished_run, tmp_path, monkeypatch):
+    """What a TensorFlow older than jax's StableHLO does (jax 0.12 with TensorFlow 2.21): the
+    write fails with the versions named, and leaves no SavedModel behind."""
+    import tensorflow as tf
+
+    from amap_jax.io import savedmodel
+
+    model, variables = amap_jax.load_pruned(os.path.join(finished_run[0], "export"))
+
+    def unreadable(directory):
+        raise tf.errors.InvalidArgumentError(None, None, "failed to deserialize portable artifact")
+
+    monkeypatch.setattr(savedmodel, "load", unreadable)
+    out = str(tmp_path / "sm")
+    with pytest.raises(RuntimeError, match=r"TensorFlow .* cannot run the SavedModel that jax"):
+        savedmodel.write(out, model.arch, variables["params"])
+    assert not os.path.exists(out)
+    monkeypatch.setattr(savedmodel, "load", lambda d: lambda x: np.zeros((len(x), 10), np.float32))
+    with pytest.raises(RuntimeError, match="logits differ from the model's"):
+        savedmodel.write(out, model.arch, variables["params"])
+    assert not os.path.exists(out)
+
+
 def test_run_writes_scalars_of_every_stage(finished_run):
     from scalars_test import read_events
 

@@ -6,7 +6,8 @@
 (an `XlaCallModule` op, lowered for CPU, CUDA and TPU), weights included, batch dimension
 symbolic. Signature `serving_default`: `images` float32 [N, H, W, C], normalised as
 EXPORT/model.json says -> `logits` [N, classes]. Needs TensorFlow (requirements-imagenet.txt),
-which nothing else at run time does.
+which nothing else at run time does. Once written, the SavedModel is run in TensorFlow beside
+the model; one that TensorFlow cannot run or that gives other logits is an error, not a file.
 """
 
 from __future__ import annotations
@@ -43,7 +44,32 @@ def write(directory: str, arch: Arch, params) -> str:
     module = tf.Module()
     module.serve = tf.function(lambda images: {"logits": forward(images)}, input_signature=[spec])
     tf.saved_model.save(module, directory, signatures={"serving_default": module.serve})
+    _check(directory, lambda x: model.apply({"params": params}, x), arch)
     return directory
+
+
+def _check(directory: str, forward, arch: Arch) -> None:
+    """Runs the SavedModel once in TensorFlow beside the jax forward: a TensorFlow whose XLA is
+    older than the StableHLO this jax writes cannot run it, and that should fail here, not in
+    serving. A SavedModel that fails is removed."""
+    import tensorflow as tf
+
+    shape = (2, arch.image_size, arch.image_size, arch.in_chans)
+    images = np.random.default_rng(0).normal(size=shape).astype(np.float32)
+    try:
+        got = load(directory)(images)
+    except (tf.errors.OpError, ValueError) as e:
+        paths.rmtree(directory)
+        first = str(e).strip().splitlines()[0][:300]
+        raise RuntimeError(
+            f"TensorFlow {tf.__version__} cannot run the SavedModel that jax {jax.__version__} "
+            f"wrote ({first}); its XLA must read StableHLO as new as this jax writes: use a "
+            "newer TensorFlow or the versions of requirements.txt"
+        ) from None
+    gap = float(np.max(np.abs(got - np.asarray(forward(images)))))
+    if not gap <= 1e-4:
+        paths.rmtree(directory)
+        raise RuntimeError(f"the SavedModel's logits differ from the model's by {gap:.2e}")
 
 
 def load(directory: str):
@@ -63,7 +89,10 @@ def main(_):
         raise SystemExit(f"{_EXPORT.value}: not an export directory (no {pruned.MODEL_JSON})")
     model, variables = pruned.load_pruned(_EXPORT.value)
     out = _OUT.value or paths.join(_EXPORT.value, DIRECTORY)
-    print(f"wrote {write(out, model.arch, variables['params'])}")
+    try:
+        print(f"wrote {write(out, model.arch, variables['params'])}")
+    except RuntimeError as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 if __name__ == "__main__":
