@@ -179,10 +179,13 @@ class _InMemory:
     """Every split of a small dataset, plus its train statistics, cached once per process."""
 
     splits: dict[str, tuple[np.ndarray, np.ndarray]]
-    num_classes: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
     class_names: tuple[str, ...]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
 
     @classmethod
     def create(
@@ -203,7 +206,7 @@ class _InMemory:
                 )
         splits = {k: (_frozen(x), _frozen(y.astype(np.int32))) for k, (x, y) in splits.items()}
         mean, std = _channel_stats(_pixel_counts(splits["train"][0]))
-        return cls(splits, num_classes, mean, std, class_names)
+        return cls(splits, mean, std, class_names)
 
 
 def _array_source(name: str, split: str, data: _InMemory) -> ArraySource:

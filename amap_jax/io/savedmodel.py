@@ -34,8 +34,12 @@ def write(directory: str, arch: Arch, params) -> str:
         ) from None
     model = models.build(arch)
     params = jax.tree.map(np.asarray, params)
+
+    def apply(images):
+        return model.apply({"params": params}, images)
+
     forward = jax2tf.convert(
-        lambda images: model.apply({"params": params}, images),
+        apply,
         polymorphic_shapes=["(b, _, _, _)"],
         native_serialization_platforms=artifact.PLATFORMS,
         with_gradient=False,
@@ -44,7 +48,7 @@ def write(directory: str, arch: Arch, params) -> str:
     module = tf.Module()
     module.serve = tf.function(lambda images: {"logits": forward(images)}, input_signature=[spec])
     tf.saved_model.save(module, directory, signatures={"serving_default": module.serve})
-    _check(directory, lambda x: model.apply({"params": params}, x), arch)
+    _check(directory, apply, arch)
     return directory
 
 
