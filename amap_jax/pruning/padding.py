@@ -7,14 +7,15 @@ focused-attention channels of `export` (scale `PAD_SCALE`). The MACs counter cou
 they are real work, kept only where they are faster. Which multiple is faster depends on the
 backend and the shapes, so it is measured here: `fastest_multiples` times each layer shape (a
 block's attention, its MLP) alone at every candidate and caches the choice per backend, device
-kind and shape, so that a block's attention and MLP may get different multiples and blocks of
-one shape are measured once. `measured` then times the whole model unpadded, padded per layer
-and padded to each single multiple, and keeps the fastest.
+kind, jax version, layer code and shape, so that a block's attention and MLP may get different
+multiples and blocks of one shape are measured once. `measured` then times the whole model
+unpadded, padded per layer and padded to each single multiple, and keeps the fastest.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -23,6 +24,7 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 
+from amap_jax import models as models_pkg
 from amap_jax.models.arch import LINEAR, Arch, BlockArch
 from amap_jax.pruning.export import PAD_SCALE
 
@@ -155,7 +157,23 @@ def pad(arch: Arch, params, multiple: Multiples) -> tuple[Arch, dict]:
 
 
 def _device() -> str:
-    return f"{jax.default_backend()}|{jax.devices()[0].device_kind}"
+    """What a timing holds for besides the shapes: the device, the compiler, and the layers'
+    code (a change to either makes earlier timings stale)."""
+    return (
+        f"{jax.default_backend()}|{jax.devices()[0].device_kind}|jax {jax.__version__}"
+        f"|layers {_layers_digest()}"
+    )
+
+
+@functools.cache
+def _layers_digest() -> str:
+    folder = os.path.dirname(models_pkg.__file__)
+    digest = hashlib.sha256()
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".py"):
+            with open(os.path.join(folder, name), "rb") as f:
+                digest.update(f.read())
+    return digest.hexdigest()[:12]
 
 
 def _key(arch: Arch, batch: int) -> str:
