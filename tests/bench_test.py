@@ -196,6 +196,7 @@ def test_benches_import_together_and_keep_their_own_timing_defaults():
     from absl import flags
 
     from bench import (  # noqa: F401  every bench in one process: no flag defined twice
+        attention_core,
         common,
         dense_profile,
         dtype,
@@ -232,4 +233,16 @@ def test_padding_bench_judges_the_per_layer_choice_against_the_best_single_multi
     assert (
         "| m | x1 95.0, x8 110, x16 80.0 | x8 | 109 (8/1 1/16) | 1.15x |"
         in padding_bench.markdown([row])
+    )
+
+
+def test_attention_core_bench_times_the_models_core_against_the_per_key_softmax():
+    from bench import attention_core
+
+    rows = attention_core.measure(8, 2, seconds=0.01, rounds=1)
+    assert [(r["width"], r["pass"]) for r in rows] == [(8, "forward"), (8, "gradient")]
+    for r in rows:  # the model's core is the softmax, forward and backward
+        assert r["max_abs_diff"] < 1e-5 and r["ours_ms"] > 0 and r["per_key_ms"] > 0
+    assert "| 8 | gradient |" in attention_core.markdown(
+        rows, {"batch": 2, "rounds": 1, "device": "cpu", "cpus": 2}
     )
