@@ -15,7 +15,6 @@ Writes bench/results/attention_core_<backend>[_TAG].json and .md.
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import jax
 import jax.numpy as jnp
@@ -49,26 +48,29 @@ def cores(width: int):
     def ours(q, k, v):
         return attn.apply({}, q, k, v, method=Attention._softmax)[0]
 
-    return {"ours": ours, "per key": lambda q, k, v: per_key(q, k, v, _HEADS, block.scale)}
+    return {"ours": ours, "per key": lambda q, k, v: per_key(q, k, v, block.heads, block.scale)}
 
 
 def measure(width: int, batch: int, seconds: float, rounds: int) -> list[dict]:
     keys = jax.random.split(jax.random.key(width), 3)
     q, k, v = (jax.random.normal(key, (batch, _TOKENS, _HEADS * width)) for key in keys)
-    fns, diffs = {}, {}
+    fns, outputs = {}, {}
     for name, core in cores(width).items():
         forward = jax.jit(core)
         loss = lambda q, k, v, f=core: jnp.sum(jnp.sin(f(q, k, v)))  # noqa: E731
         gradient = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
         fns[("forward", name)] = lambda f=forward: jax.block_until_ready(f(q, k, v))
         fns[("gradient", name)] = lambda f=gradient: jax.block_until_ready(f(q, k, v))
-        diffs[("forward", name)], diffs[("gradient", name)] = forward(q, k, v), gradient(q, k, v)
+        outputs[("forward", name)] = forward(q, k, v)
+        outputs[("gradient", name)] = gradient(q, k, v)
     ips = interleaved(fns, seconds, rounds, batch)
     rows = []
     for kind in ("forward", "gradient"):
         ms = {n: 1e3 * batch / float(np.median(ips[(kind, n)])) for n in ("ours", "per key")}
         gaps = jax.tree.map(
-            lambda a, b: jnp.max(jnp.abs(a - b)), diffs[(kind, "ours")], diffs[(kind, "per key")]
+            lambda a, b: jnp.max(jnp.abs(a - b)),
+            outputs[(kind, "ours")],
+            outputs[(kind, "per key")],
         )
         diff = max(jax.tree.leaves(gaps))
         rows.append(
@@ -114,10 +116,8 @@ def main(_):
         "cpus": common.cpus(),
     }
     name = f"attention_core_{jax.default_backend()}{common.suffix()}"
-    path = common.write(name, rows, meta)
     md = markdown(rows, meta)
-    with open(os.path.join(common.RESULTS, f"{name}.md"), "w") as f:
-        f.write(md)
+    path = common.write(name, rows, meta, md)
     print(md)
     print(f"wrote {path}")
 

@@ -100,7 +100,9 @@ def cpus() -> int:
     return len(os.sched_getaffinity(0))
 
 
-def write(name: str, rows: list[dict], meta: dict) -> str:
+def write(name: str, rows: list[dict], meta: dict, markdown: str | None = None) -> str:
+    """bench/results/NAME.json (rows, meta and where they were measured), and NAME.md beside
+    it when a `markdown` report is given; returns the JSON's path."""
     os.makedirs(RESULTS, exist_ok=True)
     path = os.path.join(RESULTS, f"{name}.json")
     info = {
@@ -113,6 +115,9 @@ def write(name: str, rows: list[dict], meta: dict) -> str:
     }
     with open(path, "w") as f:
         json.dump({"meta": {**info, **meta}, "rows": rows}, f, indent=1)
+    if markdown is not None:
+        with open(os.path.join(RESULTS, f"{name}.md"), "w") as f:
+            f.write(markdown)
     return path
 
 

@@ -590,14 +590,13 @@ def main(_):
     if _SET.value:
         notes.insert(0, f"every run with {', '.join(_SET.value)}")
     suffix = common.suffix()
+    md = markdown(rows, dense, notes)
     path = common.write(
         f"compare{suffix}",
         rows,
         {"dense": dense, "cells": results, "verdicts": notes, "root": root, "set": settings()},
+        md,
     )
-    md = markdown(rows, dense, notes)
-    with open(os.path.join(common.RESULTS, f"compare{suffix}.md"), "w") as f:
-        f.write(md)
     pngs = plots(rows, results, dense, suffix)
     print(md)
     print(f"wrote {path}, compare{suffix}.md, " + ", ".join(os.path.basename(p) for p in pngs))

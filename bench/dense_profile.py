@@ -225,10 +225,8 @@ def main(_):
         "runs": runs,
     }
     name = f"dense_profile_{jax.default_backend()}{common.suffix()}"
-    common.write(name, rows, meta)
     md = markdown(rows, meta)
-    with open(os.path.join(common.RESULTS, f"{name}.md"), "w") as f:
-        f.write(md)
+    common.write(name, rows, meta, md)
     plot(rows, os.path.join(common.RESULTS, f"{name}.png"), md.splitlines()[0])
     print(md)
 

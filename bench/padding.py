@@ -19,7 +19,6 @@ Writes bench/results/padding_<backend>[_TAG].json and .md.
 
 from __future__ import annotations
 
-import os
 import time
 
 import jax
@@ -120,10 +119,8 @@ def main(_):
         print(row, flush=True)
     name = f"padding_{jax.default_backend()}{common.suffix()}"
     meta = {"batch": common.BATCH.value, "rounds": common.ROUNDS.value}
-    path = common.write(name, rows, meta | {"seconds": common.SECONDS.value})
     md = markdown(rows)
-    with open(os.path.join(common.RESULTS, f"{name}.md"), "w") as f:
-        f.write(md)
+    path = common.write(name, rows, meta | {"seconds": common.SECONDS.value}, md)
     print(md)
     print(f"wrote {path}")
 

@@ -106,10 +106,8 @@ def main(_):
                 print(rows[-1], flush=True)
     meta = {"batch": common.BATCH.value, "rounds": common.ROUNDS.value, "pad": _PAD.value}
     name = f"search_multiple_{jax.default_backend()}{common.suffix()}"
-    common.write(name, rows, meta)
     md = markdown(rows)
-    with open(os.path.join(common.RESULTS, f"{name}.md"), "w") as f:
-        f.write(md)
+    common.write(name, rows, meta, md)
     print(md)
 
 

@@ -315,10 +315,8 @@ def main(_):
 
 def _report(name: str, rows: list[dict], meta: dict) -> None:
     meta = {k: v for k, v in meta.items() if k not in ("backend", "machine", "jax")}
-    path = common.write(name, rows, meta)
     md = markdown(rows, meta)
-    with open(os.path.join(common.RESULTS, f"{name}.md"), "w") as f:
-        f.write(md)
+    path = common.write(name, rows, meta, md)
     png = os.path.join(common.RESULTS, f"{name}.png")
     plot(rows, png, f"{meta['model']}, batch {meta['batch']}, {meta['dtype']}, {meta['device']}")
     print(md)

@@ -170,10 +170,8 @@ def main(_):
         "affinity": sorted(os.sched_getaffinity(0)),
     }
     name = f"xla_flags_{_backend()}{common.suffix()}"
-    common.write(name, rows, meta)
     md = markdown(rows, models)
-    with open(os.path.join(common.RESULTS, f"{name}.md"), "w") as f:
-        f.write(md)
+    common.write(name, rows, meta, md)
     print(md)
 
 
