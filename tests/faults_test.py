@@ -195,6 +195,17 @@ def test_broken_pretrained_file_is_one_line(tmp_path, name, content, match):
     assert str(path) in str(e.value) and "\n" not in str(e.value)
 
 
+def test_random_bytes_are_always_a_one_line_error(tmp_path):
+    """torch's legacy unpickler reads a non-zip file and fails on random bytes in many ways
+    (it once raised a bare IndexError here): every one is the same one-line error."""
+    path = tmp_path / "random.pth"
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        path.write_bytes(rng.bytes(int(rng.integers(1, 4096))))
+        with pytest.raises(amap_jax.CheckpointMismatchError, match="is not a PyTorch checkpoint"):
+            pretrained.read_state_dict(str(path))
+
+
 def test_pickle_with_code_is_refused_and_never_run(tmp_path):
     import torch
 

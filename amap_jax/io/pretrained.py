@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import collections
 import os
-import pickle
 import re
 import zipfile
 from collections.abc import Callable, Mapping
@@ -103,7 +102,9 @@ def _read_file(path: str):
     try:
         with torch.serialization.safe_globals(config_as_dict):
             return torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, EOFError, RuntimeError, ValueError) as e:
+    # A file that is not a zip goes to torch's legacy unpickler, which fails on arbitrary bytes
+    # in arbitrary ways (IndexError, KeyError, struct.error, ...): every failure is reported.
+    except Exception as e:
         found = re.search(r"GLOBAL ([\w.]+)", str(e))
         if found:  # never advise weights_only=False: that would run what was just refused
             raise CheckpointMismatchError(
