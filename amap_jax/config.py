@@ -21,6 +21,10 @@ def defaults() -> ml_collections.ConfigDict:
     # fastest on this backend for each layer shape, kept if the whole model gains from them
     # (measurements cached in ~/.cache/amap_jax/padding.json).
     c.export_pad = 1
+    # CPU kernel set the export and the summary's speeds are compiled with (`amap_jax.xla_cpu`):
+    # "default", "ynn_reduce", or "measure" (each model timed under every usable set, fastest
+    # kept, cached like the padding). Ignored off CPU.
+    c.cpu_kernels = "default"
     c.export_artifact = True  # EXPORT/forward.jax: the pruned model for jax alone (jax.export)
     c.checkpoint_every = 200  # steps
     c.scalars_every = 50  # steps between TensorBoard / scalars.jsonl writes (running means)
@@ -190,6 +194,14 @@ def validate(c: ml_collections.ConfigDict) -> None:
         raise FileNotFoundError(f"model.checkpoint {m.checkpoint} does not exist")
     if c.export_pad < 0:
         raise ValueError(f"export_pad must be >= 0 (0: measured), got {c.export_pad}")
+    if c.cpu_kernels != "measure":
+        from amap_jax import xla_cpu
+
+        if c.cpu_kernels not in xla_cpu.SETS:
+            raise ValueError(
+                f"cpu_kernels must be one of {', '.join(xla_cpu.SETS)} or 'measure', "
+                f"got {c.cpu_kernels!r}"
+            )
     for key in ("checkpoint_every", "scalars_every"):
         if c[key] < 1:
             raise ValueError(f"{key} must be >= 1, got {c[key]}")

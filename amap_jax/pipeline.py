@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from amap_jax import config as config_lib
-from amap_jax import methods, models
+from amap_jax import methods, models, xla_cpu
 from amap_jax import workdir as workdir_lib
 from amap_jax.data.splits import open_split
 from amap_jax.io import artifact, paths, pretrained, pruned
@@ -309,13 +309,39 @@ def _pad(ctx: Context, arch: Arch, params):
     return (*padding.pad(arch, params, multiple), multiple)
 
 
-def _report(ctx: Context, arch: Arch, params, top1: float, unpadded: Arch | None = None) -> dict:
-    """`macs` are the pruned model's; `padded_macs` what its padded export computes."""
+def _kernels(ctx: Context, arch: Arch, params) -> str:
+    """The CPU kernel set `arch` is compiled with (`cpu_kernels`); "measure": the fastest here
+    as a whole model (`padding.fastest_kernels`), chosen by process 0 for all."""
+    name = ctx.config.cpu_kernels
+    if name != "measure":
+        return name
+    name, gains = padding.fastest_kernels(arch, params, ctx.config.eval.bench_batch)
+    logging.info(
+        "CPU kernels of %s: %s; chose %s",
+        arch.name,
+        ", ".join(f"{k}: {v:.2f}x" for k, v in gains.items()) or "one set usable",
+        name,
+    )
+    names = list(xla_cpu.SETS)
+    return names[int(parallel.broadcast(np.asarray(names.index(name))))]
+
+
+def _report(
+    ctx: Context,
+    arch: Arch,
+    params,
+    top1: float,
+    unpadded: Arch | None = None,
+    kernels: str | None = None,
+) -> dict:
+    """`macs` are the pruned model's; `padded_macs` what its padded export computes; speed with
+    CPU kernel set `kernels` (None: as `cpu_kernels` says)."""
     model = ctx.build(arch)
     bench = ctx.config.eval
     if getattr(arch, "token_points", ()):
         return _token_report(ctx, model, {"params": params}, top1, unpadded or arch)
     padded = {} if unpadded in (None, arch) else {"padded_macs": int(macs.model_macs(arch))}
+    kernels = kernels or _kernels(ctx, arch, params)
     return {
         **padded,
         "params": _count(params),
@@ -323,10 +349,16 @@ def _report(ctx: Context, arch: Arch, params, top1: float, unpadded: Arch | None
         "top1": round(top1, 2),
         "images_per_s": round(
             throughput(
-                model, {"params": params}, arch, bench.bench_batch, seconds=bench.bench_seconds
+                model,
+                {"params": params},
+                arch,
+                bench.bench_batch,
+                seconds=bench.bench_seconds,
+                kernels=kernels,
             ),
             1,
         ),
+        "cpu_kernels": kernels,
     }
 
 
@@ -437,6 +469,7 @@ def run(config, workdir: str) -> dict:
             workdir_lib.record(workdir, config, "export")
             workdir_lib.mark_export(workdir, export_dir)  # ours before it is finished
         padded_arch, padded_params, multiple = _pad(ctx, p_arch, p_params)
+        kernels = _kernels(ctx, padded_arch, padded_params)
         pruned.save_pruned(
             export_dir,
             padded_arch,
@@ -445,6 +478,7 @@ def run(config, workdir: str) -> dict:
             method=config.method,
             dense_macs=int(macs.model_macs(arch)),
             export_pad=multiple,
+            cpu_kernels=kernels,
         )
     # What was exported, padding included (a finished export is read back, not redone).
     model, loaded = pruned.load_pruned(export_dir)
@@ -459,7 +493,14 @@ def run(config, workdir: str) -> dict:
         "method_settings": {k: config[k].to_dict() for k in method.sections()},
         "target_macs_ratio": config.search.target,
         "dense": _report(ctx, arch, dense_params, dense_eval["top1"]),
-        "pruned": _report(ctx, p_arch, loaded["params"], pruned_eval["top1"], unpadded),
+        "pruned": _report(
+            ctx,
+            p_arch,
+            loaded["params"],
+            pruned_eval["top1"],
+            unpadded,
+            pruned.kernels(export_dir),
+        ),
         "pruned_before_finetune_top1": round(exported_eval["top1"], 2),
         "masked_top1": round(masked_eval["top1"], 2),
         "export_max_logit_diff": export_diff,
@@ -518,6 +559,9 @@ def format_summary(s: dict) -> str:
             else "per block (attention, MLP): " + " ".join(f"{a}/{m}" for a, m in pad)
         )
         lines.append(f"export padded {how}: {s['pruned']['padded_macs'] / 1e6:.2f}M MACs computed")
+    kernels = [s[k].get("cpu_kernels", "default") for k in ("dense", "pruned")]
+    if kernels != ["default", "default"]:
+        lines.append(f"CPU kernels: dense {kernels[0]}, pruned {kernels[1]}")
     if s.get("reference"):
         lines.append(f"published: {s['reference']}")
     return "\n".join(lines)

@@ -4,7 +4,8 @@
 
 Images are read with Pillow, converted to the model's channels, resized (bilinear) to its input
 size and normalised with the mean and std stored in EXPORT/model.json. The forward pass is the
-export's `forward.jax` artifact when there is one (jax alone), else `load_pruned`.
+export's `forward.jax` artifact when there is one, else `load_pruned`'s model, compiled with the
+CPU kernel set the export names (`amap_jax.io.pruned.forward`).
 """
 
 from __future__ import annotations
@@ -13,11 +14,10 @@ import json
 import os
 import sys
 
-import jax
 import numpy as np
 from absl import app, flags
 
-from amap_jax.io import artifact, pruned
+from amap_jax.io import pruned
 
 _EXPORT = flags.DEFINE_string("export", None, "An export directory (holds model.json).")
 _BATCH = flags.DEFINE_integer("batch_size", 64, "Images per forward pass.")
@@ -66,20 +66,13 @@ def read_image(path: str, meta: dict) -> np.ndarray:
     return (x - np.asarray(spec["mean"], np.float32)) / np.asarray(spec["std"], np.float32)
 
 
-def forward_fn(directory: str):
-    if artifact.exists(directory):
-        return artifact.load(directory)
-    model, variables = pruned.load_pruned(directory)
-    return jax.jit(lambda x: model.apply(variables, x))
-
-
 def predict(directory: str, items: list[str], batch_size: int = 64, top: int = 5):
     """Yields {"image", "top": [[label, probability], ...]} per image, and "names" (the top
     labels' class names) when the export holds them."""
     meta = pruned.read_meta(directory)
     names = meta.get("class_names")
     paths = image_paths(items)
-    forward = forward_fn(directory)
+    forward = pruned.forward(directory)
     for i in range(0, len(paths), batch_size):
         chunk = paths[i : i + batch_size]
         logits = np.asarray(forward(np.stack([read_image(p, meta) for p in chunk])))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import jax
 import numpy as np
@@ -103,6 +104,10 @@ def test_per_layer_multiples_are_measured_once_per_shape_then_cached(tmp_path, m
     monkeypatch.setattr(padding, "_layers_digest", lambda: "changed layer code")
     padding.fastest_multiples(arch, 4, candidates=(1, 8), seconds=0.02, rounds=1, cache=cache)
     assert sorted(timed) == ["attention"] * 2 + ["mlp"] * 2  # stale timings measured again
+    timed.clear()
+    monkeypatch.setenv("XLA_FLAGS", f"{os.environ.get('XLA_FLAGS', '')} --xla_cpu_fast")
+    padding.fastest_multiples(arch, 4, candidates=(1, 8), seconds=0.02, rounds=1, cache=cache)
+    assert sorted(timed) == ["attention"] * 2 + ["mlp"] * 2  # other compiler flags: again
     with pytest.raises(ValueError, match="3 padding multiples for 2 blocks"):
         padding.pad(arch, {}, [(1, 1)] * 3)
     with pytest.raises(ValueError, match=">= 1"):

@@ -25,7 +25,7 @@ def test_run_writes_summary_and_export(finished_run):
     assert summary["method"] == "amap"
     assert summary["target_macs_ratio"] == 0.6
     for k in ("dense", "pruned"):
-        assert set(summary[k]) == {"params", "macs", "top1", "images_per_s"}
+        assert set(summary[k]) == {"params", "macs", "top1", "images_per_s", "cpu_kernels"}
         assert summary[k]["images_per_s"] > 0
     assert summary["pruned"]["macs"] <= 0.6 * summary["dense"]["macs"]
     assert summary["pruned"]["params"] < summary["dense"]["params"]
@@ -431,3 +431,49 @@ def test_padded_export_gives_the_same_predictions(finished_run, tmp_path, monkey
     with pytest.raises(ValueError, match="export stage made with another config"):
         c.export_pad = 16
         pipeline.run(c, copy)
+
+
+def test_measured_cpu_kernels_compile_the_export_and_its_speed(finished_run, tmp_path, monkeypatch):
+    """cpu_kernels="measure" on a copy of a finished run: model.json names the set measured
+    fastest for the export, the summary times each model with its own set, and the export's
+    forward pass (what predict runs) compiles with model.json's (the measuring itself is
+    xla_cpu_test's)."""
+    from amap_jax import xla_cpu
+    from amap_jax.io import pruned
+
+    workdir, summary = finished_run
+    copy = str(tmp_path / "run")
+    shutil.copytree(workdir, copy)
+    shutil.rmtree(os.path.join(copy, "export"))
+    os.remove(os.path.join(copy, "export_dir.json"))
+    measured, timed = [], []
+
+    def fastest(arch, params, batch, **kw):  # the export first, then the dense model
+        measured.append(arch.num_classes)
+        return ("ynn_reduce", "default")[len(measured) > 1], {}
+
+    def throughput(*a, kernels="default", **kw):
+        timed.append(kernels)
+        return 100.0
+
+    monkeypatch.setattr(padding, "fastest_kernels", fastest)
+    monkeypatch.setattr(pipeline, "throughput", throughput)
+    c = tiny_config()
+    c.cpu_kernels = "measure"
+    got = pipeline.run(c, copy)
+    assert len(measured) == 2
+    assert sorted(timed) == ["default", "ynn_reduce"]
+    assert (got["dense"]["cpu_kernels"], got["pruned"]["cpu_kernels"]) == ("default", "ynn_reduce")
+    assert "CPU kernels: dense default, pruned ynn_reduce" in pipeline.format_summary(got)
+    with open(os.path.join(got["export_dir"], "model.json")) as f:
+        assert json.load(f)["cpu_kernels"] == "ynn_reduce"
+    compiled = []
+    real = xla_cpu.jit
+    monkeypatch.setattr(
+        xla_cpu, "jit", lambda fn, k="default", **kw: compiled.append(k) or real(fn, k)
+    )
+    forward = pruned.forward(got["export_dir"])
+    assert compiled == ["ynn_reduce"]
+    model, variables = amap_jax.load_pruned(got["export_dir"])
+    x = np.random.default_rng(0).normal(size=(3, 8, 8, 1)).astype(np.float32)
+    np.testing.assert_allclose(forward(x), model.apply(variables, x), atol=1e-5)

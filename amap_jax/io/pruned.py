@@ -5,10 +5,12 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 
-from amap_jax import models
-from amap_jax.io import paths
+from amap_jax import models, xla_cpu
+from amap_jax.io import artifact, paths
 from amap_jax.models.arch import Arch, arch_from_dict
 from amap_jax.train import checkpoint, parallel
 
@@ -96,3 +98,21 @@ def load_pruned(directory: str) -> tuple:
     checkpoint.check_shapes(weights, target, f"{paths.join(directory, MODEL_JSON)}")
     params = checkpoint.load_tree(weights, target, meta.get("weights_sha256"))
     return model, {"params": params}
+
+
+def forward(directory: str):
+    """The export's `images -> logits`: its `forward.jax` artifact when there is one, else the
+    model `load_pruned` gives, jitted with the CPU kernel set the export was measured fastest
+    with (`model.json`'s `cpu_kernels`; the default set elsewhere)."""
+    if artifact.exists(directory):
+        fn = artifact.load(directory)
+    else:
+        model, variables = load_pruned(directory)
+        fn = functools.partial(model.apply, variables)
+    return xla_cpu.jit(fn, kernels(directory))
+
+
+def kernels(directory: str) -> str:
+    """`model.json`'s CPU kernel set; the default one for a set this version does not know."""
+    name = read_meta(directory).get("cpu_kernels", "default")
+    return name if name in xla_cpu.SETS else "default"

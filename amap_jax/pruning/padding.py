@@ -10,6 +10,7 @@ block's attention, its MLP) alone at every candidate and caches the choice per b
 kind, jax version, layer code and shape, so that a block's attention and MLP may get different
 multiples and blocks of one shape are measured once. `measured` then times the whole model
 unpadded, padded per layer and padded to each single multiple, and keeps the fastest.
+`fastest_kernels` likewise times a model under each CPU kernel set (`xla_cpu.SETS`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import jax
 import numpy as np
 
 from amap_jax import models as models_pkg
+from amap_jax import xla_cpu
 from amap_jax.models.arch import LINEAR, Arch, BlockArch
 from amap_jax.pruning.export import PAD_SCALE
 
@@ -157,11 +159,11 @@ def pad(arch: Arch, params, multiple: Multiples) -> tuple[Arch, dict]:
 
 
 def _device() -> str:
-    """What a timing holds for besides the shapes: the device, the compiler, and the layers'
-    code (a change to either makes earlier timings stale)."""
+    """What a timing holds for besides the shapes: the device, the compiler and its flags, and
+    the layers' code (a change to any makes earlier timings stale)."""
     return (
         f"{jax.default_backend()}|{jax.devices()[0].device_kind}|jax {jax.__version__}"
-        f"|layers {_layers_digest()}"
+        f"|XLA_FLAGS {os.environ.get('XLA_FLAGS', '')}|layers {_layers_digest()}"
     )
 
 
@@ -256,8 +258,8 @@ def fastest_multiples(
 
 
 def rates(models: dict, batch: int, *, seconds: float, rounds: int) -> dict[str, list[float]]:
-    """Images/s per round of each {name: (arch, params)} forward pass on one random batch, the
-    models interleaved within each round."""
+    """Images/s per round of each {name: (arch, params[, CPU kernel set])} forward pass on one
+    random batch, the models interleaved within each round."""
     from amap_jax import models as models_lib
     from amap_jax.train.evaluate import interleaved
 
@@ -266,11 +268,44 @@ def rates(models: dict, batch: int, *, seconds: float, rounds: int) -> dict[str,
         jax.random.key(0), (batch, arch.image_size, arch.image_size, arch.in_chans)
     )
 
-    def forward(a, p):
-        fn = jax.jit(models_lib.build(a).apply)
+    def forward(a, p, kernels="default"):
+        fn = xla_cpu.jit(models_lib.build(a).apply, kernels)
         return lambda: jax.block_until_ready(fn({"params": p}, x))
 
-    return interleaved({k: forward(a, p) for k, (a, p) in models.items()}, seconds, rounds, batch)
+    return interleaved({k: forward(*m) for k, m in models.items()}, seconds, rounds, batch)
+
+
+def fastest_kernels(
+    arch: Arch,
+    params,
+    batch: int,
+    *,
+    seconds: float = 1.0,
+    rounds: int = 3,
+    cache: str | None = CACHE,
+) -> tuple[str, dict[str, float]]:
+    """The CPU kernel set (`xla_cpu.SETS`) this model's forward pass runs fastest with here,
+    and each usable set's images/s over the default's (median of same-round ratios). Cached
+    per backend, device kind, batch and architecture; "default" off CPU."""
+    names = xla_cpu.usable()
+    if len(names) == 1:
+        return names[0], {}
+    key = f"{_key(arch, batch)}|kernels {','.join(names)}"
+    stored = _read(cache)
+    if key not in stored:
+        ips = rates(
+            {name: (arch, params, name) for name in names}, batch, seconds=seconds, rounds=rounds
+        )
+        stored[key] = {
+            "gains": {
+                name: float(np.median([a / d for a, d in zip(v, ips["default"], strict=True)]))
+                for name, v in ips.items()
+            }
+        }
+        if cache:
+            _write(cache, stored)
+    gains = stored[key]["gains"]
+    return max(gains, key=gains.get), gains
 
 
 def measured(

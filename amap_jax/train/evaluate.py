@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from amap_jax import xla_cpu
 from amap_jax.models import tokens
 from amap_jax.train import parallel
 from amap_jax.train.steps import Input, make_eval_step
@@ -38,10 +39,18 @@ def evaluate(model, variables, batches, inputs: Input, mesh) -> dict[str, float]
 
 
 def throughput(
-    model, variables, arch, batch_size: int, *, seconds: float = 3.0, min_iters: int = 5
+    model,
+    variables,
+    arch,
+    batch_size: int,
+    *,
+    seconds: float = 3.0,
+    min_iters: int = 5,
+    kernels: str = "default",
 ) -> float:
-    """Images per second of the jitted forward pass on random inputs (compile excluded)."""
-    fwd = jax.jit(model.apply)
+    """Images per second of the jitted forward pass on random inputs (compile excluded),
+    compiled with CPU kernel set `kernels` (`xla_cpu`)."""
+    fwd = xla_cpu.jit(model.apply, kernels)
     x = jax.random.normal(
         jax.random.key(0),
         (batch_size, arch.image_size, arch.image_size, arch.in_chans),
