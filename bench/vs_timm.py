@@ -1,7 +1,7 @@
 """Ours vs timm: the dense ViT, and the pruned one at the same widths as Torch-Pruning's.
 
   python -m bench.vs_timm [--model S] [--batch 32] [--widths 45:1099,33:794] [--rounds 5]
-      [--alternations 2] [--seconds 4] [--dtype float32] [--tag TAG]
+      [--alternations 2] [--seconds 4] [--dtype float32] [--kernels measure] [--tag TAG]
 
 Widths are `per-head q/k/v width : MLP hidden` in every block: 45:1099 and 33:794 are what
 Torch-Pruning gives timm's DeiT-S at -30% and -50% MACs. The torch side is timm's
@@ -10,7 +10,9 @@ pruning functions (`tp.prune_linear_out_channels` / `in_channels` on qkv, proj, 
 what its dependency graph applies to a ViT) and `head_dim` set to match; the jax side is our
 ViT and its export at the same widths, unpadded and padded as `export_pad=0` pads it (the
 whole model timed unpadded, padded per layer shape and to each single multiple, the fastest
-kept: `amap_jax.pruning.padding.measured`). Weights are random: speed does not depend on them.
+kept: `amap_jax.pruning.padding.measured`), each compiled with the CPU kernel set measured
+fastest for it (`--kernels`, `amap_jax.xla_cpu`). Weights are random: speed does not depend on
+them.
 
 Each framework runs in its own process (in one process XLA's and torch's thread pools compete),
 jax and torch alternated `alternations` times; a process times each of its models for
@@ -35,6 +37,12 @@ from bench import common, sides
 
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
 _PAD = flags.DEFINE_list("pad_candidates", ["1", "8", "16", "32", "64"], "Padding multiples.")
+_KERNELS = flags.DEFINE_string(
+    "kernels",
+    "measure",
+    "CPU kernel set of our models (amap_jax.xla_cpu.SETS), or 'measure': each model's fastest "
+    "(amap_jax.pruning.padding.fastest_kernels, timed in float32).",
+)
 _REBUILD = flags.DEFINE_bool("rebuild", False, "Rebuild the report from the JSON (no timing).")
 
 
@@ -57,7 +65,7 @@ def jax_worker() -> dict:
     import jax
     import jax.numpy as jnp
 
-    from amap_jax import models
+    from amap_jax import models, xla_cpu
     from amap_jax.pruning import padding
 
     dtype = jnp.bfloat16 if _DTYPE.value == "bfloat16" else jnp.float32
@@ -67,26 +75,35 @@ def jax_worker() -> dict:
         jax.random.key(0), (b, sides.IMAGE.value, sides.IMAGE.value, 3), jnp.float32
     )
 
-    def forward(arch, params):
-        fwd = jax.jit(models.build(arch, dtype=dtype).apply)
+    kernels = {}
+
+    def forward(name, arch, params):
+        k = _KERNELS.value
+        kernels[name] = padding.fastest_kernels(arch, params, b)[0] if k == "measure" else k
+        fwd = xla_cpu.jit(models.build(arch, dtype=dtype).apply, kernels[name])
         return lambda: jax.block_until_ready(fwd({"params": params}, x))
 
     def init(arch):
         return models.build(arch).init(jax.random.key(0), models.dummy_input(arch))["params"]
 
-    fns = {"dense": forward(dense, init(dense))}
+    fns = {"dense": forward("dense", dense, init(dense))}
     chosen = {}
     for name, arch in pruned.items():
         params = init(arch)
-        fns[name] = forward(arch, params)
+        fns[name] = forward(name, arch, params)
         multiple, report = padding.measured(
             arch, params, b, candidates=tuple(int(m) for m in _PAD.value)
         )
         chosen[name] = {"multiple": multiple, "gains": report["gains"]}
         if multiple != 1:
-            fns[f"{name} padded"] = forward(*padding.pad(arch, params, multiple))
+            fns[f"{name} padded"] = forward(f"{name} padded", *padding.pad(arch, params, multiple))
     speeds = interleaved(fns, common.SECONDS.value, common.ROUNDS.value, b)
-    return {"images_per_s": speeds, "pad_multiple": chosen, "jax": jax.__version__}
+    return {
+        "images_per_s": speeds,
+        "pad_multiple": chosen,
+        "cpu_kernels": kernels,
+        "jax": jax.__version__,
+    }
 
 
 # -- torch side ----------------------------------------------------------------------------
@@ -222,6 +239,9 @@ def markdown(rows: list[dict], meta: dict) -> str:
         "/ ideal | ours / timm dense | ours / TP pruned |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
+    kernels = meta.get("runs", {}).get("jax", [{}])[0].get("cpu_kernels")
+    if kernels:  # what each of our models was compiled with (`amap_jax.xla_cpu`)
+        lines.insert(1, "Our CPU kernel sets: " + ", ".join(f"{k} {v}" for k, v in kernels.items()))
     for r in rows:
         pad = (
             f"{r['ours_padded_img_s']:.1f} ({pad_label(r['pad_multiple'])})"
@@ -306,7 +326,7 @@ def main(_):
             k: v
             for r in runs.values()
             for k, v in r[0].items()
-            if k not in ("images_per_s", "pad_multiple")
+            if k not in ("images_per_s", "pad_multiple", "cpu_kernels")
         },
         "runs": runs,
     }

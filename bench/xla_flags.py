@@ -34,6 +34,8 @@ SETS = {
     "default": "",
     "eigen": _NO_YNN,  # products through XLA's own (Eigen) kernels
     "ynn_dot": "--xla_cpu_experimental_ynn_fusion_type=dot",
+    # YNNPACK reductions (softmax's row max and sum) with XLA's own products
+    "ynn_reduce": "--xla_cpu_experimental_ynn_fusion_type=reduce",
     "ynn_dot_eltwise": "--xla_cpu_experimental_ynn_fusion_type=dot,eltwise",
     "onednn_dot": f"{_NO_YNN} --xla_cpu_experimental_onednn_fusion_type=dot",
     "xnn_dot": f"{_NO_YNN} --xla_cpu_experimental_xnn_fusion_type=dot",
