@@ -22,7 +22,7 @@ def defaults() -> ml_collections.ConfigDict:
     # (measurements cached in ~/.cache/amap_jax/padding.json).
     c.export_pad = 1
     # CPU kernel set the export and the summary's speeds are compiled with (`amap_jax.xla_cpu`):
-    # "default", "ynn_reduce", or "measure" (each model timed under every usable set, fastest
+    # "default", "ynn_reduce", "xla", or "measure" (each model timed under every usable set, fastest
     # kept, cached like the padding). Ignored off CPU.
     c.cpu_kernels = "default"
     c.export_artifact = True  # EXPORT/forward.jax: the pruned model for jax alone (jax.export)

@@ -3,9 +3,9 @@
 This jaxlib hands CPU matrix products and reductions to YNNPACK. At ViT-S shapes its products
 are slower than XLA's own and its reductions (softmax's row max and sum) much faster: YNNPACK
 for reductions alone ran ViT-S 1.10-1.13x faster, dense and pruned, XLA's own kernels for both
-ran the dense ViT-S faster still and the pruned ones less so, and on a small FLatten ViT both
-ran slower (`bench/xla_flags.py`). So the set is measured per model
-(`padding.fastest_kernels`), and given to one compiled function, not to the process
+ran the dense ViT-S faster still and the pruned ones less so (`bench/xla_flags.py`), and on a
+small FLatten ViT YNNPACK reductions alone ran slower than the default. So the set is measured
+per model (`padding.fastest_kernels`), and given to one compiled function, not to the process
 (`XLA_FLAGS` would change every other computation too).
 """
 
