@@ -53,5 +53,6 @@ def jit(fn, kernels: str = "default", **kw):
     """`jax.jit(fn)` compiled with kernel set `kernels`, or with the default set where that one
     is not usable here (another backend, another jaxlib)."""
     check(kernels)
-    options = SETS[kernels] if kernels in usable() else {}
+    # the default set needs no probing of what this jaxlib accepts
+    options = SETS[kernels] if SETS[kernels] and kernels in usable() else {}
     return jax.jit(fn, compiler_options=options or None, **kw)
