@@ -30,6 +30,12 @@ MODELS = flags.DEFINE_list(
     "Published names (e.g. flatten_swin_tiny_patch4_224) or ViT variant[:pattern].",
 )
 TARGETS = flags.DEFINE_list("targets", ["0.7", "0.5"], "MACs targets.")
+KERNELS = flags.DEFINE_string(
+    "kernels",
+    "measure",
+    "CPU kernel set of our models (amap_jax.xla_cpu.SETS), or 'measure': each model's fastest "
+    "(amap_jax.pruning.padding.fastest_kernels, timed in float32), as cpu_kernels=measure does.",
+)
 
 
 def defaults(**values) -> None:
@@ -81,6 +87,17 @@ def at_widths(arch, head: int, hidden: int):
         for b in arch.blocks
     )
     return arch.replace(blocks=blocks)
+
+
+def kernel_set(arch, params, batch: int, kernels: str) -> str:
+    """The CPU kernel set a `--kernels` value gives this model ("measure": its fastest)."""
+    from amap_jax import xla_cpu
+    from amap_jax.pruning import padding
+
+    if kernels == "measure":
+        return padding.fastest_kernels(arch, params, batch)[0]
+    xla_cpu.check(kernels)
+    return kernels
 
 
 def time_fn(fn, *args, seconds: float = 3.0, min_iters: int = 5) -> float:

@@ -1,20 +1,24 @@
 """Exported (pruned) vs dense inference throughput, with the ideal MACs ratio beside it.
 
   python -m bench.throughput [--models Ti,S:LLLLLLSSSSSS,flatten_swin_tiny_patch4_224]
-      [--batch 32] [--targets 0.7,0.5]
+      [--batch 32] [--targets 0.7,0.5] [--rounds 5] [--seconds 4] [--kernels measure]
 
-Models have random weights: speed does not depend on the values. Writes
-bench/results/throughput_<backend>.json.
+Per model, the dense model and its AMAP exports at each target are timed in the same rounds
+(interleaved), each compiled with its CPU kernel set (`--kernels`; "measure": the fastest for
+that model, as `cpu_kernels=measure` picks it). A speedup is the median over rounds of the
+export's images/s over the dense model's in the same round, with the range over rounds. Models
+have random weights: speed does not depend on the values. Writes
+bench/results/throughput_<backend>[_TAG].json and .md.
 """
 
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
+import numpy as np
 from absl import app, flags
 
-from amap_jax import models
 from amap_jax.methods import Amap
+from amap_jax.pruning import padding
 from amap_jax.pruning.macs import model_macs
 from bench import common
 
@@ -23,41 +27,92 @@ _FLOOR = flags.DEFINE_float(
 )
 
 
-def main(_):
+def measure(
+    arch, targets, *, batch: int, seconds: float, rounds: int, kernels: str, floor: float = 0.0
+) -> list[dict]:
+    """One row per MACs target: the dense model `arch` against its export there."""
+    models, ideal = {}, {}
+    for target in targets:
+        method = Amap(min_keep_fraction=floor)
+        _, params, p_arch, p_params = common.dense_and_pruned(arch, target, method=method)
+        models.setdefault("dense", (arch, params))  # one seed: the same dense model every time
+        models[target] = (p_arch, p_params)
+        ideal[target] = model_macs(arch) / model_macs(p_arch)
+    sets = {name: common.kernel_set(a, p, batch, kernels) for name, (a, p) in models.items()}
+    ips = padding.rates(
+        {name: (*m, sets[name]) for name, m in models.items()},
+        batch,
+        seconds=seconds,
+        rounds=rounds,
+    )
     rows = []
+    for target in ideal:
+        ratios = [p / d for p, d in zip(ips[target], ips["dense"], strict=True)]
+        speedup = float(np.median(ratios))
+        rows.append(
+            {
+                "model": arch.name,
+                "target": target,
+                "dense_img_s": round(float(np.median(ips["dense"])), 1),
+                "pruned_img_s": round(float(np.median(ips[target])), 1),
+                "speedup": round(speedup, 3),
+                "speedup_range": [round(min(ratios), 3), round(max(ratios), 3)],
+                "ideal": round(ideal[target], 3),
+                "efficiency": round(speedup / ideal[target], 3),
+                "kernels": f"{sets['dense']} / {sets[target]}",
+            }
+        )
+    return rows
+
+
+def markdown(rows: list[dict], meta: dict) -> str:
+    lines = [
+        f"Exported vs dense, batch {meta['batch']}, {meta['dtype']}, {meta['rounds']} interleaved "
+        f"rounds ({meta['device']}, {meta['cpus']} CPUs)",
+        "",
+        "| model | MACs target | dense img/s | exported img/s | speedup (range) | ideal "
+        "| efficiency | CPU kernels (dense / exported) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lo, hi = r["speedup_range"]
+        lines.append(
+            f"| {r['model']} | {r['target']} | {r['dense_img_s']:.1f} | {r['pruned_img_s']:.1f} "
+            f"| {r['speedup']:.2f}x ({lo:.2f}-{hi:.2f}) | {r['ideal']:.2f}x "
+            f"| {r['efficiency']:.2f} | {r['kernels']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(_):
+    rows, targets = [], [float(t) for t in common.TARGETS.value]
     for spec in common.MODELS.value:
-        arch = common.parse_arch(spec)
-        fwd = jax.jit(models.build(arch).apply)
-        x = jnp.ones((common.BATCH.value, arch.image_size, arch.image_size, arch.in_chans))
-        t_dense = None
-        for target in map(float, common.TARGETS.value):
-            method = Amap(min_keep_fraction=_FLOOR.value)
-            _, params, p_arch, p_params = common.dense_and_pruned(arch, target, method=method)
-            if t_dense is None:  # one dense timing per model, shared by its targets
-                t_dense = common.time_fn(fwd, {"params": params}, x, seconds=common.SECONDS.value)
-            p_fwd = jax.jit(models.build(p_arch).apply)
-            t_pruned = common.time_fn(p_fwd, {"params": p_params}, x, seconds=common.SECONDS.value)
-            ideal = model_macs(arch) / model_macs(p_arch)
-            speedup = t_dense / t_pruned
-            rows.append(
-                {
-                    "model": arch.name,
-                    "target": target,
-                    "dense_img_s": round(common.BATCH.value / t_dense, 1),
-                    "pruned_img_s": round(common.BATCH.value / t_pruned, 1),
-                    "speedup": round(speedup, 3),
-                    "ideal": round(ideal, 3),
-                    "efficiency": round(speedup / ideal, 3),
-                }
-            )
-            print(common.table(rows[-1:], list(rows[-1])), flush=True)
-    name = f"throughput_{jax.default_backend()}" + common.suffix()
-    meta = {"batch": common.BATCH.value, "dtype": "float32", "min_keep_fraction": _FLOOR.value}
-    path = common.write(name, rows, meta)
-    print(common.table(rows, list(rows[0])))
+        rows += measure(
+            common.parse_arch(spec),
+            targets,
+            batch=common.BATCH.value,
+            seconds=common.SECONDS.value,
+            rounds=common.ROUNDS.value,
+            kernels=common.KERNELS.value,
+            floor=_FLOOR.value,
+        )
+        print(common.table(rows[-len(targets) :], list(rows[-1])), flush=True)
+    meta = {
+        "batch": common.BATCH.value,
+        "dtype": "float32",
+        "rounds": common.ROUNDS.value,
+        "seconds": common.SECONDS.value,
+        "kernels": common.KERNELS.value,
+        "min_keep_fraction": _FLOOR.value,
+        "device": str(jax.devices()[0].device_kind),
+        "cpus": common.cpus(),
+    }
+    md = markdown(rows, meta)
+    path = common.write(f"throughput_{jax.default_backend()}{common.suffix()}", rows, meta, md)
+    print(md)
     print(f"wrote {path}")
 
 
 if __name__ == "__main__":
-    common.defaults(models=["Ti", "Ti:LLLLLLSSSSSS", "S", "S:LLLLLLSSSSSS"], batch=32, seconds=5.0)
+    common.defaults(models=["Ti", "Ti:LLLLLLSSSSSS", "S", "S:LLLLLLSSSSSS"], batch=32, seconds=4.0)
     app.run(main)

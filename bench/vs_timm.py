@@ -37,12 +37,6 @@ from bench import common, sides
 
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
 _PAD = flags.DEFINE_list("pad_candidates", ["1", "8", "16", "32", "64"], "Padding multiples.")
-_KERNELS = flags.DEFINE_string(
-    "kernels",
-    "measure",
-    "CPU kernel set of our models (amap_jax.xla_cpu.SETS), or 'measure': each model's fastest "
-    "(amap_jax.pruning.padding.fastest_kernels, timed in float32).",
-)
 _REBUILD = flags.DEFINE_bool("rebuild", False, "Rebuild the report from the JSON (no timing).")
 
 
@@ -78,8 +72,7 @@ def jax_worker() -> dict:
     kernels = {}
 
     def forward(name, arch, params):
-        k = _KERNELS.value
-        kernels[name] = padding.fastest_kernels(arch, params, b)[0] if k == "measure" else k
+        kernels[name] = common.kernel_set(arch, params, b, common.KERNELS.value)
         fwd = xla_cpu.jit(models.build(arch, dtype=dtype).apply, kernels[name])
         return lambda: jax.block_until_ready(fwd({"params": params}, x))
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from bench import compare
 
 
@@ -246,3 +248,24 @@ def test_attention_core_bench_times_the_models_core_against_the_per_key_softmax(
     assert "| 8 | gradient |" in attention_core.markdown(
         rows, {"batch": 2, "rounds": 1, "device": "cpu", "cpus": 2}
     )
+
+
+def test_throughput_bench_times_dense_and_exports_in_the_same_rounds():
+    from amap_jax.models.arch import vit_arch
+    from bench import throughput
+
+    arch = vit_arch("mini", image_size=28, patch_size=7, in_chans=1, num_classes=10)
+    rows = throughput.measure(arch, [0.7, 0.5], batch=2, seconds=0.01, rounds=2, kernels="default")
+    assert [r["target"] for r in rows] == [0.7, 0.5]
+    for r in rows:
+        lo, hi = r["speedup_range"]
+        assert lo <= r["speedup"] <= hi and r["kernels"] == "default / default"
+        assert r["efficiency"] == round(r["speedup"] / r["ideal"], 3)
+    assert rows[0]["dense_img_s"] == rows[1]["dense_img_s"]  # one dense model, timed once
+    assert 1.2 < rows[0]["ideal"] < rows[1]["ideal"] < 2.5
+    md = throughput.markdown(
+        rows, {"batch": 2, "dtype": "float32", "rounds": 2} | {"device": "cpu", "cpus": 2}
+    )
+    assert f"| {arch.name} | 0.5 |" in md and "default / default |" in md
+    with pytest.raises(ValueError, match="unknown CPU kernel set"):
+        throughput.measure(arch, [0.5], batch=2, seconds=0.01, rounds=1, kernels="fast")
