@@ -479,6 +479,7 @@ def run(config, workdir: str) -> dict:
             dense_macs=int(macs.model_macs(arch)),
             export_pad=multiple,
             cpu_kernels=kernels,
+            cpu_compiler_options=xla_cpu.SETS[kernels],  # for loaders without amap_jax
         )
     # What was exported, padding included (a finished export is read back, not redone).
     model, loaded = pruned.load_pruned(export_dir)

@@ -466,7 +466,9 @@ def test_measured_cpu_kernels_compile_the_export_and_its_speed(finished_run, tmp
     assert (got["dense"]["cpu_kernels"], got["pruned"]["cpu_kernels"]) == ("default", "ynn_reduce")
     assert "CPU kernels: dense default, pruned ynn_reduce" in pipeline.format_summary(got)
     with open(os.path.join(got["export_dir"], "model.json")) as f:
-        assert json.load(f)["cpu_kernels"] == "ynn_reduce"
+        meta = json.load(f)
+    assert meta["cpu_kernels"] == "ynn_reduce"
+    assert meta["cpu_compiler_options"] == xla_cpu.SETS["ynn_reduce"]  # for run_exported.py
     compiled = []
     real = xla_cpu.jit
     monkeypatch.setattr(
@@ -477,3 +479,35 @@ def test_measured_cpu_kernels_compile_the_export_and_its_speed(finished_run, tmp
     model, variables = amap_jax.load_pruned(got["export_dir"])
     x = np.random.default_rng(0).normal(size=(3, 8, 8, 1)).astype(np.float32)
     np.testing.assert_allclose(forward(x), model.apply(variables, x), atol=1e-5)
+
+
+def test_run_exported_compiles_with_the_exports_cpu_compiler_options(tmp_path):
+    """scripts/run_exported.py applies model.json's `cpu_compiler_options` where this jaxlib
+    knows them and drops them where it does not; the logits are the model's either way."""
+    import importlib.util
+
+    from conftest import param_shapes, random_params
+
+    from amap_jax import models, xla_cpu
+    from amap_jax.io import artifact
+    from amap_jax.models.arch import vit_arch
+
+    spec = importlib.util.spec_from_file_location(
+        "run_exported", os.path.join(ROOT, "scripts", "run_exported.py")
+    )
+    run_exported = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run_exported)
+    arch = vit_arch("mini", image_size=8, patch_size=4, in_chans=1, num_classes=3)
+    params = random_params(param_shapes(models.build(arch)), seed=0)["params"]
+    artifact.write(str(tmp_path), arch, params)
+    x = np.random.default_rng(0).normal(size=(2, 8, 8, 1)).astype(np.float32)
+    expected = np.asarray(models.build(arch).apply({"params": params}, x))
+    assert run_exported.compiler_options(str(tmp_path)) == {}  # no model.json
+    for options, used in [
+        (xla_cpu.SETS["ynn_reduce"], xla_cpu.SETS["ynn_reduce"]),
+        ({"xla_cpu_no_such_option": "1"}, {}),
+    ]:
+        (tmp_path / "model.json").write_text(json.dumps({"cpu_compiler_options": options}))
+        assert run_exported.compiler_options(str(tmp_path)) == used
+        got = np.asarray(run_exported.load(str(tmp_path))(x))
+        np.testing.assert_allclose(got, expected, atol=1e-5)
