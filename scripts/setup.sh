@@ -16,6 +16,9 @@ fi
 python3 -m venv .venv
 .venv/bin/pip install -q --upgrade pip
 .venv/bin/pip install -q -r "$req"
+# The package itself, editable: `import amap_jax` and `python -m amap_jax.predict` work from any
+# directory, and edits to the checkout take effect.
+.venv/bin/pip install -q --no-deps -e .
 if [ "$(basename "$req")" = requirements-test.txt ]; then
   # Test-only torch/timm for parity tests, Torch-Pruning for bench/vs_timm.py; timm and
   # Torch-Pruning without deps (their declared dependencies pull a CUDA torch).
