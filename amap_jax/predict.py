@@ -2,8 +2,9 @@
 
   python -m amap_jax.predict --export EXPORT IMAGE_OR_FOLDER...
 
-Images are read with Pillow, converted to the model's channels, resized (bilinear) to its input
-size and normalised with the mean and std stored in EXPORT/model.json. The forward pass is the
+Images are read with Pillow (`amap_jax.io.images`), converted to the model's channels, scaled
+by their bit depth, resized (bilinear) to its input size and normalised with the mean and std
+stored in EXPORT/model.json. The forward pass is the
 export's `forward.jax` artifact when there is one, else `load_pruned`'s model, compiled with the
 CPU kernel set the export names (`amap_jax.io.pruned.forward`).
 """
@@ -11,59 +12,18 @@ CPU kernel set the export names (`amap_jax.io.pruned.forward`).
 from __future__ import annotations
 
 import json
-import os
 import sys
 
 import numpy as np
-from absl import app, flags
+from absl import app, flags, logging
 
 from amap_jax.io import pruned
+from amap_jax.io.images import ImageError, image_paths, read_image
 
 _EXPORT = flags.DEFINE_string("export", None, "An export directory (holds model.json).")
-_BATCH = flags.DEFINE_integer("batch_size", 64, "Images per forward pass.")
-_TOP = flags.DEFINE_integer("top", 5, "Labels per image.")
+_BATCH = flags.DEFINE_integer("batch_size", 64, "Images per forward pass.", lower_bound=1)
+_TOP = flags.DEFINE_integer("top", 5, "Labels per image.", lower_bound=1)
 flags.mark_flags_as_required(["export"])
-
-SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
-
-
-class ImageError(ValueError):
-    """An image file that cannot be read."""
-
-
-def image_paths(items: list[str]) -> list[str]:
-    """Files as given; folders expanded to their image files (sorted, not recursive)."""
-    out = []
-    for item in items:
-        if os.path.isdir(item):
-            found = sorted(
-                os.path.join(item, f) for f in os.listdir(item) if f.lower().endswith(SUFFIXES)
-            )
-            if not found:
-                raise ImageError(f"{item}: no image files ({', '.join(SUFFIXES)})")
-            out += found
-        elif os.path.exists(item):
-            out.append(item)
-        else:
-            raise ImageError(f"{item}: no such file or folder")
-    return out
-
-
-def read_image(path: str, meta: dict) -> np.ndarray:
-    """[H, W, C] float32, as the model takes it."""
-    from PIL import Image, UnidentifiedImageError
-
-    spec = meta["input"]
-    size, channels = spec["image_size"], spec["channels"]
-    try:
-        with Image.open(path) as img:
-            img = img.convert("L" if channels == 1 else "RGB")
-            if img.size != (size, size):
-                img = img.resize((size, size), Image.BILINEAR)
-            x = np.asarray(img, np.float32).reshape(size, size, channels) / 255.0
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise ImageError(f"{path}: not a readable image ({e.__class__.__name__})") from None
-    return (x - np.asarray(spec["mean"], np.float32)) / np.asarray(spec["std"], np.float32)
 
 
 def predict(directory: str, items: list[str], batch_size: int = 64, top: int = 5):
@@ -87,17 +47,27 @@ def predict(directory: str, items: list[str], batch_size: int = 64, top: int = 5
 
 
 def main(argv):
+    logging.set_verbosity(logging.ERROR)  # no "Unable to initialize backend 'tpu'" on a CPU
     if len(argv) < 2:
         print("error: give image files or folders after the flags", file=sys.stderr)
         return 2
     try:
         for row in predict(_EXPORT.value, argv[1:], _BATCH.value, _TOP.value):
             print(json.dumps(row), flush=True)
-    except (ImageError, FileNotFoundError, ValueError) as e:
+    except (ImageError, FileNotFoundError, ValueError, pruned.checkpoint.CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
 
 
+def _parse(argv):
+    """absl's parser, with one line and exit 2 for a bad flag (e.g. --batch_size=0)."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
+        sys.exit(2)
+
+
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=_parse)
