@@ -5,7 +5,6 @@
 """
 
 import re
-import signal
 import sys
 
 from absl import app, flags, logging
@@ -23,10 +22,19 @@ _COORDINATOR = flags.DEFINE_string(
 )
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "With --coordinator_address.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "With --coordinator_address.")
+_DIST_TIMEOUT = flags.DEFINE_integer(
+    "distributed_timeout",
+    300,
+    "Seconds to wait for the other processes (and the coordinator) at start-up.",
+    lower_bound=1,
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def _fail(msg: str, code: int = 2):
+    from amap_jax import logs
+
+    logs.end_bar()
     kind = "stopped" if code in (75, 130) else "error"  # a preemption or Ctrl-C is no error
     print(f"{kind}: {msg}", file=sys.stderr)
     sys.exit(code)
@@ -71,25 +79,36 @@ def _parse(argv):
         _fail(text.splitlines()[0])
 
 
-def _first_interrupt_only(signum, frame):
-    """Ctrl-C stops the run once (a checkpoint is saved); pressing it again changes nothing."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    raise KeyboardInterrupt
+def _where(summary: dict, workdir: str) -> str:
+    """Where a finished run put what a user looks at next."""
+    from amap_jax.io import paths
+
+    return (
+        f"summary: {paths.join(workdir, 'summary.json')}; export: {summary['export_dir']}; "
+        f"TensorBoard: tensorboard --logdir {paths.join(workdir, 'tensorboard')}"
+    )
 
 
 def main(argv):
     if len(argv) > 1:
         _fail(f"unexpected arguments: {' '.join(argv[1:])}")
     from amap_jax import cli, logs, pipeline
-    from amap_jax.train import parallel
+    from amap_jax.train import parallel, stop
 
-    if _MULTIHOST.value or _COORDINATOR.value:
-        parallel.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     logging.set_verbosity(logging.WARNING)  # keep library INFO chatter out of the run log
-    logs.setup(chief=parallel.is_chief())
-    config = _config()
-    signal.signal(signal.SIGINT, _first_interrupt_only)
     try:
+        if _MULTIHOST.value or _COORDINATOR.value:
+            parallel.initialize(
+                _COORDINATOR.value,
+                _NUM_PROCESSES.value,
+                _PROCESS_ID.value,
+                timeout=_DIST_TIMEOUT.value,
+            )
+        # SIGTERM and Ctrl-C: a flag every phase checks, from here on (after JAX's runtime,
+        # whose preemption notifier would take SIGTERM over).
+        stop.install()
+        logs.setup(chief=parallel.is_chief())
+        config = _config()
         summary = pipeline.run(config, _WORKDIR.value)
     except BaseException as e:  # expected failures end in one line; exit codes in amap_jax.cli
         described = cli.describe(e)
@@ -98,6 +117,9 @@ def main(argv):
         _fail(*described)
     if parallel.is_chief():
         print(pipeline.format_summary(summary))
+        print(_where(summary, _WORKDIR.value))
+    if not summary["budget"]["met"]:
+        _fail(pipeline.budget_message(summary), cli.EXIT_BUDGET)
 
 
 if __name__ == "__main__":

@@ -6,20 +6,24 @@
 | 1 | an unexpected error (a bug): traceback |
 | 2 | bad input: config, data, checkpoints, pretrained files, export or work directories, disk |
 | 3 | training diverged (non-finite loss or gradient); the last good checkpoint is kept |
-| 75 | preempted (SIGTERM): checkpoint saved, run the same command to resume (EX_TEMPFAIL) |
-| 130 | interrupted (Ctrl-C): checkpoint saved, run the same command to resume |
+| 4 | finished, but the export misses its MACs target by more than `search.target_tolerance` |
+| 75 | preempted (SIGTERM), in any phase: nothing finished is lost; rerun to resume (EX_TEMPFAIL) |
+| 130 | interrupted (Ctrl-C), in any phase: likewise |
 """
 
 from __future__ import annotations
 
 import errno
 
-from amap_jax.train.loop import Diverged, Interrupted, Preempted
+from amap_jax.train.loop import Diverged
+from amap_jax.train.stop import Interrupted, Preempted
 
 EXIT_ERROR = 2
 EXIT_DIVERGED = 3
+EXIT_BUDGET = 4
 
 _WRITE_ERRORS = {errno.EROFS, errno.ENOSPC, errno.EACCES, errno.EDQUOT, errno.EPERM}
+_FULL = {errno.ENOSPC, errno.EDQUOT}
 
 
 def _first_line(e: BaseException) -> str:
@@ -36,7 +40,8 @@ def describe(e: BaseException) -> tuple[str, int] | None:
     if isinstance(e, Diverged):
         return _first_line(e), EXIT_DIVERGED
     if isinstance(e, OSError) and e.errno in _WRITE_ERRORS and e.filename:
-        return f"cannot write {e.filename}: {e.strerror}", EXIT_ERROR
+        full = "; free space and rerun (what was saved is kept)" if e.errno in _FULL else ""
+        return f"cannot write {e.filename}: {e.strerror}{full}", EXIT_ERROR
     if isinstance(e, ValueError | OSError | RuntimeError | ImportError):
         return _first_line(e), EXIT_ERROR
     return None

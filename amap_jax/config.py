@@ -92,6 +92,9 @@ def defaults() -> ml_collections.ConfigDict:
         label_smoothing=0.1,
         grad_clip=1.0,
         target=0.7,  # MACs(pruned) / MACs(dense)
+        # A run whose export (padding included) lands further than this from `target` ends
+        # with exit 4 (export and summary kept).
+        target_tolerance=0.02,
         kd_weight=0.0,
         kd_temperature=1.0,
     )
@@ -148,6 +151,7 @@ _RANGES = {
     "finetune.kd_weight": (0, 1, False),
     "search.kd_temperature": (0, INF, True),
     "finetune.kd_temperature": (0, INF, True),
+    "search.target_tolerance": (0, 1, False),
     "eval.batch_size": (1, INF, False),
     "eval.bench_batch": (1, INF, False),
     "eval.bench_seconds": (0, INF, False),
@@ -202,6 +206,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
                 f"cpu_kernels must be one of {', '.join(xla_cpu.SETS)} or 'measure', "
                 f"got {c.cpu_kernels!r}"
             )
+    if c.num_devices < 0:
+        raise ValueError(f"num_devices must be >= 0 (0: all visible devices), got {c.num_devices}")
     for key in ("checkpoint_every", "scalars_every"):
         if c[key] < 1:
             raise ValueError(f"{key} must be >= 1, got {c[key]}")

@@ -6,6 +6,7 @@ finished is not run again.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 
@@ -23,7 +24,7 @@ from amap_jax.methods import Method, asvit
 from amap_jax.models import tokens
 from amap_jax.models.arch import Arch, swin_arch, vit_arch
 from amap_jax.pruning import macs, padding
-from amap_jax.train import checkpoint, parallel, steps
+from amap_jax.train import checkpoint, parallel, steps, stop
 from amap_jax.train import evaluate as evaluate_lib
 from amap_jax.train.evaluate import evaluate, throughput
 from amap_jax.train.loop import fit
@@ -396,8 +397,16 @@ def make_context(config, workdir: str) -> tuple[Context, Arch]:
     mesh = parallel.make_mesh(config.num_devices or None)
     d = config.data
     train, test = open_split(d, d.train_split), open_split(d, d.test_split)
+    for split, name in ((train, d.train_split), (test, d.test_split)):
+        if len(split) == 0:
+            raise ValueError(f"data: split {name!r} of {d.name} is empty")
     for stage in ("train", "search", "finetune", "eval"):
         parallel.check_batch_size(config[stage].batch_size, mesh, f"{stage}.batch_size")
+        if stage != "eval" and config[stage].epochs > 0 and config[stage].batch_size > len(train):
+            raise ValueError(
+                f"{stage}.batch_size {config[stage].batch_size} is larger than the "
+                f"{len(train)} training images of {d.train_split!r}: not one full batch"
+            )
     arch = build_arch(config, train.info)
     methods.from_config(config).check(arch)  # a target the method cannot reach fails now
     inputs = steps.Input(arch.mean, arch.std, arch.image_size, d.crop_padding, d.flip)
@@ -416,14 +425,46 @@ def make_context(config, workdir: str) -> tuple[Context, Arch]:
 
 
 def run(config, workdir: str) -> dict:
-    """Runs (or resumes) every stage and returns the summary written to WORKDIR/summary.json."""
-    ctx, arch = make_context(config, workdir)
-    workdir = ctx.workdir
-    workdir_lib.check(workdir, config)
-    export_dir = paths.absolute(config.export_dir or paths.join(workdir, "export"))
-    _check_export_dir(ctx, export_dir)
-    # Every check passed: only now is anything written.
-    paths.makedirs(workdir)
+    """Runs (or resumes) every stage and returns the summary written to WORKDIR/summary.json.
+
+    A stop request (SIGTERM, Ctrl-C; `train.stop`) ends the run at the next safe point, in any
+    phase, with what was finished kept."""
+    stop.reset()
+    with stop.phase("setup"):
+        ctx, arch = make_context(config, workdir)
+        workdir = ctx.workdir
+        export_dir = paths.absolute(config.export_dir or paths.join(workdir, "export"))
+        for path in (workdir, export_dir):
+            paths.check_scheme(path)
+        workdir_lib.check(workdir, config)
+        if config.export_artifact:
+            artifact.check_available()
+        _check_export_dir(ctx, export_dir)
+        # Every check passed: only now is anything written.
+        paths.makedirs(workdir)
+    with _lock(ctx):
+        return _run(ctx, arch, export_dir)
+
+
+@contextlib.contextmanager
+def _lock(ctx: Context):
+    """The work directory for this run alone (the chief holds the lock for every process)."""
+    with contextlib.ExitStack() as held:
+        refused = ""
+        if ctx.is_chief:
+            try:
+                held.enter_context(workdir_lib.lock(ctx.workdir))
+            except workdir_lib.WorkdirLockedError as e:
+                refused = str(e)
+        if parallel.any_process(bool(refused)):
+            raise workdir_lib.WorkdirLockedError(
+                refused or f"{ctx.workdir} is in use by another run (see process 0)"
+            )
+        yield
+
+
+def _run(ctx: Context, arch: Arch, export_dir: str) -> dict:
+    config, workdir = ctx.config, ctx.workdir
     if ctx.is_chief:
         checkpoint.write_json(paths.join(workdir, "config.json"), config.to_dict())
         n_params = _count(
@@ -431,26 +472,38 @@ def run(config, workdir: str) -> dict:
                 "params"
             ]
         )
+        n = ctx.mesh.devices.size
         logging.info(
-            "model %s: %d params, %.2f MMACs; data %s (%d train / %d test), %d devices",
+            "model %s: %d params, %.2f MMACs; data %s (%d train / %d test), %d device%s",
             arch.name,
             n_params,
             macs.model_macs(arch) / 1e6,
             config.data.name,
             len(ctx.train),
             len(ctx.test),
-            ctx.mesh.devices.size,
+            n,
+            "" if n == 1 else "s",
+        )
+    untrained = config.train.epochs == 0 and not config.model.checkpoint
+    if untrained:
+        logging.warning(
+            "the dense model is untrained (train.epochs=0 and no model.checkpoint): it scores "
+            "at chance, and pruned-vs-dense differences say nothing about the method"
         )
 
-    dense_params = train_dense(ctx, arch)
-    dense_eval = ctx.evaluate(ctx.build(arch), {"params": dense_params})
+    with stop.phase("train"):
+        dense_params = train_dense(ctx, arch)
+    with stop.phase("dense evaluation"):
+        dense_eval = ctx.evaluate(ctx.build(arch), {"params": dense_params})
 
     method = methods.from_config(config)
-    variables, masked_model = search(ctx, arch, dense_params, method)
-    masked_eval = ctx.evaluate(masked_model, variables)
-    p_arch, p_params = method.export(arch, variables)
-    exported_eval = ctx.evaluate(ctx.build(p_arch), {"params": p_params})
-    export_diff = _export_gap(ctx, masked_model, variables, p_arch, p_params)
+    with stop.phase("search"):
+        variables, masked_model = search(ctx, arch, dense_params, method)
+    with stop.phase("search evaluation"):
+        masked_eval = ctx.evaluate(masked_model, variables)
+        p_arch, p_params = method.export(arch, variables)
+        exported_eval = ctx.evaluate(ctx.build(p_arch), {"params": p_params})
+        export_diff = _export_gap(ctx, masked_model, variables, p_arch, p_params)
     logging.info(
         "search done: masked top1 %.2f, exported top1 %.2f, %s %.3f, "
         "max |masked - exported logit| %.2e",
@@ -461,75 +514,109 @@ def run(config, workdir: str) -> dict:
         export_diff,
     )
 
-    p_params = finetune(ctx, p_arch, p_params, arch, dense_params)
+    with stop.phase("finetune"):
+        p_params = finetune(ctx, p_arch, p_params, arch, dense_params)
     unpadded = p_arch
-    parallel.barrier("before export")  # every process sees the same is_finished
-    if not pruned.is_finished(export_dir):  # every process takes part in the save
-        if ctx.is_chief:
-            workdir_lib.record(workdir, config, "export")
-            workdir_lib.mark_export(workdir, export_dir)  # ours before it is finished
-        padded_arch, padded_params, multiple = _pad(ctx, p_arch, p_params)
-        kernels = _kernels(ctx, padded_arch, padded_params)
-        pruned.save_pruned(
-            export_dir,
-            padded_arch,
-            padded_params,
-            class_names=ctx.train.info.class_names,
-            method=config.method,
-            dense_macs=int(macs.model_macs(arch)),
-            export_pad=multiple,
-            cpu_kernels=kernels,
-            cpu_compiler_options=xla_cpu.SETS[kernels],  # for loaders without amap_jax
+    with stop.phase("export"):
+        parallel.barrier("before export")  # every process sees the same is_finished
+        if not pruned.is_finished(export_dir):  # every process takes part in the save
+            if ctx.is_chief:
+                workdir_lib.record(workdir, config, "export")
+                workdir_lib.mark_export(workdir, export_dir)  # ours before it is finished
+            padded_arch, padded_params, multiple = _pad(ctx, p_arch, p_params)
+            kernels = _kernels(ctx, padded_arch, padded_params)
+            stop.check()
+            pruned.save_pruned(
+                export_dir,
+                padded_arch,
+                padded_params,
+                class_names=ctx.train.info.class_names,
+                method=config.method,
+                dense_macs=int(macs.model_macs(arch)),
+                export_pad=multiple,
+                cpu_kernels=kernels,
+                cpu_compiler_options=xla_cpu.SETS[kernels],  # for loaders without amap_jax
+            )
+        if config.export_artifact and ctx.is_chief and not pruned.has_artifact(export_dir):
+            pruned.add_artifact(export_dir)  # deployable with jax alone
+        parallel.barrier("artifact written")
+        # What was exported, padding included (a finished export is read back, not redone).
+        model, loaded = pruned.load_pruned(export_dir)
+        p_arch, multiple = model.arch, pruned.read_meta(export_dir).get("export_pad", 1)
+    with stop.phase("final evaluation"):
+        pruned_eval = ctx.evaluate(model, loaded)
+        summary = {
+            "method": config.method,
+            "method_settings": {k: config[k].to_dict() for k in method.sections()},
+            "target_macs_ratio": config.search.target,
+            "dense": _report(ctx, arch, dense_params, dense_eval["top1"]),
+            "pruned": _report(
+                ctx,
+                p_arch,
+                loaded["params"],
+                pruned_eval["top1"],
+                unpadded,
+                pruned.kernels(export_dir),
+            ),
+            "pruned_before_finetune_top1": round(exported_eval["top1"], 2),
+            "masked_top1": round(masked_eval["top1"], 2),
+            "export_max_logit_diff": export_diff,
+            "arch": {
+                "dense": arch.name,
+                # per block: attention kind, heads, q/k and v per head, MLP, q/k/v and fc1 inputs
+                "pruned_blocks": [
+                    [b.attn, b.heads, b.qk_dim, b.v_dim, b.mlp_dim, *macs.widths(b, g.dim)[3:]]
+                    for b, g in zip(unpadded.blocks, unpadded.geometry(), strict=True)
+                ],
+            },
+            "export_dir": export_dir,
+            "export_pad": multiple,
+            "reference": config.reference,
+            **({"dense_untrained": True} if untrained else {}),
+        }
+        s = summary
+        s["macs_ratio"] = round(s["pruned"]["macs"] / s["dense"]["macs"], 4)
+        s["speedup"] = round(s["pruned"]["images_per_s"] / s["dense"]["images_per_s"], 3)
+        s["ideal_speedup"] = round(s["dense"]["macs"] / s["pruned"]["macs"], 3)
+        if "images_per_s_batch1" in s["pruned"]:  # token pruning: batch 1 is where it pays most
+            dense_b1 = throughput(
+                ctx.build(arch),
+                {"params": dense_params},
+                arch,
+                1,
+                seconds=config.eval.bench_seconds,
+            )
+            s["dense"]["images_per_s_batch1"] = round(dense_b1, 1)
+            s["speedup_batch1"] = round(s["pruned"]["images_per_s_batch1"] / dense_b1, 3)
+        s["budget"] = budget(
+            config.search, s["pruned"].get("padded_macs", s["pruned"]["macs"]), s["dense"]["macs"]
         )
-    # What was exported, padding included (a finished export is read back, not redone).
-    model, loaded = pruned.load_pruned(export_dir)
-    p_arch, multiple = model.arch, pruned.read_meta(export_dir).get("export_pad", 1)
-    if config.export_artifact and ctx.is_chief and not artifact.exists(export_dir):
-        artifact.write(export_dir, p_arch, loaded["params"])  # deployable with jax alone
-    parallel.barrier("artifact written")
-    pruned_eval = ctx.evaluate(model, loaded)
-
-    summary = {
-        "method": config.method,
-        "method_settings": {k: config[k].to_dict() for k in method.sections()},
-        "target_macs_ratio": config.search.target,
-        "dense": _report(ctx, arch, dense_params, dense_eval["top1"]),
-        "pruned": _report(
-            ctx,
-            p_arch,
-            loaded["params"],
-            pruned_eval["top1"],
-            unpadded,
-            pruned.kernels(export_dir),
-        ),
-        "pruned_before_finetune_top1": round(exported_eval["top1"], 2),
-        "masked_top1": round(masked_eval["top1"], 2),
-        "export_max_logit_diff": export_diff,
-        "arch": {
-            "dense": arch.name,
-            # per block: attention kind, heads, q/k and v per head, MLP, q/k/v and fc1 inputs
-            "pruned_blocks": [
-                [b.attn, b.heads, b.qk_dim, b.v_dim, b.mlp_dim, *macs.widths(b, g.dim)[3:]]
-                for b, g in zip(unpadded.blocks, unpadded.geometry(), strict=True)
-            ],
-        },
-        "export_dir": export_dir,
-        "export_pad": multiple,
-        "reference": config.reference,
-    }
-    s = summary
-    s["macs_ratio"] = round(s["pruned"]["macs"] / s["dense"]["macs"], 4)
-    s["speedup"] = round(s["pruned"]["images_per_s"] / s["dense"]["images_per_s"], 3)
-    s["ideal_speedup"] = round(s["dense"]["macs"] / s["pruned"]["macs"], 3)
-    if "images_per_s_batch1" in s["pruned"]:  # token pruning: batch 1 is where it pays most
-        dense_b1 = throughput(
-            ctx.build(arch), {"params": dense_params}, arch, 1, seconds=config.eval.bench_seconds
-        )
-        s["dense"]["images_per_s_batch1"] = round(dense_b1, 1)
-        s["speedup_batch1"] = round(s["pruned"]["images_per_s_batch1"] / dense_b1, 3)
+        if not s["budget"]["met"]:
+            logging.warning("%s", budget_message(s))
     if ctx.is_chief:
         checkpoint.write_json(paths.join(workdir, "summary.json"), summary)
     return summary
+
+
+def budget(search_cfg, achieved_macs: float, dense_macs: float) -> dict:
+    """The MACs budget as achieved by the export (padding included; for tokens the mean over
+    the test set) against the one asked for."""
+    achieved = achieved_macs / dense_macs
+    tol = search_cfg.target_tolerance
+    return {
+        "target": search_cfg.target,
+        "achieved": round(achieved, 4),
+        "tolerance": tol,
+        "met": bool(abs(achieved - search_cfg.target) <= tol),
+    }
+
+
+def budget_message(s: dict) -> str:
+    b = s["budget"]
+    return (
+        f"the export's MACs ratio {b['achieved']:.3f} misses its target {b['target']} by more "
+        f"than search.target_tolerance={b['tolerance']}; the export is kept in {s['export_dir']}"
+    )
 
 
 def format_summary(s: dict) -> str:

@@ -8,9 +8,18 @@ where the data lies) may change freely.
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
+import socket
+import time
+
+from etils import epath
+
 from amap_jax import config as config_lib
 from amap_jax import methods
 from amap_jax.io import paths
+from amap_jax.logs import log as logging
 from amap_jax.train import checkpoint
 
 RECORD = "stages.json"
@@ -24,7 +33,7 @@ _KEYS = {
     "export": ("export_pad",),
 }
 # Entries inside those that never change a result.
-_FREE = ("data.data_dir", "data.image_folder")
+_FREE = ("data.data_dir", "data.image_folder", "search.target_tolerance")
 
 
 class ConfigChangedError(ValueError):
@@ -131,3 +140,110 @@ def _default(key: str):
 
 
 _MISSING = object()
+
+
+# ----------------------------------------------------------------------------------------------
+# One run at a time per work directory
+
+LOCK = "lock.json"
+
+
+class WorkdirLockedError(ValueError):
+    """Another run holds the work directory."""
+
+
+def _started_at(pid: int) -> str | None:
+    """When process `pid` started (clock ticks since boot, /proc), or None where unknown: with
+    the pid it tells a live holder from a new process that reuses the number."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _alive(holder: dict) -> bool:
+    pid = int(holder.get("pid", -1))
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # someone else's process: alive
+    started = holder.get("started_at")
+    return started is None or _started_at(pid) in (None, started)
+
+
+def _me() -> dict:
+    return {
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "started_at": _started_at(os.getpid()),
+        "since": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+
+
+def _create(path: str, text: str) -> bool:
+    """Creates `path` holding `text` unless it exists: written aside, then linked into place
+    (atomic on a local disk; a reader never sees half of it)."""
+    if not paths.is_local(path):  # object stores have no exclusive create: best effort
+        if paths.exists(path):
+            return False
+        paths.write_atomic(path, text)
+        return True
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    try:
+        os.link(tmp, path)
+        return True
+    except FileExistsError:
+        return False
+    finally:
+        os.remove(tmp)
+
+
+def _holder(path: str) -> dict | None:
+    try:
+        return json.loads(paths.read_text(path))
+    except FileNotFoundError:
+        return None  # released meanwhile
+    except ValueError:
+        return {}
+
+
+@contextlib.contextmanager
+def lock(workdir: str):
+    """Holds WORKDIR/lock.json (host, pid) for the block. A second run refuses in one line
+    naming the holder; a lock left by a dead process of this host (kill -9) is taken over."""
+    path = paths.join(workdir, LOCK)
+    me = _me()
+    for _ in range(3):
+        if _create(path, json.dumps(me)):
+            break
+        holder = _holder(path)
+        if holder is None:
+            continue
+        if holder.get("host") == me["host"] and not _alive(holder):
+            logging.warning(
+                "%s: taking over the lock of process %s, which is gone", workdir, holder.get("pid")
+            )
+            with contextlib.suppress(FileNotFoundError):
+                epath.Path(path).unlink()
+            continue
+        since = f" since {holder['since']}" if holder.get("since") else ""
+        gone = "" if holder.get("host") == me["host"] else f"; if that run is gone, delete {path}"
+        raise WorkdirLockedError(
+            f"{workdir} is in use by another run (pid {holder.get('pid')} on "
+            f"{holder.get('host')}{since}); wait for it to end or pass another --workdir{gone}"
+        )
+    else:
+        raise WorkdirLockedError(f"cannot take the lock {path}: it keeps changing")
+    try:
+        yield
+    finally:
+        if (_holder(path) or {}).get("pid") == me["pid"]:
+            with contextlib.suppress(OSError):
+                epath.Path(path).unlink()

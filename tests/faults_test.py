@@ -23,7 +23,7 @@ import amap_jax
 from amap_jax import cli, pipeline
 from amap_jax import workdir as workdir_lib
 from amap_jax.data import DataError, load_source
-from amap_jax.io import pretrained
+from amap_jax.io import pretrained, pruned
 from amap_jax.train import checkpoint
 from amap_jax.train.checkpoint import Checkpointer, CheckpointError
 from amap_jax.train.loop import Diverged
@@ -71,7 +71,11 @@ def test_unwritable_workdir_names_the_path():
 
 def test_full_disk_is_one_line():
     e = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/w/search/200")
-    assert cli.describe(e) == ("cannot write /w/search/200: No space left on device", 2)
+    assert cli.describe(e) == (
+        "cannot write /w/search/200: No space left on device; free space and rerun (what was "
+        "saved is kept)",
+        2,
+    )
     assert cli.describe(KeyError("a bug")) is None  # bugs keep their traceback
 
 
@@ -341,6 +345,7 @@ def test_weights_that_do_not_match_model_json(finished_run, tmp_path):
     path = os.path.join(workdir, "export", "model.json")
     meta = checkpoint.read_json(path)
     meta["arch"]["blocks"][0]["mlp_dim"] += 1
+    meta["manifest"]["model.json"] = pruned.fields_digest(meta)  # consistent, other weights
     checkpoint.write_json(path, meta)
     with pytest.raises(CheckpointError, match=r"do not match .*model.json: block_0/mlp/fc1/bias"):
         amap_jax.load_pruned(os.path.join(workdir, "export"))
@@ -376,16 +381,25 @@ def test_summary_is_standard_json(tmp_path):
     assert json.loads(text) == {"loss": None, "x": [1.0, None]}
 
 
-def test_kill_and_preemption_in_every_stage_give_the_uninterrupted_export(finished_run, tmp_path):
-    """kill -9 in training, search and fine-tuning, then SIGTERM (saves, exit 75), then a clean
-    finish: the export is bit-identical to an uninterrupted run's."""
+def test_kill_and_preemption_in_every_phase_give_the_uninterrupted_export(finished_run, tmp_path):
+    """kill -9 in training, search and fine-tuning (each leaves a stale lock behind), SIGTERM in
+    a training loop (saves, exit 75) and outside one (the evaluation after the search, the
+    export, the final evaluation: exit 75, nothing lost), then a clean finish: the export is
+    bit-identical to an uninterrupted run's."""
     workdir = str(tmp_path / "w")
     config = TINY_CONFIG
     env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
     args = ("--config", config, "--workdir", workdir)
-    for fault in ("SIGKILL@train:25", "SIGKILL@search:10", "SIGKILL@finetune:8"):
+    for fault in ("SIGKILL@train:25", "SIGKILL@search:10"):
         r = _train_py(*args, env={**env, "AMAP_FAULT": fault})
         assert r.returncode == -signal.SIGKILL, (fault, r.stderr[-2000:])
+    r = _train_py(*args, env={**env, "AMAP_FAULT": "SIGTERM@search evaluation"})
+    assert _one_line(r, 75) == (
+        "stopped: search evaluation preempted (SIGTERM); run the same command to resume"
+    )
+    assert "taking over the lock of process" in r.stderr  # the kill -9 left it
+    r = _train_py(*args, env={**env, "AMAP_FAULT": "SIGKILL@finetune:8"})
+    assert r.returncode == -signal.SIGKILL, r.stderr[-2000:]
     r = _train_py(*args, env={**env, "AMAP_FAULT": "SIGTERM@finetune:21"})
     line = _one_line(r, 75)
     assert line == (
@@ -395,27 +409,45 @@ def test_kill_and_preemption_in_every_stage_give_the_uninterrupted_export(finish
     assert not any(
         ".orbax-checkpoint-tmp" in n for n in os.listdir(os.path.join(workdir, "finetune"))
     )
+    for phase in ("export", "final evaluation"):
+        r = _train_py(*args, env={**env, "AMAP_FAULT": f"SIGTERM@{phase}"})
+        assert _one_line(r, 75) == (
+            f"stopped: {phase} preempted (SIGTERM); run the same command to resume"
+        )
+        assert not os.path.exists(os.path.join(workdir, workdir_lib.LOCK))  # released
     r = _train_py(*args, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip().splitlines()[-1] == (
+        f"summary: {workdir}/summary.json; export: {workdir}/export; "
+        f"TensorBoard: tensorboard --logdir {workdir}/tensorboard"
+    )
     _assert_same_export(finished_run[0], workdir)
+
+
+def _start(workdir, *overrides, fault=None):
+    env = {
+        **os.environ,
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+        **({"AMAP_FAULT": fault} if fault else {}),
+    }
+    return subprocess.Popen(
+        [sys.executable, os.path.join(ROOT, "train.py"), "--config", TINY_CONFIG, "--workdir",
+         workdir, *overrides],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env,
+    )  # fmt: skip
+
+
+def _wait_for(path, p, timeout=120):
+    end = time.time() + timeout
+    while p.poll() is None and not os.path.exists(path) and time.time() < end:
+        time.sleep(0.01)
+    assert os.path.exists(path), p.communicate()[1][-2000:]
 
 
 def test_ctrl_c_twice_saves_once_and_prints_one_line(tmp_path):
     workdir = str(tmp_path / "w")
-    config = TINY_CONFIG
-    env = {
-        **os.environ,
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
-        "AMAP_FAULT": "SIGINT@train:5",
-    }
     # The fault sends the first SIGINT from inside; the test sends a second one right after.
-    p = subprocess.Popen(
-        [sys.executable, os.path.join(ROOT, "train.py"), "--config", config, "--workdir", workdir],
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=ROOT,
-        env=env,
-    )
+    p = _start(workdir, fault="SIGINT@train:5")
     stage = os.path.join(workdir, "dense")
     while p.poll() is None and not (os.path.isdir(stage) and "5" in os.listdir(stage)):
         time.sleep(0.01)
@@ -428,3 +460,259 @@ def test_ctrl_c_twice_saves_once_and_prints_one_line(tmp_path):
         "stopped: train interrupted at step 5; checkpoint saved; run the same command to resume"
     )
     assert Checkpointer(stage).latest_step() == 5
+
+
+def test_ctrl_c_pressed_three_times_is_never_lost(tmp_path):
+    """Three presses 20 ms apart while training: a flag, never an exception from the handler
+    (which a garbage-collector callback could swallow), so the run always stops, once."""
+    for trial in range(2):
+        workdir = str(tmp_path / f"w{trial}")
+        p = _start(workdir)
+        _wait_for(os.path.join(workdir, "scalars.jsonl"), p)
+        time.sleep(0.5 * trial)
+        for _ in range(3):
+            p.send_signal(signal.SIGINT)
+            time.sleep(0.02)
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 130, err[-2000:]
+        last = err.strip().splitlines()[-1]
+        assert last.startswith("stopped: train interrupted at step ") and last.endswith(
+            "; checkpoint saved; run the same command to resume"
+        ), err[-2000:]
+        step = int(last.split("at step ")[1].split(";")[0])
+        assert Checkpointer(os.path.join(workdir, "dense")).latest_step() == step
+
+
+def test_second_run_on_a_workdir_refuses_and_the_first_lands_off_budget(tmp_path):
+    """Run A holds the work directory; run B, started meanwhile, refuses at once in one line
+    naming A. A trains nothing (train.epochs=0: warned) and asks for an exact budget
+    (target_tolerance=0), which its export misses: exit 4, export and summary kept."""
+    workdir = str(tmp_path / "w")
+    overrides = ("--config.train.epochs=0", "--config.search.target_tolerance=0")
+    a = _start(workdir, *overrides)
+    _wait_for(os.path.join(workdir, workdir_lib.LOCK), a)
+    b = _start(workdir, *overrides)
+    _, err_b = b.communicate(timeout=120)
+    assert b.returncode == 2, err_b[-2000:]
+    line = [x for x in err_b.splitlines() if x.strip()][-1]
+    assert line.startswith(f"error: {workdir} is in use by another run (pid {a.pid} on ")
+    assert line.endswith("; wait for it to end or pass another --workdir")
+    out_a, err_a = a.communicate(timeout=300)
+    assert a.returncode == 4, err_a[-2000:]
+    assert "the dense model is untrained (train.epochs=0 and no model.checkpoint)" in err_a
+    summary = json.loads(open(os.path.join(workdir, "summary.json")).read())
+    b_ = summary["budget"]
+    assert b_["target"] == 0.6 and b_["tolerance"] == 0 and not b_["met"]
+    assert summary["dense_untrained"] is True
+    assert err_a.strip().splitlines()[-1] == (
+        f"error: the export's MACs ratio {b_['achieved']:.3f} misses its target 0.6 by more "
+        f"than search.target_tolerance=0.0; the export is kept in {workdir}/export"
+    )
+    assert "dense" in out_a and os.path.exists(os.path.join(workdir, "export", "model.json"))
+    assert not os.path.exists(os.path.join(workdir, workdir_lib.LOCK))
+
+
+def test_stale_and_foreign_locks(tmp_path, caplog):
+    import socket
+
+    workdir = str(tmp_path)
+    path = os.path.join(workdir, workdir_lib.LOCK)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    with open(path, "w") as f:
+        json.dump({"host": socket.gethostname(), "pid": dead.pid}, f)
+    with workdir_lib.lock(workdir):
+        assert json.load(open(path))["pid"] == os.getpid()
+    assert f"taking over the lock of process {dead.pid}, which is gone" in caplog.text
+    assert not os.path.exists(path)
+    with open(path, "w") as f:
+        json.dump({"host": "elsewhere", "pid": 1, "since": "2026-01-01 00:00:00"}, f)
+    with pytest.raises(workdir_lib.WorkdirLockedError) as e:
+        with workdir_lib.lock(workdir):
+            pass
+    assert str(e.value) == (
+        f"{workdir} is in use by another run (pid 1 on elsewhere since 2026-01-01 00:00:00); "
+        f"wait for it to end or pass another --workdir; if that run is gone, delete {path}"
+    )
+
+
+def test_full_disk_is_one_line_and_the_rerun_finishes(finished_run, tmp_path):
+    """The work directory on a 300 kB tmpfs (a mount namespace of its own): the first
+    checkpoint does not fit: one line naming it, exit 2; with room, the rerun finishes with
+    the uninterrupted run's export."""
+    mount, keep = tmp_path / "mnt", tmp_path / "kept"
+    mount.mkdir()
+    run = (
+        f"XLA_FLAGS=--xla_force_host_platform_device_count=2 {sys.executable} train.py "
+        f"--config {TINY_CONFIG} --workdir {mount}/w"
+    )
+    script = (
+        f"mount -t tmpfs -o size=300k tmpfs {mount} && {{ {run} 2>{tmp_path}/err1; "
+        f"echo $? > {tmp_path}/rc1; mount -o remount,size=50m {mount} && {run} 2>{tmp_path}/err2;"
+        f" echo $? > {tmp_path}/rc2; cp -r {mount}/w {keep}; }}"
+    )
+    r = subprocess.run(["unshare", "-rm", "bash", "-c", script], cwd=ROOT, timeout=600,
+                       capture_output=True, text=True)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    err1 = (tmp_path / "err1").read_text()
+    assert (tmp_path / "rc1").read_text().strip() == "2", err1[-2000:]
+    assert "Traceback" not in err1
+    last = err1.strip().splitlines()[-1]
+    assert last.startswith(f"error: cannot write {mount}/w/dense/20: No space left on device (")
+    assert last.endswith("MB free); free space and rerun (what was saved is kept)")
+    assert (tmp_path / "rc2").read_text().strip() == "0", (tmp_path / "err2").read_text()[-2000:]
+    _assert_same_export(finished_run[0], str(keep))
+
+
+def test_disk_full_inside_orbax_is_the_oserror_it_is():
+    with pytest.raises(OSError) as e:
+        with checkpoint._disk_errors("/w/search/40"):
+            raise ValueError(
+                'RESOURCE_EXHAUSTED: Error writing "x" in OCDBT database at local file "/w/'
+                'search/40.orbax-checkpoint-tmp/": Failed to write 20576 bytes to file 8: No '
+                "space left on device [os_error_code='28']"
+            )
+    assert cli.describe(e.value) == (
+        "cannot write /w/search/40: No space left on device; free space and rerun (what was "
+        "saved is kept)",
+        2,
+    )
+    with pytest.raises(ValueError, match="another failure"):  # anything else stays itself
+        with checkpoint._disk_errors("/w"):
+            raise ValueError("another failure")
+
+
+# ----------------------------------------------------------------------------------------------
+# Several processes
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_unreachable_coordinator_is_one_line(tmp_path):
+    port = _free_port()  # on loopback, and nothing listens there
+    t = time.time()
+    r = _train_py("--config", TINY_CONFIG, "--workdir", str(tmp_path / "w"),
+                  f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+                  "--process_id=1", "--distributed_timeout=2")  # fmt: skip
+    assert _one_line(r, 2) == (
+        f"error: the coordinator 127.0.0.1:{port} did not answer within 2 s "
+        "(--distributed_timeout): is process 0 running, and is the address right?"
+    )
+    assert time.time() - t < 60
+    assert not (tmp_path / "w").exists()
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (
+            ("--coordinator_address=127.0.0.1:1", "--num_processes=2", "--process_id=2"),
+            "error: --process_id=2 must be in [0, 2) (--num_processes=2)",
+        ),
+        (
+            ("--coordinator_address=nohost", "--num_processes=2", "--process_id=0"),
+            "error: --coordinator_address must be HOST:PORT, got 'nohost'",
+        ),
+        (
+            ("--config.num_devices=-1",),
+            "error: num_devices must be >= 0 (0: all visible devices), got -1",
+        ),
+    ],
+)
+def test_bad_process_settings_are_one_line(tmp_path, args, message):
+    r = _train_py("--config", TINY_CONFIG, "--workdir", str(tmp_path / "w"), *args)
+    assert _one_line(r, 2) == message
+    assert not (tmp_path / "w").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# Runs that cannot do what was asked: refused before anything is written
+
+
+@pytest.mark.parametrize(
+    "setting,value,message",
+    [
+        ("data.train_split", "train[:0]", "data: split 'train[:0]' of digits is empty"),
+        (
+            "search.batch_size",
+            2048,
+            "search.batch_size 2048 is larger than the 1497 training images of 'train': not one "
+            "full batch",
+        ),
+    ],
+)
+def test_empty_split_or_no_full_batch_is_refused_first(tmp_path, setting, value, message):
+    c = tiny_config()
+    section, leaf = setting.split(".")
+    c[section][leaf] = value
+    with pytest.raises(ValueError) as e:
+        pipeline.run(c, str(tmp_path / "w"))
+    assert str(e.value) == message
+    assert not (tmp_path / "w").exists()
+
+
+def test_missing_runtime_packages_are_named_before_the_run(tmp_path, monkeypatch):
+    """A dependency the run needs at its very end (flatbuffers for forward.jax; gcsfs for
+    gs://) is checked before anything is written, not after hours of training."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    missing = {"flatbuffers", "gcsfs", "tensorflow"}
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name in missing else real(name, *a)
+    )
+    c = tiny_config()
+    c.export_artifact = True
+    with pytest.raises(ImportError) as e:
+        pipeline.run(c, str(tmp_path / "w"))
+    assert str(e.value) == (
+        "writing export/forward.jax needs the flatbuffers package: pip install flatbuffers "
+        "(or --config.export_artifact=false)"
+    )
+    assert not (tmp_path / "w").exists()
+    c.export_artifact = False
+    with pytest.raises(ImportError) as e:
+        pipeline.run(c, "gs://bucket/run")
+    assert str(e.value) == "gs://bucket/run: gs:// paths need gcsfs: pip install 'amap_jax[gcs]'"
+    assert cli.describe(e.value) == (str(e.value), 2)
+
+
+def test_progress_bar_fits_the_terminal_and_log_lines_clear_it(monkeypatch, capsys):
+    import io
+    import logging
+
+    from amap_jax import logs
+    from amap_jax.train.loop import Progress
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    err = Tty()
+    monkeypatch.setattr(sys, "stderr", err)
+    monkeypatch.setattr(logs, "width", lambda: 60)
+    handler = logs._Handler(err)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger = logging.getLogger("amap_jax_progress_test")
+    logger.addHandler(handler)
+    p = Progress("finetune", 1000, 0, enabled=True)
+    for step in (10, 20):
+        p.last = 0.0
+        p.update(step, {"loss": 1.44, "accuracy": 0.5, "macs_ratio": 0.7})
+    logger.warning("finetune epoch 1 step 20: loss=1.44")
+    p.last = 0.0
+    p.update(1000, {"loss": 1.0})
+    text = err.getvalue()
+    drawn = [chunk for chunk in text.split("\r\x1b[K") if chunk]
+    # Every redraw starts by clearing the line, is cut to the width, and a log line starts
+    # on a cleared line and ends its own.
+    assert all(len(chunk.rstrip("\n")) < 60 for chunk in drawn), drawn
+    assert drawn[2] == "finetune epoch 1 step 20: loss=1.44\n"
+    assert drawn[1].startswith("finetune [") and drawn[-1].endswith("\n")
+    logger.removeHandler(handler)

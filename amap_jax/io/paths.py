@@ -4,14 +4,33 @@ s3://), through etils.epath, the path library orbax uses. `os.path` would turn
 
 from __future__ import annotations
 
+import errno
+import importlib.util
 import os
 import posixpath
+import shutil
 
 from etils import epath
+
+# Packages a scheme needs beside etils: epath reads and writes it through them, or through
+# TensorFlow's file systems where TensorFlow is installed.
+SCHEME_PACKAGES = {"gs": ("gcsfs", "amap_jax[gcs]"), "s3": ("s3fs", "s3fs")}
 
 
 def is_local(path) -> bool:
     return "://" not in str(path)
+
+
+def check_scheme(path) -> None:
+    """A one-line ImportError now, before any work, when `path`'s file system needs a package
+    that is not installed (gs:// needs gcsfs)."""
+    if is_local(path):
+        return
+    scheme = str(path).split("://", 1)[0]
+    package, install = SCHEME_PACKAGES.get(scheme, (None, None))
+    have = lambda name: importlib.util.find_spec(name) is not None  # noqa: E731
+    if package and not have(package) and not have("tensorflow"):
+        raise ImportError(f"{path}: {scheme}:// paths need {package}: pip install '{install}'")
 
 
 def absolute(path) -> str:
@@ -88,3 +107,22 @@ def files(directory) -> list[str]:
         rel = str(where)[len(str(root)) :].lstrip("/")
         out += [posixpath.join(rel, n) if rel else n for n in names]
     return sorted(out)
+
+
+def ensure_space(path: str, size: int) -> None:
+    """A one-line OSError (ENOSPC) naming `path` before writing `size` bytes there on a local
+    disk that cannot hold them: a save that fills the disk fails deep inside orbax's threads,
+    with hundreds of lines of tracebacks."""
+    if not is_local(path):
+        return
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    free = shutil.disk_usage(probe).free
+    need = int(size * 1.1) + (256 << 10)  # metadata and orbax's own files
+    if free < need:
+        raise OSError(
+            errno.ENOSPC,
+            f"{os.strerror(errno.ENOSPC)} ({need / 1e6:.1f} MB needed, {free / 1e6:.1f} MB free)",
+            path,
+        )

@@ -8,9 +8,12 @@ from an older step reaches the same result.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import math
+import os
 
 import jax
 import numpy as np
@@ -26,6 +29,25 @@ SEAL = "amap_sha256.json"
 
 class CheckpointError(RuntimeError):
     """A checkpoint directory that cannot be restored (corrupt, or another model's)."""
+
+
+def nbytes(tree) -> int:
+    return int(sum(np.dtype(x.dtype).itemsize * np.size(x) for x in jax.tree.leaves(tree)))
+
+
+@contextlib.contextmanager
+def _disk_errors(path: str):
+    """An orbax/tensorstore failure from a full disk as the OSError it is, naming `path`."""
+    try:
+        yield
+    except OSError:
+        raise
+    except Exception as e:
+        text = str(e)
+        for code in (errno.ENOSPC, errno.EDQUOT):
+            if os.strerror(code) in text or f"os_error_code='{code}'" in text:
+                raise OSError(code, os.strerror(code), path) from None
+        raise
 
 
 def digest(directory: str) -> dict[str, str]:
@@ -77,14 +99,17 @@ class Checkpointer:
 
     def save(self, step: int, tree) -> None:
         self._seal()
-        self._manager.save(step, args=ocp.args.StandardSave(tree))
+        paths.ensure_space(self._step_dir(step), nbytes(tree))
+        with _disk_errors(self._step_dir(step)):
+            self._manager.save(step, args=ocp.args.StandardSave(tree))
         self._unsealed.append(step)
 
     def _seal(self) -> None:
         """Checksums of the saves that have committed since the last seal."""
         if not self._unsealed:
             return
-        self._manager.wait_until_finished()
+        with _disk_errors(self._step_dir(self._unsealed[-1])):
+            self._manager.wait_until_finished()
         parallel.barrier("checkpoint committed")  # every process's files are written
         if parallel.is_chief():
             for step in self._unsealed:
@@ -173,7 +198,8 @@ class Checkpointer:
             )
 
     def wait(self) -> None:
-        self._manager.wait_until_finished()
+        with _disk_errors(self.directory):
+            self._manager.wait_until_finished()
         self._seal()
 
     def close(self) -> None:
@@ -185,8 +211,10 @@ def save_tree(directory: str, tree) -> dict[str, str]:
     """Writes a finished pytree (e.g. exported params) once, synchronously; returns its
     checksums."""
     directory = paths.absolute(directory)
-    with ocp.StandardCheckpointer() as ckpt:
-        ckpt.save(directory, jax.tree.map(np.asarray, tree))
+    tree = jax.tree.map(np.asarray, tree)
+    paths.ensure_space(directory, nbytes(tree))
+    with _disk_errors(directory), ocp.StandardCheckpointer() as ckpt:
+        ckpt.save(directory, tree)
     return digest(directory)
 
 
@@ -232,12 +260,12 @@ def load_tree(directory: str, target, checksums: dict[str, str] | None = None):
             raise CheckpointError(f"cannot read weights in {directory}: {msg}") from None
 
 
-def _standard(obj):
+def standard(obj):
     """JSON has no NaN or infinity: non-finite floats become null."""
     if isinstance(obj, dict):
-        return {k: _standard(v) for k, v in obj.items()}
+        return {k: standard(v) for k, v in obj.items()}
     if isinstance(obj, list | tuple):
-        return [_standard(v) for v in obj]
+        return [standard(v) for v in obj]
     if isinstance(obj, float | np.floating) and not math.isfinite(obj):
         return None
     return obj
@@ -245,7 +273,7 @@ def _standard(obj):
 
 def write_json(path: str, obj) -> None:
     """Atomic, standard JSON write: a reader never sees half a file, or a bare NaN."""
-    paths.write_atomic(path, json.dumps(_standard(obj), indent=1, allow_nan=False))
+    paths.write_atomic(path, json.dumps(standard(obj), indent=1, allow_nan=False))
 
 
 def read_json(path: str):

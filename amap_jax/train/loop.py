@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 import signal
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 
 import numpy as np
 
+from amap_jax import logs
 from amap_jax.logs import log as logging
-from amap_jax.train import parallel
+from amap_jax.train import parallel, stop
 from amap_jax.train.checkpoint import Checkpointer
 from amap_jax.train.scalars import Scalars
 
@@ -27,17 +26,17 @@ class Hook:
 
 
 class Progress:
-    """One-line progress bar on a terminal; periodic log lines elsewhere."""
+    """One-line progress bar on a terminal (as wide as the terminal at most); periodic log
+    lines elsewhere."""
 
     def __init__(self, name: str, total: int, start: int, enabled: bool):
         self.name, self.total, self.start = name, total, start
-        self.enabled = enabled
-        self.tty = sys.stderr.isatty()
+        self.enabled = enabled and sys.stderr.isatty()
         self.t0 = time.time()
         self.last = 0.0
 
     def update(self, step: int, metrics: dict[str, float] | None = None) -> None:
-        if not self.enabled or not self.tty:
+        if not self.enabled:
             return
         now = time.time()
         if now - self.last < 0.5 and step < self.total:
@@ -46,76 +45,26 @@ class Progress:
         done = (step - self.start) / max(self.total - self.start, 1)
         rate = (step - self.start) / max(now - self.t0, 1e-9)
         eta = (self.total - step) / rate if rate > 0 else 0
-        bar = "#" * int(30 * done) + "." * (30 - int(30 * done))
         tail = " ".join(f"{k}={v:.3f}" for k, v in (metrics or {}).items())
-        sys.stderr.write(
-            f"\r{self.name} [{bar}] {step}/{self.total} {rate:.1f} it/s eta {eta:.0f}s {tail}"
-        )
+        text = f"{step}/{self.total} {rate:.1f} it/s eta {eta:.0f}s {tail}"
+        # The bar takes what the terminal leaves beside the name and the numbers (10 to 30).
+        room = min(max(logs.width() - len(self.name) - len(text) - 5, 10), 30)
+        bar = "#" * int(room * done) + "." * (room - int(room * done))
+        logs.draw_bar(f"{self.name} [{bar}] {text}")
         if step >= self.total:
-            sys.stderr.write("\n")
-        sys.stderr.flush()
+            logs.end_bar()
 
 
 class Diverged(RuntimeError):
     """A non-finite loss or gradient: the stage stops, its last good checkpoint is kept."""
 
 
-class Preempted(Exception):
-    """SIGTERM (a preempted TPU VM, a SLURM job at its time limit): checkpoint saved."""
-
-    exit_code = 75  # EX_TEMPFAIL: a job script may requeue
-
-
-class Interrupted(KeyboardInterrupt):
-    """Ctrl-C: checkpoint saved."""
-
-    exit_code = 130
-
-
-FAULT_ENV = "AMAP_FAULT"  # tests: "SIGKILL@search:3" sends that signal after step 3 of search
-
-
-def _fault(name: str) -> tuple[int, int] | None:
-    spec = os.environ.get(FAULT_ENV, "")
-    if not spec:
-        return None
-    sig, _, where = spec.partition("@")
-    stage, _, step = where.partition(":")
-    return (getattr(signal, sig), int(step)) if stage == name else None
-
-
-class _SigTerm:
-    """Turns SIGTERM into a flag the loop checks after each step (main thread only)."""
-
-    def __init__(self):
-        self.received = False
-        self._previous = None
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        self.received = True
-
-    def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-
-
 def _save_now(ckpt: Checkpointer, state, start: int) -> int:
-    """Saves the current state (once) and waits for it, deaf to further Ctrl-C meanwhile."""
+    """Saves the current state (once) and waits for it."""
     step = int(state.step)
-    main = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main else None
-    try:
-        if step > start and ckpt.latest_step() != step:
-            ckpt.save(step, state)
-        ckpt.wait()
-    finally:
-        if main:
-            signal.signal(signal.SIGINT, previous)
+    if step > start and ckpt.latest_step() != step:
+        ckpt.save(step, state)
+    ckpt.wait()
     return step
 
 
@@ -142,7 +91,8 @@ def fit(
     """Runs `step_fn` from the last checkpoint in `directory` to `num_steps`; returns the state.
 
     `batches(start_step)` yields this process's slice of each global batch from that step on.
-    Ctrl-C (`Interrupted`) and SIGTERM (`Preempted`) save a checkpoint first; a non-finite
+    Ctrl-C (`stop.Interrupted`) and SIGTERM (`stop.Preempted`), seen by any process, stop
+    every process after the same step with a checkpoint; a non-finite
     loss or gradient (`Diverged`) saves nothing, so the last checkpoint is the last good state.
     With `scalars_dir`, the chief writes the metrics' running means every `scalars_every`
     steps (with the learning rate `lr_fn(step)`) and what `on_epoch` reports (`Scalars`).
@@ -162,14 +112,13 @@ def fit(
         logging.info("%s: resuming at step %d/%d", name, start, num_steps)
     progress = Progress(name, num_steps, start, is_chief)
     scalars = Scalars(scalars_dir, name, start, enabled=is_chief)
-    fault = _fault(name)
     it = batches(start)
     sums: dict[str, float] = {}
     window: dict[str, float] = {}  # since the last scalars write
     count = wcount = 0
     step = start
     try:
-        with _SigTerm() as term:
+        with stop.loop():
             for step in range(start + 1, num_steps + 1):
                 state, metrics = step_fn(state, place.batch(next(it)), *step_args)
                 for h in hooks:
@@ -202,16 +151,19 @@ def fit(
                     sums, count = {}, 0
                 if step % checkpoint_every == 0 or step == num_steps:
                     ckpt.save(step, place.host(state))
-                if fault is not None and fault[1] == step:
-                    os.kill(os.getpid(), fault[0])
-                if parallel.any_process(term.received):  # every process stops at this step
+                stop.inject(name, step)
+                if parallel.any_process(stop.requested() is not None):
                     saved = _save_now(ckpt, place.host(state), start)
-                    raise Preempted(f"{name} preempted (SIGTERM) at step {saved}; checkpoint saved")
-    except KeyboardInterrupt:
+                    # Another process's signal is a preemption here too.
+                    e = stop.error(name, stop.requested() or signal.SIGTERM)
+                    raise type(e)(f"{e} at step {saved}; checkpoint saved")
+    except KeyboardInterrupt as e:  # raised by someone else's handler: save all the same
+        if isinstance(e, stop.Interrupted):
+            raise
         saved = _save_now(ckpt, place.host(state), start)
-        logging.warning("%s interrupted at step %d; checkpoint saved", name, saved)
-        raise Interrupted(f"{name} interrupted at step {saved}; checkpoint saved") from None
+        raise stop.Interrupted(f"{name} interrupted at step {saved}; checkpoint saved") from None
     finally:
+        logs.end_bar()
         scalars.close()
         if hasattr(it, "close"):  # stop the prefetch thread
             it.close()

@@ -7,6 +7,9 @@ several processes (`initialize`), each reads its slice of every global batch, th
 
 from __future__ import annotations
 
+import socket
+import time
+
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
@@ -20,14 +23,50 @@ def initialize(
     coordinator_address: str | None = None,
     num_processes: int | None = None,
     process_id: int | None = None,
+    timeout: int = 300,
 ) -> None:
     """JAX's multi-process runtime: from the arguments, or (all None) from the environment
-    that JAX recognises (Cloud TPU pod slices, SLURM, Open MPI)."""
+    that JAX recognises (Cloud TPU pod slices, SLURM, Open MPI). Waits `timeout` seconds for
+    the others. Bad arguments, or a coordinator that does not answer within `timeout`, are a
+    one-line ValueError here: inside JAX they abort the process with a C++ stack trace."""
+    if coordinator_address is not None:
+        host, _, port = coordinator_address.rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError(
+                f"--coordinator_address must be HOST:PORT, got {coordinator_address!r}"
+            )
+        if num_processes is None or process_id is None:
+            raise ValueError("--coordinator_address needs --num_processes and --process_id")
+        if num_processes < 1 or not 0 <= process_id < num_processes:
+            raise ValueError(
+                f"--process_id={process_id} must be in [0, {num_processes}) "
+                f"(--num_processes={num_processes})"
+            )
+        if process_id != 0:  # process 0 starts the coordinator; the others must reach it
+            _wait_for(host, int(port), timeout)
     jax.distributed.initialize(
         coordinator_address=coordinator_address,
         num_processes=num_processes,
         process_id=process_id,
+        initialization_timeout=timeout,
     )
+
+
+def _wait_for(host: str, port: int, timeout: float) -> None:
+    """Returns once something accepts connections at host:port; a one-line error after
+    `timeout` seconds."""
+    end = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=min(5.0, timeout)):
+                return
+        except OSError:
+            if time.monotonic() >= end:
+                raise ValueError(
+                    f"the coordinator {host}:{port} did not answer within {timeout:g} s "
+                    "(--distributed_timeout): is process 0 running, and is the address right?"
+                ) from None
+            time.sleep(0.2)
 
 
 def is_chief() -> bool:
