@@ -11,7 +11,7 @@ from amap_jax import methods
 
 def defaults() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    c.method = "amap"  # amap | vtp | magnitude | random (amap_jax.methods)
+    c.method = "amap"  # one of amap_jax.methods.names()
     c.method_widths_from = ""  # magnitude/random: copy per-layer widths from this run's export
     c.seed = 0
     c.num_devices = 0  # 0: all visible devices
@@ -95,7 +95,9 @@ def defaults() -> ml_collections.ConfigDict:
         # A run whose export (padding included) lands further than this from `target` ends
         # with exit 4 (export and summary kept).
         target_tolerance=0.02,
-        kd_weight=0.0,
+        # Distillation from the dense model while searching, for every method alike: AS-ViT's
+        # paper and code train with it (weight 0.5), and the methods compare on one objective.
+        kd_weight=0.5,
         kd_temperature=1.0,
     )
     # Each method's own settings (defaults and meaning: amap_jax/methods/).
@@ -178,8 +180,9 @@ def validate(c: ml_collections.ConfigDict) -> None:
                 bracket = "(" if low_open else "["
                 raise ValueError(f"{name}.{leaf} must be in {bracket}{low}, {high}], got {value}")
     methods.from_config(c)  # the method checks its own section
-    if c.method_widths_from and c.method not in ("magnitude", "random"):
-        raise ValueError(f"method_widths_from is for magnitude/random, not {c.method!r}")
+    if c.method_widths_from and not methods.get(c.method).takes_widths:
+        takers = [n for n in methods.names() if methods.get(n).takes_widths]
+        raise ValueError(f"method_widths_from is for {'/'.join(takers)}, not {c.method!r}")
     m = c.model
     if m.family not in ("vit", "swin"):
         raise ValueError(f"model.family must be 'vit' or 'swin', got {m.family!r}")

@@ -20,7 +20,8 @@ from amap_jax import workdir as workdir_lib
 from amap_jax.data.splits import open_split
 from amap_jax.io import artifact, paths, pretrained, pruned
 from amap_jax.logs import log as logging
-from amap_jax.methods import Method, asvit
+from amap_jax.methods import Method
+from amap_jax.methods.base import CalibrationBatch
 from amap_jax.models import tokens
 from amap_jax.models.arch import Arch, swin_arch, vit_arch
 from amap_jax.pruning import macs, padding
@@ -110,9 +111,13 @@ class Context:
         dtype = jnp.bfloat16 if self.config.model.dtype == "bfloat16" else jnp.float32
         return models.build(arch, sites=method, dtype=dtype)
 
-    def calibration(self, n: int) -> jax.Array:
-        """n preprocessed training images (the same ones on every call)."""
-        return self.inputs(jnp.asarray(self.train.calibration_images(n)))
+    def calibration(self, n: int) -> CalibrationBatch:
+        """n training examples drawn with the run's seed (the same ones on every call),
+        preprocessed as the model takes them."""
+        batch = self.train.calibration_batch(n, seed=self.config.seed)
+        return CalibrationBatch(
+            self.inputs(jnp.asarray(batch["image"])), jnp.asarray(batch["label"])
+        )
 
     def objective(self, arch, stage, **kw) -> steps.Objective:
         d = self.config.data
@@ -200,7 +205,10 @@ def train_dense(ctx: Context, arch: Arch):
 
 def search(ctx: Context, arch: Arch, dense_params, method: Method):
     """The method's search: its collections trained with the weights, then its final
-    multipliers fixed. Returns (variables, masked model)."""
+    multipliers fixed. Returns (variables, masked model, {"search_end": MACs ratio of the
+    search's own result, "fixup": the dense-MACs share the final fix removed (negative:
+    added)}); None where a
+    method's widths come from a rule, not from the search (VTP's threshold)."""
     cfg = ctx.config.search
     seed = ctx.config.seed + 1
     variables = method.initialize(arch, dense_params, calibration=ctx.calibration, seed=seed)
@@ -217,7 +225,7 @@ def search(ctx: Context, arch: Arch, dense_params, method: Method):
         cfg,
         kd_weight=cfg.kd_weight,
         kd_temperature=cfg.kd_temperature,
-        regularizer=method.loss(arch),
+        regularizer=method.loss(arch, total),
     )
     teacher = ctx.build(arch) if cfg.kd_weight > 0 else None
     step = ctx.compile(model, tx, objective, seed, teacher)
@@ -239,7 +247,15 @@ def search(ctx: Context, arch: Arch, dense_params, method: Method):
             step_args=({"params": dense_params},) if teacher else (),
         )
     variables = {**jax.device_get(state.trainable), **jax.device_get(state.extra)}
-    return parallel.broadcast(method.finalize(arch, variables, ctx.calibration)), model
+    search_end = method.search_ratio(arch, variables, ctx.calibration)
+    report = method.report(arch, variables)
+    final = parallel.broadcast(method.finalize(arch, variables, ctx.calibration))
+    fixed = method.search_ratio(arch, final, ctx.calibration)
+    ends = {
+        "search_end": None if search_end is None else round(search_end, 4),
+        "fixup": None if search_end is None else round(search_end - fixed, 4),
+    }
+    return final, model, {**ends, **({"report": report} if report else {})}
 
 
 def finetune(ctx: Context, arch: Arch, params, teacher_arch: Arch, teacher_params):
@@ -370,7 +386,7 @@ def _token_report(ctx: Context, model, variables, top1: float, count_arch: Arch)
     arch, bench = model.arch, ctx.config.eval
     batches = ctx.test.eval_batches(bench.batch_size, ctx.process_index, ctx.process_count)
     kept = evaluate_lib.kept_tokens(model, variables, batches, ctx.inputs, ctx.mesh)
-    counts = asvit.token_counts(
+    counts = macs.token_counts(
         arch, arch.token_points, [kept[:, k] + arch.num_prefix for k in range(kept.shape[1])]
     )
     images = ctx.inputs(jnp.asarray(ctx.test.calibration_images(max(bench.bench_batch, 64))))
@@ -498,7 +514,16 @@ def _run(ctx: Context, arch: Arch, export_dir: str) -> dict:
 
     method = methods.from_config(config)
     with stop.phase("search"):
-        variables, masked_model = search(ctx, arch, dense_params, method)
+        variables, masked_model, search_ends = search(ctx, arch, dense_params, method)
+    if abs(search_ends["fixup"] or 0) > FIXUP_WARNING:
+        logging.warning(
+            "the search ended at MACs ratio %.3f; the fix-up changed it by %.3f of the dense "
+            "MACs to reach %s (a longer search, or method settings that converge faster, leave "
+            "the choice to the search)",
+            search_ends["search_end"],
+            search_ends["fixup"],
+            config.search.target,
+        )
     with stop.phase("search evaluation"):
         masked_eval = ctx.evaluate(masked_model, variables)
         p_arch, p_params = method.export(arch, variables)
@@ -516,6 +541,7 @@ def _run(ctx: Context, arch: Arch, export_dir: str) -> dict:
 
     with stop.phase("finetune"):
         p_params = finetune(ctx, p_arch, p_params, arch, dense_params)
+        p_params = method.recalibrate(arch, p_arch, p_params, ctx.calibration)
     unpadded = p_arch
     with stop.phase("export"):
         parallel.barrier("before export")  # every process sees the same is_finished
@@ -588,14 +614,24 @@ def _run(ctx: Context, arch: Arch, export_dir: str) -> dict:
             )
             s["dense"]["images_per_s_batch1"] = round(dense_b1, 1)
             s["speedup_batch1"] = round(s["pruned"]["images_per_s_batch1"] / dense_b1, 3)
-        s["budget"] = budget(
-            config.search, s["pruned"].get("padded_macs", s["pruned"]["macs"]), s["dense"]["macs"]
-        )
+        s["budget"] = {
+            **budget(
+                config.search,
+                s["pruned"].get("padded_macs", s["pruned"]["macs"]),
+                s["dense"]["macs"],
+            ),
+            **{k: v for k, v in search_ends.items() if k != "report"},
+        }
+        if "report" in search_ends:
+            s["search_report"] = search_ends["report"]
         if not s["budget"]["met"]:
             logging.warning("%s", budget_message(s))
     if ctx.is_chief:
         checkpoint.write_json(paths.join(workdir, "summary.json"), summary)
     return summary
+
+
+FIXUP_WARNING = 0.02  # a fix-up that removes more than this share of the dense MACs is warned
 
 
 def budget(search_cfg, achieved_macs: float, dense_macs: float) -> dict:

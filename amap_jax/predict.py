@@ -54,7 +54,7 @@ def main(argv):
     try:
         for row in predict(_EXPORT.value, argv[1:], _BATCH.value, _TOP.value):
             print(json.dumps(row), flush=True)
-    except (ImageError, FileNotFoundError, ValueError, pruned.checkpoint.CheckpointError) as e:
+    except (ImageError, FileNotFoundError, ValueError, pruned.trees.CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

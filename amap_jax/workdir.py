@@ -18,9 +18,8 @@ from etils import epath
 
 from amap_jax import config as config_lib
 from amap_jax import methods
-from amap_jax.io import paths
+from amap_jax.io import paths, trees
 from amap_jax.logs import log as logging
-from amap_jax.train import checkpoint
 
 RECORD = "stages.json"
 EXPORT_MARKER = "export_dir.json"
@@ -72,7 +71,7 @@ def _started(workdir: str, stage: str) -> bool:
 
 def _read(workdir: str) -> dict:
     path = paths.join(workdir, RECORD)
-    return checkpoint.read_json(path) if paths.exists(path) else {}
+    return trees.read_json(path) if paths.exists(path) else {}
 
 
 def _legacy(workdir: str) -> dict:
@@ -80,7 +79,7 @@ def _legacy(workdir: str) -> dict:
     path = paths.join(workdir, "config.json")
     if paths.exists(paths.join(workdir, RECORD)) or not paths.exists(path):
         return {}
-    old = checkpoint.read_json(path)
+    old = trees.read_json(path)
     try:
         return {s: stage_config(old, s) for s in STAGES}
     except (KeyError, ValueError):
@@ -116,7 +115,7 @@ def record(workdir: str, config, stage: str) -> None:
     """Remembers the config a stage is being made with (before its first checkpoint)."""
     records = _read(workdir)
     records[stage] = stage_config(config, stage)
-    checkpoint.write_json(paths.join(workdir, RECORD), records)
+    trees.write_json(paths.join(workdir, RECORD), records)
 
 
 def export_location(workdir: str) -> str | None:
@@ -124,12 +123,12 @@ def export_location(workdir: str) -> str | None:
     path = paths.join(workdir, EXPORT_MARKER)
     if not paths.exists(path):
         return None
-    return paths.normpath(paths.join(workdir, checkpoint.read_json(path)["path"]))
+    return paths.normpath(paths.join(workdir, trees.read_json(path)["path"]))
 
 
 def mark_export(workdir: str, export_dir: str) -> None:
     path = paths.relpath(export_dir, workdir)  # relative when inside the work directory
-    checkpoint.write_json(paths.join(workdir, EXPORT_MARKER), {"path": path})
+    trees.write_json(paths.join(workdir, EXPORT_MARKER), {"path": path})
 
 
 def _default(key: str):

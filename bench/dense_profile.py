@@ -22,7 +22,7 @@ import textwrap
 import numpy as np
 from absl import app
 
-from amap_jax.train.evaluate import interleaved
+from amap_jax.timing import interleaved
 from bench import common, sides
 
 PARTS = (

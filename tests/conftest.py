@@ -65,6 +65,14 @@ def random_images(arch: ViTArch, batch: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
 
 
+def calibration_of(images):
+    """A method's `calibration` callable over fixed images (labels 0: no test here needs them)."""
+    from amap_jax.methods.base import CalibrationBatch
+
+    images = np.asarray(images)
+    return lambda n: CalibrationBatch(images[:n], np.zeros(min(n, len(images)), np.int32))
+
+
 def random_balanced_mask(
     rng: np.random.Generator, heads: int, width: int, k: int | None = None, same: bool = False
 ) -> np.ndarray:

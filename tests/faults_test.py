@@ -566,7 +566,7 @@ def test_full_disk_is_one_line_and_the_rerun_finishes(finished_run, tmp_path):
 
 def test_disk_full_inside_orbax_is_the_oserror_it_is():
     with pytest.raises(OSError) as e:
-        with checkpoint._disk_errors("/w/search/40"):
+        with checkpoint.disk_errors("/w/search/40"):
             raise ValueError(
                 'RESOURCE_EXHAUSTED: Error writing "x" in OCDBT database at local file "/w/'
                 'search/40.orbax-checkpoint-tmp/": Failed to write 20576 bytes to file 8: No '
@@ -578,7 +578,7 @@ def test_disk_full_inside_orbax_is_the_oserror_it_is():
         2,
     )
     with pytest.raises(ValueError, match="another failure"):  # anything else stays itself
-        with checkpoint._disk_errors("/w"):
+        with checkpoint.disk_errors("/w"):
             raise ValueError("another failure")
 
 

@@ -3,15 +3,17 @@ input-dimension pruning and padded heads, and the config checks of each method's
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
-from conftest import count_params, param_shapes, random_images, random_params
+from conftest import calibration_of, count_params, param_shapes, random_images, random_params
 
 from amap_jax import config as config_lib
 from amap_jax import methods, models
@@ -37,7 +39,7 @@ def _max_diff(a, b) -> float:
 
 
 def _calibration(arch):
-    return lambda n: jnp.asarray(random_images(arch, n, 7))
+    return calibration_of(random_images(arch, 64, 7))
 
 
 def _vtp_case(arch, seed, method=None):
@@ -64,10 +66,13 @@ VTP_CASES = [
 ]
 
 
+@pytest.mark.parametrize("fold", [False, True], ids=["binarised", "folded"])
 @pytest.mark.parametrize("name,make,seed", VTP_CASES, ids=[c[0] for c in VTP_CASES])
-def test_vtp_masked_equals_exported(name, make, seed):
+def test_vtp_masked_equals_exported(name, make, seed, fold):
     arch = make()
-    method, _, final = _vtp_case(arch, seed)
+    method, _, final = _vtp_case(arch, seed, Vtp(target=0.6, fold_scores=fold))
+    kept = np.concatenate([np.ravel(x) for x in jax.tree.leaves(final[SCORES])])
+    assert np.all(kept[kept != 0] == 1) != fold  # the paper's rule: kept scores become 1
     images = random_images(arch, 2, seed)
     masked = _apply(arch, method)(final, images)
     small_arch, small_params = method.export(arch, final)
@@ -93,6 +98,34 @@ def _ones(variables):
     return jax.tree.map(lambda x: np.ones_like(x), variables[SCORES])
 
 
+def test_vtp_binarised_export_is_the_searched_model_with_kept_scores_set_to_one():
+    """The paper's rule, written out: the threshold's survivors at 1, the rest at 0."""
+    arch = _vit("LS")
+    _, variables, folded = _vtp_case(arch, 8, Vtp(target=0.6, fold_scores=True))
+    ones = {**folded, SCORES: jax.tree.map(lambda x: (x != 0).astype(np.float32), folded[SCORES])}
+    method = Vtp(target=0.6)
+    binarised = method.finalize(arch, variables)
+    images = random_images(arch, 3, 8)
+    small_arch, small_params = method.export(arch, binarised)
+    exported = _apply(small_arch)({"params": small_params}, images)
+    assert _max_diff(_apply(arch, method)(ones, images), exported) <= 1e-5
+    # and it is not the folded model: the kept scores' values mattered
+    f_arch, f_params = Vtp(target=0.6, fold_scores=True).export(arch, folded)
+    assert (
+        f_arch == small_arch
+        and _max_diff(_apply(f_arch)({"params": f_params}, images), exported) > 1e-3
+    )
+
+
+def test_vtp_report_holds_the_score_histogram():
+    arch = _vit("LS")
+    method, variables, _ = _vtp_case(arch, 9)
+    report = method.report(arch, variables)
+    hist = report["score_histogram"]
+    assert sum(hist["counts"]) == _count(variables) and len(hist["edges"]) == 31
+    assert report["score_quantiles"]["5%"] <= report["score_quantiles"]["95%"]
+
+
 def test_vtp_reexport_of_an_export_is_identity():
     arch = _vit("LS")
     method, _, final = _vtp_case(arch, 4)
@@ -105,7 +138,7 @@ def test_vtp_reexport_of_an_export_is_identity():
 
 def test_vtp_rate_rule_prunes_the_requested_share_below_one_threshold():
     arch = _vit("LS")
-    method, variables, final = _vtp_case(arch, 5, Vtp(rule="rate", rate=0.3))
+    method, variables, final = _vtp_case(arch, 5, Vtp(rule="rate", rate=0.3, fold_scores=True))
     before = np.concatenate([np.abs(x).reshape(-1) for x in jax.tree.leaves(variables[SCORES])])
     after = np.concatenate([np.asarray(x).reshape(-1) for x in jax.tree.leaves(final[SCORES])])
     pruned_mask = after == 0
@@ -272,8 +305,11 @@ def test_floor_widths_copied_from_another_runs_export(tmp_path):
 def test_bad_method_name_is_one_line():
     c = config_lib.defaults()
     c.method = "vpt"
-    with pytest.raises(ValueError, match="method must be one of amap, vtp, magnitude, random"):
+    with pytest.raises(ValueError) as e:
         config_lib.validate(c)
+    assert str(e.value) == (
+        "method must be one of amap, asvit, amap+asvit, magnitude, random, vtp, got 'vpt'"
+    )
 
 
 @pytest.mark.parametrize(
@@ -295,7 +331,7 @@ def test_method_setting_in_the_wrong_section_is_one_line(section, key, value, ho
     [
         ("vtp", "rule", "median", "vtp.rule must be 'target' or 'rate'"),
         ("vtp", "rate", 1.5, r"vtp.rate must be in \[0, 1\)"),
-        ("amap", "init", "zeros", "amap.init must be 'constant' or 'attn_diff'"),
+        ("amap", "init", "zeros", "amap.init must be 'constant', 'attn_diff' or 'output_diff'"),
         ("magnitude", "min_keep", 0, "floor.min_keep must be >= 1"),
     ],
 )
@@ -316,7 +352,51 @@ def test_widths_from_a_run_without_export_is_one_line(tmp_path):
 
 def test_every_section_default_is_a_method_setting():
     c = config_lib.defaults()
-    for section, cls in methods.SECTIONS.items():
+    for section, cls in methods.sections().items():
         assert set(c[section]) == set(cls.settings())
         assert isinstance(c[section], ml_collections.ConfigDict)
     json.dumps(c.to_dict())  # a workdir's config.json holds every section
+
+
+def test_a_method_registered_in_one_place_is_selectable_validated_and_recorded(tmp_path):
+    """A new method is one class and `@register`: nothing else to edit for the config, its
+    checks, the work directory's stage records or the summary."""
+    from conftest import tiny_config
+
+    from amap_jax import pipeline
+
+    @dataclasses.dataclass(frozen=True)
+    class FirstChannels(floors.Floor):
+        """Keeps the first channels of every head."""
+
+        name: ClassVar[str] = "first_channels"
+        section: ClassVar[str] = "first_channels"
+
+        def scores(self, arch, params, seed):
+            return [
+                {s: -np.broadcast_to(np.arange(w, dtype=float), (h, w)) for s, (h, w) in
+                 models.site_shapes(b, g.dim).items() if s in self.sites}
+                for b, g in zip(arch.blocks, arch.geometry(), strict=True)
+            ]  # fmt: skip
+
+    methods.register(FirstChannels)
+    try:
+        c = tiny_config()
+        assert "first_channels" in methods.names()
+        assert dict(c.first_channels) == {"min_keep": 1, "layer_widths": "uniform"}
+        c.method = "first_channels"
+        c.first_channels.min_keep = 0
+        with pytest.raises(methods.SettingError, match="min_keep must be >= 1"):
+            config_lib.validate(c)
+        c.first_channels.min_keep = 2
+        summary = pipeline.run(c, str(tmp_path / "w"))
+        assert summary["method"] == "first_channels"
+        assert summary["method_settings"] == {
+            "first_channels": {"min_keep": 2, "layer_widths": "uniform"}
+        }
+        stages = json.loads((tmp_path / "w" / "stages.json").read_text())
+        assert stages["search"]["first_channels.min_keep"] == 2
+        b = summary["budget"]
+        assert b["achieved"] <= 0.6 and b["fixup"] == 0  # its masks were fixed from the start
+    finally:
+        methods.REGISTRY.pop("first_channels")

@@ -176,7 +176,7 @@ def test_cli_unknown_config_key_is_one_line(tmp_path):
         ),
         (
             "--config.method=vpt",
-            "error: method must be one of amap, vtp, magnitude, random, asvit, amap+asvit, "
+            "error: method must be one of amap, asvit, amap+asvit, magnitude, random, vtp, "
             "got 'vpt'",
         ),
     ],

@@ -566,3 +566,95 @@ def test_unbalanced_masks_export_padded_to_widest_head(pattern, seed):
         assert m["qk"].sum(1).min() < block.qk_dim == m["qk"].sum(1).max()
         assert m["v"].sum(1).min() < block.v_dim == m["v"].sum(1).max()
         assert block.mlp_dim == m["hidden"].sum()
+
+
+# ----------------------------------------------------------------------------------------------
+# Scores to head-balanced widths at a MACs target (pruning.widths), shared by AMAP and floors
+
+
+def _width_cases():
+    from amap_jax.models.arch import swin_arch
+
+    return [
+        ("vit", vit_arch("mini", in_chans=1, num_classes=10, pattern="LLSS")),
+        ("swin", swin_arch("micro", num_classes=10, pattern="LLSS")),
+    ]
+
+
+def _site_scores(arch, seed):
+    from amap_jax import models
+
+    rng = np.random.default_rng(seed)
+    return [
+        {s: rng.random(shape) for s, shape in models.site_shapes(b, g.dim).items() if s in
+         ("qk", "v", "hidden")}
+        for b, g in zip(arch.blocks, arch.geometry(), strict=True)
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("name,arch", _width_cases(), ids=[c[0] for c in _width_cases()])
+@pytest.mark.parametrize("target", [0.9, 0.6, 0.3])
+def test_balanced_widths_meet_a_macs_target_to_one_step(name, arch, target):
+    from amap_jax.pruning import export, widths
+
+    scores = _site_scores(arch, 0)
+    plan = widths.at_target(arch, scores, target, floor=lambda s, w: 1)
+    assert plan.ratio <= target
+    # The last step was needed: the target is met to within the largest step there is.
+    step = max(
+        widths.ratio(arch, [{**c, s: c[s] + 1} if j == i else c for j, c in enumerate(plan.counts)])
+        - plan.ratio
+        for i, counts in enumerate(plan.counts)
+        for s in counts
+    )
+    assert plan.ratio > target - step
+    assert all(isinstance(k, int) and k >= 1 for c in plan.counts for k in c.values())
+    # The masks keep the top-scored channels of every head, the same count in each head, and
+    # export to exactly the planned ratio.
+    masks = plan.masks(scores)
+    for m, s, counts in zip(masks, scores, plan.counts, strict=True):
+        for site, k in counts.items():
+            assert (m[site].sum(-1) == k).all()
+            kept_min = np.where(m[site] > 0, s[site], np.inf).min(-1)
+            dropped_max = np.where(m[site] > 0, -np.inf, s[site]).max(-1)
+            assert (kept_min >= dropped_max).all()
+    assert macs.ratio(arch, export.pruned_arch(arch, masks)) == pytest.approx(plan.ratio)
+
+
+def test_unbalanced_widths_count_the_widest_head():
+    from amap_jax.pruning import export, widths
+
+    arch = vit_arch("mini", in_chans=1, num_classes=10, pattern="SSSS")
+    scores = _site_scores(arch, 1)
+    rng = np.random.default_rng(2)
+    start = [
+        {s: rng.integers(np.shape(v)[1] // 2, np.shape(v)[1] + 1, np.shape(v)[0]) for s, v in
+         b.items()}
+        for b in scores
+    ]  # fmt: skip
+    before = widths.ratio(arch, start)
+    plan = widths.at_target(arch, scores, before - 0.05, start=start, balanced=False)
+    assert before - 0.05 - 0.02 < plan.ratio <= before - 0.05
+    masks = plan.masks(scores)
+    assert any(len(set(np.asarray(c["v"]).tolist())) > 1 for c in plan.counts)  # heads differ
+    # What export computes (every head padded to the widest) is what was planned.
+    assert macs.ratio(arch, export.pruned_arch(arch, masks)) == pytest.approx(plan.ratio)
+
+
+def test_widths_start_where_a_search_ended_and_respect_floors():
+    from amap_jax.pruning import widths
+
+    arch = vit_arch("mini", in_chans=1, num_classes=10, pattern="SSSS")
+    scores = _site_scores(arch, 3)
+    full = [{s: np.shape(v)[1] for s, v in b.items()} for b in scores]
+    low = widths.at_target(arch, scores, 0.4)
+    again = widths.at_target(arch, scores, 0.6, start=low.counts)
+    assert again.counts == low.counts  # already under the target: nothing removed
+    floored = widths.at_target(arch, scores, 0.6, floor=lambda s, w: w // 2)
+    assert all(
+        k >= f[s] // 2 for b, f in zip(floored.counts, full, strict=True) for s, k in b.items()
+    )
+    with pytest.raises(
+        ValueError, match="cannot reach MACs ratio 0.1: every layer is at its floor"
+    ):
+        widths.at_target(arch, scores, 0.1, floor=lambda s, w: w // 2)

@@ -23,7 +23,6 @@ TensorFlow is imported inside functions only (`import_tf`): the rest of amap_jax
 from __future__ import annotations
 
 import dataclasses
-import functools
 import itertools
 import math
 import os
@@ -34,6 +33,7 @@ import numpy as np
 
 from amap_jax.data import randaugment
 from amap_jax.data.sources import DatasetInfo, DatasetNotFoundError
+from amap_jax.data.tf import import_tf
 
 if TYPE_CHECKING:
     import tensorflow as tf
@@ -43,18 +43,6 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 _FOLDER_ORDER_SEED = 0  # A folder is listed in class order; shards need a fixed mix of classes.
-
-
-@functools.cache
-def import_tf() -> Any:
-    """TensorFlow, for tf.data only: GPUs are hidden from it so jax keeps the accelerator."""
-    import tensorflow as tf
-
-    try:
-        tf.config.set_visible_devices([], "GPU")
-    except RuntimeError:  # TensorFlow already initialised its devices elsewhere.
-        pass
-    return tf
 
 
 @dataclasses.dataclass(frozen=True)

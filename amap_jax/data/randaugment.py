@@ -18,6 +18,8 @@ import math
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from amap_jax.data.tf import import_tf
+
 if TYPE_CHECKING:
     import tensorflow as tf
 
@@ -33,8 +35,6 @@ class _Op(NamedTuple):
 
 
 def _tf() -> Any:
-    from amap_jax.data.imagenet import import_tf
-
     return import_tf()
 
 

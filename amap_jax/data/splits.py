@@ -41,8 +41,18 @@ class ArraySplit:
     def eval_batches(self, batch_size, process_index=0, process_count=1) -> Iterator:
         return pipeline.eval_batches(self.source, batch_size, process_index, process_count)
 
+    def calibration_batch(self, n: int, seed: int | None = None) -> dict[str, np.ndarray]:
+        """n examples ({"image", "label"}): the first n, or n drawn with `seed`."""
+        n = min(n, len(self.source))
+        if seed is None:
+            index = np.arange(n)
+        else:
+            index = np.sort(np.random.default_rng(seed).choice(len(self.source), n, replace=False))
+        batch = self.source.get(index)
+        return {"image": batch["image"], "label": batch["label"]}
+
     def calibration_images(self, n: int) -> np.ndarray:
-        return self.source.get(np.arange(min(n, len(self.source))))["image"]
+        return self.calibration_batch(n)["image"]
 
 
 class RecipeSplit:
@@ -76,16 +86,25 @@ class RecipeSplit:
             process_count=process_count,
         )
 
-    def calibration_images(self, n: int) -> np.ndarray:
-        """The first n evaluation crops (deterministic, unaugmented)."""
-        images, total = [], 0
+    def calibration_batch(self, n: int, seed: int | None = None) -> dict[str, np.ndarray]:
+        """n evaluation crops with their labels (deterministic, unaugmented): the first n, or
+        with `seed` those after the first `seed % 8` batches of n (a tf.data split reads in
+        order; skipping is what a seed can change cheaply)."""
+        skip = 0 if seed is None else (seed % 8) * n
+        images, labels, total = [], [], 0
         for batch in self.eval_batches(min(n, 256)):
             keep = batch["mask"] > 0
             images.append(batch["image"][keep])
+            labels.append(batch["label"][keep])
             total += int(keep.sum())
-            if total >= n or not keep.all():
+            if total >= skip + n or not keep.all():
                 break
-        return np.concatenate(images)[:n]
+        images, labels = np.concatenate(images), np.concatenate(labels)
+        start = min(skip, max(len(images) - n, 0))
+        return {"image": images[start : start + n], "label": labels[start : start + n]}
+
+    def calibration_images(self, n: int) -> np.ndarray:
+        return self.calibration_batch(n)["image"]
 
 
 def open_split(data, split: str) -> ArraySplit | RecipeSplit:

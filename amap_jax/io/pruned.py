@@ -17,9 +17,8 @@ import jax
 
 from amap_jax import models, xla_cpu
 from amap_jax.io import artifact as artifact_lib
-from amap_jax.io import paths
+from amap_jax.io import hosts, paths, trees
 from amap_jax.models.arch import Arch, arch_from_dict
-from amap_jax.train import checkpoint, parallel
 
 FORMAT = 2  # 2: with `manifest`; 1 (read too): weights checksums only
 MODEL_JSON = "model.json"
@@ -56,14 +55,14 @@ def save_pruned(directory: str, arch: Arch, params, class_names=(), **extra) -> 
             f"{directory} already holds a finished export; choose another directory"
         )
     weights = paths.join(directory, WEIGHTS)
-    if parallel.is_chief():
+    if hosts.is_chief():
         paths.makedirs(directory)
         if paths.exists(weights):  # left by an interrupted export: never finished, redo it
             paths.rmtree(weights)
-    parallel.barrier("export directory ready")
-    checksums = checkpoint.save_tree(weights, params)
-    if not parallel.is_chief():
-        parallel.barrier("export written")
+    hosts.barrier("export directory ready")
+    checksums = trees.save_tree(weights, params)
+    if not hosts.is_chief():
+        hosts.barrier("export written")
         return
     manifest = {f"{WEIGHTS}/{rel}": digest for rel, digest in checksums.items()}
     meta = {
@@ -80,16 +79,16 @@ def save_pruned(directory: str, arch: Arch, params, class_names=(), **extra) -> 
         **({"class_names": class_names} if class_names else {}),
         **extra,
     }
-    meta = json.loads(json.dumps(checkpoint.standard(meta)))  # as it reads back
+    meta = json.loads(json.dumps(trees.standard(meta)))  # as it reads back
     meta[MANIFEST] = {MODEL_JSON: fields_digest(meta), **manifest}
-    checkpoint.write_json(paths.join(directory, MODEL_JSON), meta)
-    parallel.barrier("export written")
+    trees.write_json(paths.join(directory, MODEL_JSON), meta)
+    hosts.barrier("export written")
 
 
 def has_artifact(directory: str) -> bool:
     """Whether the export lists a `forward.jax` in its manifest (exports before manifests:
     whether the file is there)."""
-    meta = checkpoint.read_json(paths.join(directory, MODEL_JSON))
+    meta = trees.read_json(paths.join(directory, MODEL_JSON))
     if meta.get("format") == 1:
         return artifact_lib.exists(directory)
     return artifact_lib.FILE in meta.get(MANIFEST, {})
@@ -103,9 +102,9 @@ def add_artifact(directory: str) -> None:
     digest = artifact_lib.write(directory, meta["arch"], variables["params"])
     if meta["format"] == 1:
         return
-    raw = checkpoint.read_json(paths.join(directory, MODEL_JSON))
+    raw = trees.read_json(paths.join(directory, MODEL_JSON))
     raw[MANIFEST] = {**raw[MANIFEST], artifact_lib.FILE: digest}
-    checkpoint.write_json(paths.join(directory, MODEL_JSON), raw)
+    trees.write_json(paths.join(directory, MODEL_JSON), raw)
 
 
 def read_meta(directory: str) -> dict:
@@ -115,7 +114,7 @@ def read_meta(directory: str) -> dict:
     if not paths.exists(path):
         raise FileNotFoundError(f"{directory} holds no finished export (no {MODEL_JSON})")
     try:
-        meta = checkpoint.read_json(path)
+        meta = trees.read_json(path)
     except (ValueError, UnicodeDecodeError) as e:
         raise ValueError(f"{path} is not valid JSON ({e})") from None
     if not isinstance(meta, dict) or meta.get("format") not in (1, FORMAT):
@@ -155,8 +154,8 @@ def load_pruned(directory: str) -> tuple:
     model = models.build(arch)
     target = jax.eval_shape(model.init, jax.random.key(0), models.dummy_input(arch))["params"]
     weights = paths.join(directory, WEIGHTS)
-    checkpoint.check_shapes(weights, target, f"{paths.join(directory, MODEL_JSON)}")
-    params = checkpoint.load_tree(weights, target, _weights_checksums(meta))
+    trees.check_shapes(weights, target, f"{paths.join(directory, MODEL_JSON)}")
+    params = trees.load_tree(weights, target, _weights_checksums(meta))
     return model, {"params": params}
 
 

@@ -1,55 +1,48 @@
-"""Pruning methods behind one interface (`base.Method`): pick one by name.
+"""Pruning methods behind one interface (`base.Method`): pick one by name (`config.method`).
 
-| method      | sites                         | decides by                                        |
-|-------------|-------------------------------|---------------------------------------------------|
-| `amap`      | qk, v, hidden                 | indicators x similarity, head-balanced, MACs loss |
-| `vtp`       | attn_in, v, mlp_in, hidden    | L1-sparse soft scores, one global threshold       |
-| `magnitude` | qk, v, hidden (+ copied ones) | L1 norm of the weights touching a channel         |
-| `random`    | qk, v, hidden (+ copied ones) | chance                                            |
-| `asvit`     | tokens, per image             | class-attention scores vs learnt thresholds       |
-| `amap+asvit`| AMAP's and the tokens         | both, under one MACs budget                       |
-
-Each method's settings are a config section of its own (`amap`, `vtp`, `floor`), checked when the
-method is built.
+A method is one module here whose class is decorated with `@register`: that is the whole
+registration. Every module of this package is imported below, so a new file is enough; its
+settings become the config section the class names, checked when the method is built. What
+each method prunes and how it decides: README ("Methods and sites") and each module's
+docstring.
 """
 
 from __future__ import annotations
 
-from amap_jax.methods.amap import Amap
-from amap_jax.methods.asvit import AsVit
-from amap_jax.methods.base import Method, SettingError
-from amap_jax.methods.compose import AmapAsVit
-from amap_jax.methods.floors import Floor, Magnitude, Random
-from amap_jax.methods.vtp import Vtp
+import importlib
+import pkgutil
 
-METHODS: dict[str, type[Method]] = {
-    m.name: m for m in (Amap, Vtp, Magnitude, Random, AsVit, AmapAsVit)
-}
-SECTIONS: dict[str, type[Method]] = {
-    "amap": Amap,
-    "vtp": Vtp,
-    "floor": Floor,
-    "asvit": AsVit,
-    "compose": AmapAsVit,
-}
+from amap_jax.methods.base import REGISTRY, Method, SettingError, register
+
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
+
+from amap_jax.methods.amap import Amap  # noqa: E402  (the public classes, for convenience)
+from amap_jax.methods.vtp import Vtp  # noqa: E402
 
 __all__ = [
-    "METHODS",
-    "SECTIONS",
+    "REGISTRY",
     "Amap",
-    "AsVit",
     "Method",
     "SettingError",
     "Vtp",
+    "default_sections",
     "from_config",
     "get",
+    "names",
+    "register",
+    "sections",
 ]
 
 
+def names() -> tuple[str, ...]:
+    return tuple(REGISTRY)
+
+
 def get(name: str) -> type[Method]:
-    if name not in METHODS:
-        raise SettingError(f"method must be one of {', '.join(METHODS)}, got {name!r}")
-    return METHODS[name]
+    if name not in REGISTRY:
+        raise SettingError(f"method must be one of {', '.join(REGISTRY)}, got {name!r}")
+    return REGISTRY[name]
 
 
 def from_config(config) -> Method:
@@ -57,5 +50,10 @@ def from_config(config) -> Method:
     return get(config.method).from_config(config)
 
 
+def sections() -> dict[str, type[Method]]:
+    """Every method's own config section and the class whose fields it holds."""
+    return {cls.section: cls for cls in REGISTRY.values()}
+
+
 def default_sections() -> dict[str, dict]:
-    return {name: cls.settings() for name, cls in SECTIONS.items()}
+    return {name: cls.settings() for name, cls in sections().items()}

@@ -5,6 +5,12 @@ Sites: `qk`, `v` and `hidden`. Collections: `indicators` (logits, trained with A
 `reweight`, per-channel scales `reweight_v` / `reweight_hidden` in `params` (trained with the
 weights, folded by export). The multiplier at a site is the head-balanced binary mask (straight-
 through gradients into the indicators) times the reweight scales.
+
+The search itself lands on the MACs target: the soft MACs ratio is held to an aim that falls
+from 1 to the target over the first `target_ramp` of the search, by a Lagrange multiplier
+(`budget` collection) that rises by dual ascent while the ratio is over the aim, plus a square
+term; Adam's indicator rate scales with the search's length (`indicator_lr=0`). What is left
+for `finalize` is trimming the last channels (`budget.fixup` in the summary).
 """
 
 from __future__ import annotations
@@ -20,14 +26,19 @@ import optax
 
 from amap_jax import models
 from amap_jax.methods import projection, similarity
-from amap_jax.methods.base import Method, check
+from amap_jax.methods.base import Method, check, register
 from amap_jax.methods.projection import PruneSpec
 from amap_jax.models.arch import LINEAR, Arch
-from amap_jax.pruning import macs
+from amap_jax.pruning import macs, widths
 from amap_jax.train.loop import Hook
 
 INDICATORS = "indicators"
 SIMILARITY = "similarity"
+BUDGET = "budget"  # the Lagrange multiplier of the MACs constraint (budget="lagrange")
+# Default indicator rate x search steps: how far (in logits) Adam may move an indicator over a
+# search. 12 lands 0.25-epoch and 1-epoch Fashion-MNIST searches within 0.01 of 0.3-0.7
+# targets (bench/search_budget.py).
+INDICATOR_TRAVEL = 12.0
 GROUPS = ("qk", "v", "hidden")
 REWEIGHT = ("v", "hidden")  # sites whose scales fold exactly into the next kernel
 
@@ -87,6 +98,25 @@ def attention_difference(arch: Arch, params, images, *, softmax_too: bool = Fals
     return out
 
 
+def mlp_difference(arch: Arch, params, images):
+    """Per block, relative change of the MLP output when one hidden unit is removed:
+    {'block_i': {'hidden': [1, F]}}. Removing unit c takes h_c * fc2[c] off the output, so
+    ||change||_F = ||h_c||_2 * ||fc2[c]||_2 in closed form, per image, over its ||output||_F."""
+    _, inter = models.build(arch).apply({"params": params}, images, mutable=["intermediates"])
+    out = {}
+    for i in range(len(arch.blocks)):
+        mlp = params[f"block_{i}"]["mlp"]
+        y = inter["intermediates"][f"block_{i}"]["mlp_input"][0]
+        h = y @ mlp["fc1"]["kernel"] + mlp["fc1"]["bias"]
+        h = jax.nn.gelu(h, approximate=arch.gelu_approximate)
+        o = h @ mlp["fc2"]["kernel"] + mlp["fc2"]["bias"]
+        h_norm = jnp.sqrt(jnp.sum(h.reshape(h.shape[0], -1, h.shape[-1]) ** 2, axis=1))  # [B, F]
+        change = h_norm * jnp.linalg.norm(mlp["fc2"]["kernel"], axis=-1)  # [B, F]
+        o_norm = jnp.linalg.norm(o.reshape(o.shape[0], -1), axis=-1)[:, None] + 1e-12
+        out[f"block_{i}"] = {"hidden": jnp.mean(change / o_norm, axis=0)[None]}
+    return out
+
+
 def logits_from_scores(scores: jax.Array, base: float, spread: float) -> jax.Array:
     """Initial logits rising with the score: base + spread * z-score over the group."""
     z = (scores - scores.mean()) / (scores.std() + 1e-12)
@@ -94,49 +124,97 @@ def logits_from_scores(scores: jax.Array, base: float, spread: float) -> jax.Arr
 
 
 def init_indicators(arch: Arch, params, method: Amap, calib_images=None):
-    """Indicator logits: constant, or from attention differences where measured."""
+    """Indicator logits: constant, or rising with how much removing the channel changes its
+    layer's output, where measured (`init`: attention differences of linear attention, of
+    softmax too with `init_on_softmax`; `output_diff`: of every attention and MLP)."""
     ind = constant_indicators(arch, method.init_logit)
     if method.init == "constant":
         return ind
     if calib_images is None:
-        raise ValueError("attn_diff initialisation needs a calibration batch")
-    diffs = attention_difference(arch, params, calib_images, softmax_too=method.init_on_softmax)
+        raise ValueError(f"{method.init} initialisation needs a calibration batch")
+    everywhere = method.init == "output_diff"
+    diffs = attention_difference(
+        arch, params, calib_images, softmax_too=method.init_on_softmax or everywhere
+    )
+    if everywhere:
+        for blk, groups in mlp_difference(arch, params, calib_images).items():
+            diffs.setdefault(blk, {}).update(groups)
     for blk, groups in diffs.items():
         for g, d in groups.items():
             ind[blk][g] = logits_from_scores(d, method.init_logit, method.init_spread)
     return ind
 
 
-def soft_widths(arch: Arch, indicators) -> list[tuple]:
-    """Expected per-head widths: sum of keep-probabilities over a group, divided by its heads."""
+def soft_widths(arch: Arch, indicators, head_balanced: bool = True) -> list[tuple]:
+    """Expected per-head widths: the sum of keep-probabilities over a group, divided by its
+    heads; without head balancing the widest head's sum (export pads every head to it)."""
     out = []
-    for i, block in enumerate(arch.blocks):
+    for i in range(len(arch.blocks)):
         ind = indicators[f"block_{i}"]
-        out.append(
-            tuple(
-                jnp.sum(jax.nn.sigmoid(ind[g])) / (block.heads if g != "hidden" else 1)
-                for g in GROUPS
-            )
-        )
+        widths = []
+        for g in GROUPS:
+            p = jax.nn.sigmoid(ind[g])
+            if head_balanced:
+                widths.append(jnp.sum(p) / p.shape[0])
+            else:
+                widths.append(jnp.max(jnp.sum(p, axis=-1)))
+        out.append(tuple(widths))
     return out
 
 
-def soft_ratio(arch: Arch, indicators) -> jax.Array:
+def soft_ratio(arch: Arch, indicators, head_balanced: bool = True) -> jax.Array:
     """Differentiable MACs(indicators) / MACs(dense)."""
-    return macs.model_macs(arch, soft_widths(arch, indicators)) / float(macs.model_macs(arch))
+    widths = soft_widths(arch, indicators, head_balanced)
+    return macs.model_macs(arch, widths) / float(macs.model_macs(arch))
 
 
-def macs_regularizer(arch: Arch, target: float, weight: float, kind: str = "square"):
-    """`trainable -> (loss, metrics)`: weight * (MACs_soft / MACs_dense - target)^2 (or hinge)."""
+def scheduled_target(target: float, step, total_steps: int, ramp: float):
+    """The MACs ratio the search aims at at `step`: from 1 down to `target` over the first
+    `ramp` share of the search, then `target` (ramp 0: `target` from the start)."""
+    if ramp <= 0 or not total_steps or step is None:
+        return target
+    done = jnp.minimum(jnp.asarray(step, jnp.float32) / (ramp * total_steps), 1.0)
+    return 1.0 - (1.0 - target) * done
 
-    def reg(trainable, reports=None, batch_mean=None):
-        ratio = soft_ratio(arch, trainable[INDICATORS])
-        gap = ratio - target
-        if kind == "hinge":
-            gap = jax.nn.relu(gap)
-        return weight * gap**2, {"macs_ratio": ratio}
+
+def budget_loss(ratio, aim, trainable, weight: float, kind: str = "square"):
+    """weight * (ratio - aim)^2 (hinge: only above it), plus, where the trainable tree holds a
+    Lagrange multiplier (BUDGET), multiplier * (ratio - aim): its optimizer ascends, so the
+    multiplier grows while the ratio is over the aim and the constraint holds at the end
+    whatever the classification loss pulls (dual ascent)."""
+    gap = ratio - aim
+    loss = weight * (jax.nn.relu(gap) if kind == "hinge" else gap) ** 2
+    metrics = {"macs_ratio": ratio, "macs_aim": aim}
+    if BUDGET in trainable:
+        multiplier = trainable[BUDGET]["multiplier"]
+        loss = loss + multiplier * gap
+        metrics["multiplier"] = multiplier
+    return loss, metrics
+
+
+def macs_regularizer(
+    arch: Arch,
+    target: float,
+    weight: float,
+    kind: str = "square",
+    total_steps: int = 0,
+    ramp: float = 0.0,
+    head_balanced: bool = True,
+):
+    """`(trainable, reports, batch_mean, step) -> (loss, metrics)`: the budget loss of the
+    soft MACs ratio against the (scheduled) target."""
+
+    def reg(trainable, reports=None, batch_mean=None, step=None):
+        ratio = soft_ratio(arch, trainable[INDICATORS], head_balanced)
+        aim = scheduled_target(target, step, total_steps, ramp)
+        return budget_loss(ratio, aim, trainable, weight, kind)
 
     return reg
+
+
+def budget_optimizer(lr: float) -> optax.GradientTransformation:
+    """Gradient ascent on the Lagrange multiplier (its gradient is ratio - aim)."""
+    return optax.sgd(-lr)
 
 
 def hard_widths(arch: Arch, variables, spec: PruneSpec) -> list[tuple[int, int, int]]:
@@ -154,85 +232,68 @@ def hard_ratio(arch: Arch, variables, spec: PruneSpec) -> float:
 
 def finalize_indicators(arch: Arch, variables, spec: PruneSpec, target: float, tokens=None):
     """Fixed indicator logits whose masks meet `target` MACs ratio (with `tokens` per block
-    where token pruning keeps fewer than all).
-
-    Starts from the masks the search ended with and, while the hard MACs are over the target,
-    removes channels (one per head at a time) where the least importance is lost per MAC saved.
-    Without head balancing a layer is one pool of channels whose MACs count as its mean
-    per-head width; the export then pads to the widest head, which costs more than that.
-    """
+    where token pruning keeps fewer than all): the masks the search ended with, trimmed where
+    the least importance is lost per MAC saved (`pruning.widths.at_target`) while their MACs
+    are over the target. The search decides the widths; this only trims its last channels
+    (the run reports how many, `budget.fixup`)."""
     ind, sim = variables[INDICATORS], variables.get(SIMILARITY)
-    balanced = spec.head_balanced
-    imp, scores, counts, heads, widths = {}, {}, {}, {}, {}
+    scores, start = [], []
     for i in range(len(arch.blocks)):
+        block_scores, block_start = {}, {}
         for g in GROUPS:
             logits = ind[f"block_{i}"][g]
             w = None if sim is None else sim[f"block_{i}"][g]
-            imp[i, g] = a = np.asarray(projection.importance(logits, w))
-            heads[i, g] = 1 if balanced else a.shape[0]
-            widths[i, g] = a.shape[1]
-            pool = a if balanced else a.reshape(1, -1)  # unbalanced: one pool per layer
-            scores[i, g] = -np.sort(-pool, axis=-1)  # descending per head (or pool)
-            mask = np.asarray(projection.hard_mask(logits, w, spec))
-            counts[i, g] = int(mask.sum(-1).max() if balanced else mask.sum())
-    step = max(spec.multiple, 1) if balanced else 1
-
-    def widths_of(i):
-        return tuple(counts[i, g] / heads[i, g] for g in GROUPS)
-
-    geometry = arch.geometry()
-
-    def block(i, w):
-        n = None if tokens is None else tokens[i]
-        return macs.block_macs(arch.blocks[i], geometry[i], arch.kernel_size, w, n)
-
-    budget = target * macs.model_macs(arch)
-    total = macs.model_macs(arch, [widths_of(i) for i in range(len(arch.blocks))], tokens)
-    while total > budget:
-        best, best_cost, best_saving = None, np.inf, 0.0
-        for (i, g), k in counts.items():
-            if k - step < projection.min_count(spec, widths[i, g]) * heads[i, g]:
-                continue
-            w = list(widths_of(i))
-            now = block(i, tuple(w))
-            w[GROUPS.index(g)] = (k - step) / heads[i, g]
-            saving = now - block(i, tuple(w))
-            cost = scores[i, g][:, k - step : k].sum() / max(saving, 1e-9)
-            if cost < best_cost:
-                best, best_cost, best_saving = (i, g), cost, saving
-        if best is None:
-            raise ValueError(
-                f"cannot reach MACs ratio {target}: every group is at its floor "
-                "(amap.min_keep, amap.min_keep_fraction)"
-            )
-        counts[best] -= step
-        total -= best_saving
+            block_scores[g] = np.asarray(projection.importance(logits, w))
+            kept = np.asarray(projection.hard_mask(logits, w, spec)).sum(-1).astype(int)
+            block_start[g] = int(kept.max()) if spec.head_balanced else kept
+        scores.append(block_scores)
+        start.append(block_start)
+    try:
+        plan = widths.at_target(
+            arch,
+            scores,
+            target,
+            start=start,
+            floor=lambda site, width: projection.min_count(spec, width),
+            multiple=spec.multiple if spec.head_balanced else 1,
+            balanced=spec.head_balanced,
+            tokens=tokens,
+        )
+    except ValueError:
+        raise ValueError(
+            f"cannot reach MACs ratio {target}: every group is at its floor "
+            "(amap.min_keep, amap.min_keep_fraction)"
+        ) from None
+    masks = plan.masks(scores)
     return {
-        f"block_{i}": {
-            g: projection.fixed_logits(
-                projection.keep_top(jnp.asarray(imp[i, g]), counts[i, g], spec)
-            )
-            for g in GROUPS
-        }
-        for i in range(len(arch.blocks))
+        f"block_{i}": {g: projection.fixed_logits(jnp.asarray(m[g])) for g in GROUPS}
+        for i, m in enumerate(masks)
     }
 
 
+@register
 @dataclasses.dataclass(frozen=True)
 class Amap(Method):
     """Automatic multi-head attention pruning (see the module docstring)."""
 
     name: ClassVar[str] = "amap"
     section: ClassVar[str] = "amap"
-    trainable: ClassVar[tuple[str, ...]] = (INDICATORS,)
-    indicator_lr: float = 0.05
+    # Adam's rate for the indicators; 0: INDICATOR_TRAVEL / search steps, so that a short
+    # search moves them as far as a long one (and lands on its target too).
+    indicator_lr: float = 0.0
+    # The MACs constraint: "lagrange" (a multiplier trained by dual ascent, plus the square
+    # term) lands the search's own masks on the target; "penalty": the square (or hinge) term
+    # alone, which settles wherever it balances the classification loss.
+    budget: str = "lagrange"
+    budget_lr: float = 1.0  # dual ascent rate of the multiplier
+    target_ramp: float = 0.5  # share of the search over which the aim falls from 1 to target
     macs_weight: float = 20.0
-    macs_loss: str = "square"  # or "hinge"
+    macs_loss: str = "square"  # or "hinge" (penalty only)
     similarity: bool = True
     similarity_every: int = 50  # steps between refreshes of the similarity weights
     head_balanced: bool = True
     reweight: bool = True
-    init: str = "attn_diff"  # or "constant"
+    init: str = "attn_diff"  # or "constant", or "output_diff" (every attention and MLP)
     init_on_softmax: bool = False  # the attention-difference rule on softmax blocks too
     init_logit: float = 5.0
     init_spread: float = 1.0
@@ -250,13 +311,23 @@ class Amap(Method):
     def __post_init__(self):
         c = self
         check(
-            c.init in ("constant", "attn_diff"),
-            f"amap.init must be 'constant' or 'attn_diff', got {c.init!r}",
+            c.init in ("constant", "attn_diff", "output_diff"),
+            f"amap.init must be 'constant', 'attn_diff' or 'output_diff', got {c.init!r}",
         )
         check(
             c.macs_loss in ("square", "hinge"),
             f"amap.macs_loss must be 'square' or 'hinge', got {c.macs_loss!r}",
         )
+        check(
+            c.budget in ("lagrange", "penalty"),
+            f"amap.budget must be 'lagrange' or 'penalty', got {c.budget!r}",
+        )
+        check(
+            not (c.budget == "lagrange" and c.macs_loss == "hinge"),
+            "amap.macs_loss=hinge is a penalty: use it with amap.budget=penalty",
+        )
+        check(0 <= c.target_ramp <= 1, f"amap.target_ramp must be in [0, 1], got {c.target_ramp}")
+        check(c.budget_lr > 0, f"amap.budget_lr must be > 0, got {c.budget_lr}")
         check(c.min_keep >= 1 and c.multiple >= 1, "amap.min_keep and amap.multiple must be >= 1")
         check(
             0.0 <= c.min_keep_fraction <= 1.0,
@@ -265,7 +336,7 @@ class Amap(Method):
         check(
             c.similarity_every >= 1, f"amap.similarity_every must be >= 1, got {c.similarity_every}"
         )
-        check(c.indicator_lr > 0, f"amap.indicator_lr must be > 0, got {c.indicator_lr}")
+        check(c.indicator_lr >= 0, f"amap.indicator_lr must be >= 0, got {c.indicator_lr}")
         check(
             c.calibration_batch >= 1,
             f"amap.calibration_batch must be >= 1, got {c.calibration_batch}",
@@ -311,7 +382,7 @@ class Amap(Method):
         return out
 
     def initialize(self, arch, params, *, calibration, seed):
-        calib = calibration(self.calibration_batch) if self.init == "attn_diff" else None
+        calib = calibration(self.calibration_batch).images if self.init != "constant" else None
         indicators = init_indicators(arch, params, self, calib)
         sim = (
             similarity.similarity_weights(arch, params)
@@ -319,13 +390,34 @@ class Amap(Method):
             else constant_indicators(arch, 1.0)
         )
         params = add_reweight(arch, params) if self.reweight else params
-        return {"params": params, INDICATORS: indicators, SIMILARITY: sim}
+        out = {"params": params, INDICATORS: indicators, SIMILARITY: sim}
+        if self.budget == "lagrange":
+            out[BUDGET] = {"multiplier": jnp.zeros((), jnp.float32)}
+        return out
+
+    @property
+    def trainable(self) -> tuple[str, ...]:
+        return (INDICATORS, BUDGET) if self.budget == "lagrange" else (INDICATORS,)
+
+    def indicator_rate(self, total_steps: int) -> float:
+        return self.indicator_lr or INDICATOR_TRAVEL / max(total_steps, 1)
 
     def optimizers(self, total_steps: int = 0):
-        return {INDICATORS: optax.adam(self.indicator_lr)}
+        out = {INDICATORS: optax.adam(self.indicator_rate(total_steps))}
+        if self.budget == "lagrange":
+            out[BUDGET] = budget_optimizer(self.budget_lr)
+        return out
 
-    def loss(self, arch):
-        return macs_regularizer(arch, self.target, self.macs_weight, self.macs_loss)
+    def loss(self, arch, total_steps: int = 0):
+        return macs_regularizer(
+            arch,
+            self.target,
+            self.macs_weight,
+            self.macs_loss,
+            total_steps,
+            self.target_ramp,
+            self.head_balanced,
+        )
 
     def hooks(self, arch):
         if not self.similarity:

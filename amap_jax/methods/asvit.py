@@ -2,14 +2,18 @@
 needs.
 
 At every pruning point (DeiT-12: before blocks 4, 7 and 10) a token's score (`models.tokens`) is
-compared with one learnable threshold: the keep mask is the hard comparison in the forward pass
-and a sharp sigmoid of (score - threshold) in the backward pass (straight-through). Dropped
-tokens are masked out as keys of every later block while training; the exported model drops them
-for real. Loss: CE + budget_weight * |mean MACs / dense MACs - target|, MACs counting the kept
-tokens of each image, plus distillation from the dense teacher (`search.kd_weight`). The
-thresholds are their own collection, trained with Adam and no weight decay; at the end of the
-search one common shift of the thresholds makes the mean MACs of a calibration batch meet the
-target.
+compared with one learnable threshold. The score is the class token's attention to it in the
+block before, summed over heads, each weighted by a per-(head, token) importance: the norm of
+that head's output for that token, normalised over heads (as the paper's official code does,
+`Attention.forward` of Cydia2018/AS-ViT; not one weight per head). The keep mask is the hard
+comparison in the forward pass and a sharp sigmoid of (score - threshold) in the backward pass
+(straight-through). Dropped tokens are masked out as keys of every later block while training;
+the exported model drops them for real. Loss: CE + budget_weight * |mean MACs / dense MACs -
+target|, MACs counting the kept tokens of each image, plus distillation from the dense teacher
+(`search.kd_weight`, 0.5 as in the paper's code). The thresholds are their own collection,
+trained with Adam and no weight decay. The budget is met as measured, not as trained: at the
+end of the search, and again after fine-tuning (which moves the scores), one common shift of
+the thresholds, up or down, makes the mean MACs of a calibration batch meet the target.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import numpy as np
 import optax
 
 from amap_jax import models
-from amap_jax.methods.base import Method, SettingError, check
+from amap_jax.methods.base import Method, SettingError, check, register
 from amap_jax.models import tokens
 from amap_jax.pruning import macs
 
@@ -39,26 +43,16 @@ def default_points(arch) -> tuple[int, ...]:
     return tuple(sorted(p for p in pts if 1 <= p < depth))
 
 
-def token_counts(arch, points, kept) -> list:
-    """Tokens each block sees (prefix included), from the tokens kept at each point: per image
-    ([B] arrays) or single numbers."""
-    out, n = [], arch.num_tokens
-    for i in range(len(arch.blocks)):
-        if i in points:
-            n = kept[points.index(i)]
-        out.append(n)
-    return out
-
-
 def expected_ratio(arch, points, keeps, widths=None, mean=jnp.mean) -> jax.Array:
     """Mean over images of MACs(kept tokens[, channel widths]) / dense MACs, from the [B, N]
     keep masks at the points (straight-through: differentiable). `mean` is over the whole
     batch: under pmap the devices' slices are averaged before the budget is taken."""
     kept = [jnp.sum(k, axis=-1) for k in keeps]
-    per_image = macs.model_macs(arch, widths, token_counts(arch, points, kept))
+    per_image = macs.model_macs(arch, widths, macs.token_counts(arch, points, kept))
     return mean(per_image) / float(macs.model_macs(arch))
 
 
+@register
 @dataclasses.dataclass(frozen=True)
 class AsVit(Method):
     name: ClassVar[str] = "asvit"
@@ -87,7 +81,9 @@ class AsVit(Method):
         except ValueError as e:
             raise SettingError(f"asvit: {e}") from None
         check(bool(pts), f"asvit: a {len(arch.blocks)}-block model has no pruning point")
-        least = macs.model_macs(arch, None, token_counts(arch, pts, [arch.num_prefix] * len(pts)))
+        least = macs.model_macs(
+            arch, None, macs.token_counts(arch, pts, [arch.num_prefix] * len(pts))
+        )
         floor = least / macs.model_macs(arch)
         check(
             floor <= self.target,
@@ -122,10 +118,10 @@ class AsVit(Method):
     def optimizers(self, total_steps: int = 0):
         return {THRESHOLDS: optax.adam(self.threshold_lr)}
 
-    def loss(self, arch):
+    def loss(self, arch, total_steps: int = 0):
         pts = self.token_points(arch)
 
-        def budget(trainable, reports=None, batch_mean=jnp.mean):
+        def budget(trainable, reports=None, batch_mean=jnp.mean, step=None):
             ratio = expected_ratio(arch, pts, reports["token_gate"]["keep"], mean=batch_mean)
             return self.budget_weight * jnp.abs(ratio - self.target), {"macs_ratio": ratio}
 
@@ -140,11 +136,32 @@ class AsVit(Method):
             return variables
         return {**variables, THRESHOLDS: calibrate(self, arch, variables, calibration)}
 
+    def search_ratio(self, arch, variables, calibration=None):
+        return search_ratio(self, arch, variables, calibration)
+
+    def recalibrate(self, arch, p_arch, params, calibration):
+        return recalibrate(self, arch, p_arch, params, calibration)
+
     # -- export -----------------------------------------------------------------------------
 
     def export(self, arch, variables):
         p_arch, p_params = super().export(arch, variables)
         return token_export(self, arch, p_arch, p_params, variables)
+
+
+def search_ratio(method, arch, variables, calibration) -> float | None:
+    """Mean MACs ratio of the search's own thresholds (and channel masks) on the calibration
+    batch."""
+    if calibration is None:
+        return None
+    images = calibration(method.calibration_batch).images
+    model = models.build(arch, sites=method)
+    widths = method.channel_widths(arch, variables) if hasattr(method, "channel_widths") else None
+    _, reports = jax.jit(lambda v, x: model.apply(v, x, mutable=[tokens.REPORTS]))(
+        variables, images
+    )
+    keeps = reports[tokens.REPORTS]["token_gate"]["keep"]
+    return float(expected_ratio(arch, method.token_points(arch), keeps, widths))
 
 
 def thresholds_of(variables) -> np.ndarray:
@@ -159,10 +176,33 @@ def token_export(method, arch, p_arch, p_params, variables):
     return p_arch, {**p_params, "token_gate": {"thresholds": thresholds_of(variables)}}
 
 
+def shift_to_target(ratio, target: float) -> float:
+    """The common threshold shift at which `ratio(shift)` (a mean MACs ratio, falling as the
+    shift rises) meets `target`: bisection in either direction, to the smallest shift whose
+    ratio is at or under the target (or, if even every token kept stays under it, the shift
+    that keeps them all)."""
+    if float(ratio(0.0)) > target:
+        lo, hi = 0.0, 1.0
+        while float(ratio(hi)) > target and hi < 1e4:
+            lo, hi = hi, hi * 2
+    else:
+        lo, hi = -1.0, 0.0
+        while float(ratio(lo)) <= target:
+            if lo < -1e4:  # every token kept and still under the target: keep them all
+                return lo
+            lo, hi = lo * 2, lo
+    for _ in range(30):
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if float(ratio(mid)) <= target else (mid, hi)
+    # The bisection ends where a score meets its threshold; a margin keeps rounding (another
+    # compilation of the same forward) from putting that token back.
+    return hi + 1e-3
+
+
 def calibrate(method, arch, variables, calibration) -> dict:
-    """Thresholds shifted by one common amount (bisection) so that the mean MACs of a
-    calibration batch meet the target; unchanged if they already do."""
-    images = calibration(method.calibration_batch)
+    """Thresholds shifted by one common amount so that the mean MACs of a calibration batch
+    meet the target, up or down."""
+    images = calibration(method.calibration_batch).images
     model = models.build(arch, sites=method)
     pts = method.token_points(arch)
     widths = method.channel_widths(arch, variables) if hasattr(method, "channel_widths") else None
@@ -173,14 +213,29 @@ def calibrate(method, arch, variables, calibration) -> dict:
         _, reports = model.apply({**variables, THRESHOLDS: th}, images, mutable=[tokens.REPORTS])
         return expected_ratio(arch, pts, reports[tokens.REPORTS]["token_gate"]["keep"], widths)
 
-    if float(ratio(0.0)) <= method.target:
-        return variables[THRESHOLDS]
-    lo, hi = 0.0, 1.0
-    while float(ratio(hi)) > method.target and hi < 1e4:
-        lo, hi = hi, hi * 2
-    for _ in range(30):
-        mid = (lo + hi) / 2
-        lo, hi = (lo, mid) if float(ratio(mid)) <= method.target else (mid, hi)
-    # The bisection ends where a score meets its threshold; a margin keeps rounding (another
-    # compilation of the same forward) from putting that token back.
-    return jax.tree.map(lambda t: np.float32(t + hi + 1e-3), variables[THRESHOLDS])
+    shift = shift_to_target(ratio, method.target)
+    return jax.tree.map(lambda t: np.float32(t + shift), variables[THRESHOLDS])
+
+
+def exported_ratio(arch, p_arch, params, images, shift=0.0):
+    """Mean MACs ratio (against the dense `arch`) of an exported token-dropping model on
+    `images`, its thresholds shifted by `shift`."""
+    model = models.build(p_arch)
+    gate = params["token_gate"]
+    shifted = {**params, "token_gate": {**gate, "thresholds": gate["thresholds"] + shift}}
+    _, reports = model.apply({"params": shifted}, images, mutable=[tokens.REPORTS])
+    keeps = reports[tokens.REPORTS]["token_gate"]["keep"]
+    kept = [jnp.sum(k, axis=-1) for k in keeps]
+    per_image = macs.model_macs(p_arch, None, macs.token_counts(p_arch, p_arch.token_points, kept))
+    return jnp.mean(per_image) / float(macs.model_macs(arch))
+
+
+def recalibrate(method, arch, p_arch, params, calibration):
+    """The exported model's thresholds shifted so that its mean MACs on a calibration batch
+    meet the target again: fine-tuning moves the scores, and with them the kept tokens."""
+    images = calibration(method.calibration_batch).images
+    ratio = jax.jit(lambda shift: exported_ratio(arch, p_arch, params, images, shift))
+    shift = shift_to_target(ratio, method.target)
+    gate = params["token_gate"]
+    thresholds = np.asarray(gate["thresholds"], np.float32) + np.float32(shift)
+    return {**params, "token_gate": {**gate, "thresholds": thresholds}}

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -23,11 +23,34 @@ from amap_jax.models.arch import Arch
 from amap_jax.pruning import export as export_lib
 from amap_jax.pruning import macs
 
-Calibration = Callable[[int], jax.Array]  # n -> n preprocessed training images
+
+class CalibrationBatch(NamedTuple):
+    """Training examples a method may look at outside the training loop (an initialisation,
+    a final choice): images as the model takes them, and their labels (for gradient-based
+    scores). Which examples depends on the run's seed."""
+
+    images: jax.Array
+    labels: jax.Array
+
+
+Calibration = Callable[[int], CalibrationBatch]  # n -> n examples
 
 
 class SettingError(ValueError):
     """A method setting that cannot work (one line)."""
+
+
+REGISTRY: dict[str, type[Method]] = {}
+
+
+def register(cls: type[Method]) -> type[Method]:
+    """Class decorator: the one place a method is added. Its `name` becomes a value of
+    `config.method`, its settings (the dataclass fields) the config section `cls.section`,
+    checked on construction and recorded with every stage and summary."""
+    if cls.name in REGISTRY and REGISTRY[cls.name] is not cls:
+        raise ValueError(f"two methods are called {cls.name!r}")
+    REGISTRY[cls.name] = cls
+    return cls
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +61,8 @@ class Method:
     name: ClassVar[str]
     section: ClassVar[str]  # the config section holding the settings (the dataclass fields)
     trainable: ClassVar[tuple[str, ...]] = ()  # collections trained beside `params`
+    # Whether `method_widths_from=RUN` may give it the per-layer widths of another run's export.
+    takes_widths: ClassVar[bool] = False
     target: float = dataclasses.field(default=1.0, metadata={"setting": False})  # search.target
 
     # -- configuration ---------------------------------------------------------------------
@@ -82,11 +107,12 @@ class Method:
         of `total_steps`."""
         return {}
 
-    def loss(self, arch: Arch) -> Callable[[Any, Any, Callable], tuple[jax.Array, dict]] | None:
-        """`(trainable, reports, batch_mean) -> (loss, metrics)` added to the classification
-        loss; `reports` is what the forward pass reported (`models.tokens.REPORTS`), and
-        `batch_mean(x)` the mean of per-image values over the whole (global) batch, whatever
-        the devices it is split over."""
+    def loss(self, arch: Arch, total_steps: int = 0) -> Callable | None:
+        """`(trainable, reports, batch_mean, step) -> (loss, metrics)` added to the
+        classification loss in a search of `total_steps`; `reports` is what the forward pass
+        reported (`models.tokens.REPORTS`), `batch_mean(x)` the mean of per-image values over
+        the whole (global) batch, whatever the devices it is split over, and `step` the
+        search's step (a traced integer)."""
         return None
 
     def hooks(self, arch: Arch) -> tuple:
@@ -96,6 +122,21 @@ class Method:
     def progress(self, arch: Arch, variables) -> dict[str, float]:
         """What to log after each search epoch."""
         return {"hard_macs_ratio": self.macs_ratio(arch, variables)}
+
+    def search_ratio(self, arch: Arch, variables, calibration: Calibration | None = None):
+        """The MACs ratio the search's own result would export at (padding included; tokens:
+        the mean over the calibration batch), to report against the final one (`budget`);
+        None where the widths come from a rule applied after the search, not from it."""
+        return self.macs_ratio(arch, variables)
+
+    def report(self, arch: Arch, variables) -> dict:
+        """What the summary records of the search's own result (before `finalize`)."""
+        return {}
+
+    def recalibrate(self, arch: Arch, p_arch: Arch, params, calibration: Calibration):
+        """The fine-tuned export's parameters, adjusted where fine-tuning moved what decides
+        the budget (AS-ViT: its thresholds, whose kept tokens drift with the scores)."""
+        return params
 
     def finalize(self, arch: Arch, variables: dict, calibration: Calibration | None = None) -> dict:
         """Variables whose multipliers are final: what export slices (`calibration`: training

@@ -23,17 +23,18 @@ from amap_jax.methods import amap as amap_lib
 from amap_jax.methods import asvit as asvit_lib
 from amap_jax.methods.amap import INDICATORS, Amap
 from amap_jax.methods.asvit import THRESHOLDS, AsVit
-from amap_jax.methods.base import Method, check
+from amap_jax.methods.base import Method, check, register
 from amap_jax.models import tokens
+from amap_jax.pruning import macs
 
 _PARTS = {"setting": False}
 
 
+@register
 @dataclasses.dataclass(frozen=True)
 class AmapAsVit(Method):
     name: ClassVar[str] = "amap+asvit"
     section: ClassVar[str] = "compose"
-    trainable: ClassVar[tuple[str, ...]] = (INDICATORS, THRESHOLDS)
 
     schedule: str = "joint"  # or "channels_first"
     amap: Amap = dataclasses.field(default=Amap(), metadata=_PARTS)
@@ -44,6 +45,10 @@ class AmapAsVit(Method):
             self.schedule in ("joint", "channels_first"),
             f"compose.schedule must be 'joint' or 'channels_first', got {self.schedule!r}",
         )
+
+    @property
+    def trainable(self) -> tuple[str, ...]:
+        return (*self.amap.trainable, THRESHOLDS)
 
     @classmethod
     def sections(cls):
@@ -75,29 +80,28 @@ class AmapAsVit(Method):
 
     def initialize(self, arch, params, *, calibration, seed):
         out = self.amap.initialize(arch, params, calibration=calibration, seed=seed)
-        t = self.asvit.initialize(arch, params, calibration=calibration, seed=seed)
+        t = self.asvit.initialize(arch, params, calibration=None, seed=seed)
         return {**out, THRESHOLDS: t[THRESHOLDS]}
 
     def optimizers(self, total_steps: int = 0):
-        ind = self.amap.optimizers(total_steps)[INDICATORS]
+        out = self.amap.optimizers(total_steps)
+        ind = out[INDICATORS]
         thr = self.asvit.optimizers(total_steps)[THRESHOLDS]
         if self.schedule == "channels_first":
             half = max(total_steps // 2, 1)
             ind = optax.chain(ind, optax.scale_by_schedule(lambda s: (s < half) * 1.0))
             thr = optax.chain(thr, optax.scale_by_schedule(lambda s: (s >= half) * 1.0))
-        return {INDICATORS: ind, THRESHOLDS: thr}
+        return {**out, INDICATORS: ind, THRESHOLDS: thr}
 
-    def loss(self, arch):
+    def loss(self, arch, total_steps: int = 0):
         pts, a = self.token_points(arch), self.amap
 
-        def budget(trainable, reports=None, batch_mean=jnp.mean):
-            widths = amap_lib.soft_widths(arch, trainable[INDICATORS])
+        def budget(trainable, reports=None, batch_mean=jnp.mean, step=None):
+            widths = amap_lib.soft_widths(arch, trainable[INDICATORS], a.head_balanced)
             keeps = reports["token_gate"]["keep"]
             ratio = asvit_lib.expected_ratio(arch, pts, keeps, widths, mean=batch_mean)
-            gap = ratio - self.target
-            if a.macs_loss == "hinge":
-                gap = jax.nn.relu(gap)
-            return a.macs_weight * gap**2, {"macs_ratio": ratio}
+            aim = amap_lib.scheduled_target(self.target, step, total_steps, a.target_ramp)
+            return amap_lib.budget_loss(ratio, aim, trainable, a.macs_weight, a.macs_loss)
 
         return budget
 
@@ -113,14 +117,14 @@ class AmapAsVit(Method):
     def finalize(self, arch, variables, calibration=None):
         mean_tokens = None
         if calibration is not None:  # the tokens the channels will see
-            images = calibration(self.asvit.calibration_batch)
+            images = calibration(self.asvit.calibration_batch).images
             model = models.build(arch, sites=self)
             _, reports = jax.jit(lambda v, x: model.apply(v, x, mutable=[tokens.REPORTS]))(
                 variables, images
             )
             keeps = reports[tokens.REPORTS]["token_gate"]["keep"]
             kept = [float(jnp.mean(jnp.sum(k, axis=-1))) for k in keeps]
-            mean_tokens = asvit_lib.token_counts(arch, self.token_points(arch), kept)
+            mean_tokens = macs.token_counts(arch, self.token_points(arch), kept)
         fixed = amap_lib.finalize_indicators(
             arch, variables, self.amap.spec, self.target, tokens=mean_tokens
         )
@@ -128,6 +132,12 @@ class AmapAsVit(Method):
         if calibration is None:
             return variables
         return {**variables, THRESHOLDS: asvit_lib.calibrate(self, arch, variables, calibration)}
+
+    def search_ratio(self, arch, variables, calibration=None):
+        return asvit_lib.search_ratio(self, arch, variables, calibration)
+
+    def recalibrate(self, arch, p_arch, params, calibration):
+        return asvit_lib.recalibrate(self, arch, p_arch, params, calibration)
 
     def export(self, arch, variables):
         p_arch, p_params = super().export(arch, variables)

@@ -1,10 +1,12 @@
 """The floors every method must beat: magnitude and random channel choice, head-balanced.
 
-Both fix their masks once, from the dense weights, at per-layer widths that are either uniform
-(one keep fraction for every q/k, v and MLP group, the largest that meets `search.target`) or
-copied from another run's export (`method_widths_from=RUN`), so that "same widths, other channel
-choice" is one command. The search stage then trains the weights under the fixed masks, so a
-floor gets the same training budget as a method that searches.
+Both fix their masks once, from the dense weights, at per-layer widths that are uniform (one
+keep fraction for every q/k, v and MLP group, the largest that meets `search.target`), chosen
+from their own scores (`floor.layer_widths="scores"`: the head-balanced widths at the target
+that lose the least score per MAC, `pruning.widths.at_target`, scores normalised to mean 1 per
+group), or copied from another run's export (`method_widths_from=RUN`), so that "same widths,
+other channel choice" is one command. The search stage then trains the weights under the fixed
+masks, so a floor gets the same training budget as a method that searches.
 """
 
 from __future__ import annotations
@@ -17,9 +19,9 @@ import numpy as np
 
 from amap_jax import models
 from amap_jax.methods import projection
-from amap_jax.methods.base import Method, SettingError, check
+from amap_jax.methods.base import Method, SettingError, check, register
 from amap_jax.models.arch import Arch
-from amap_jax.pruning import channels, macs
+from amap_jax.pruning import channels, macs, widths
 
 MASKS = "masks"
 BALANCED = ("qk", "v", "hidden")  # what uniform widths prune (AMAP's sites)
@@ -30,19 +32,25 @@ Counts = tuple  # per block: ((site, kept per head), ...)
 @dataclasses.dataclass(frozen=True)
 class Floor(Method):
     section: ClassVar[str] = "floor"
+    takes_widths: ClassVar[bool] = True
 
-    min_keep: int = 1  # per head, with uniform widths
+    min_keep: int = 1  # per head
+    layer_widths: str = "uniform"  # or "scores" (ignored with method_widths_from)
     # Per-block kept counts copied from an export (read from `method_widths_from`).
     widths: Counts | None = dataclasses.field(default=None, metadata={"setting": False})
 
     def __post_init__(self):
         check(self.min_keep >= 1, f"floor.min_keep must be >= 1, got {self.min_keep}")
+        check(
+            self.layer_widths in ("uniform", "scores"),
+            f"floor.layer_widths must be 'uniform' or 'scores', got {self.layer_widths!r}",
+        )
 
     @classmethod
     def from_config(cls, config) -> Floor:
         run = config.method_widths_from
         widths = widths_from_export(run) if run else None
-        return cls(target=config.search.target, widths=widths, **dict(config.floor))
+        return cls(target=config.search.target, widths=widths, **dict(config[cls.section]))
 
     @property
     def sites(self) -> tuple[str, ...]:
@@ -68,12 +76,15 @@ class Floor(Method):
         raise NotImplementedError
 
     def initialize(self, arch, params, *, calibration, seed):
-        if self.widths is None:
-            counts = uniform_widths(arch, self)
-        else:
-            counts = self.widths
-            check_counts(counts, arch)
+        if self.widths is not None:
+            check_counts(self.widths, arch)
         scores = self.scores(arch, params, seed)
+        if self.widths is not None:
+            counts = self.widths
+        elif self.layer_widths == "scores":
+            counts = scored_widths(arch, scores, self.target, self.min_keep)
+        else:
+            counts = uniform_widths(arch, self)
         masks = {}
         for i, (block_counts, block_scores) in enumerate(zip(counts, scores, strict=True)):
             masks[f"block_{i}"] = {
@@ -116,6 +127,20 @@ def uniform_widths(arch: Arch, floor: Floor) -> Counts:
     return counts(lo)
 
 
+def scored_widths(arch: Arch, scores, target: float, min_keep: int) -> Counts:
+    """Head-balanced widths at the target from the scores, each group's scores divided by
+    their mean so that layers compare (`pruning.widths.at_target`)."""
+    normal = [
+        {s: np.asarray(v, np.float64) / (np.mean(np.abs(v)) + 1e-12) for s, v in b.items()}
+        for b in scores
+    ]
+    try:
+        plan = widths.at_target(arch, normal, target, floor=lambda s, w: min(min_keep, w))
+    except ValueError as e:
+        raise SettingError(f"floor: {e} (floor.min_keep={min_keep})") from None
+    return tuple(tuple((s, b[s]) for s in BALANCED) for b in plan.counts)
+
+
 def widths_from_export(run: str) -> Counts:
     """Kept counts per block and site of another run's export (a workdir or an export dir)."""
     from amap_jax.io import paths, pruned
@@ -155,6 +180,7 @@ def check_counts(counts: Counts, arch: Arch) -> None:
                 )
 
 
+@register
 @dataclasses.dataclass(frozen=True)
 class Magnitude(Floor):
     """Keeps the channels whose weights have the largest L1 norm."""
@@ -171,6 +197,7 @@ class Magnitude(Floor):
         ]
 
 
+@register
 @dataclasses.dataclass(frozen=True)
 class Random(Floor):
     """Keeps channels drawn at random (seeded)."""

@@ -8,10 +8,11 @@ pass sees the importance scores (straight-through estimator).
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import jax
 import jax.numpy as jnp
+
+from amap_jax.pruning import widths
 
 # Logit magnitude that pins a mask: sigmoid(20) = 1 - 2e-9.
 FIXED_LOGIT = 20.0
@@ -30,7 +31,7 @@ class PruneSpec:
 
 def min_count(spec: PruneSpec, width: int) -> int:
     """The fewest channels a head of `width` may keep."""
-    return min(max(spec.min_keep, math.ceil(spec.min_keep_fraction * width)), width)
+    return widths.min_count(width, spec.min_keep, spec.min_keep_fraction)
 
 
 def keep_count(logits: jax.Array, spec: PruneSpec) -> jax.Array:

@@ -6,8 +6,10 @@ the LayerNorm output feeding fc1 (`mlp_in`) and the MLP hidden units (`hidden`).
 with the weights under CE + l1_weight * sum |score| ("sparse training"). Pruning is one global
 threshold over every score: either the paper's rule (prune a `rate` of all dimensions) or the
 threshold that makes the exported model meet `search.target` MACs, found by bisection, so that
-VTP compares with AMAP at equal MACs. Kept scores fold into the kernels at export. Value channels
-differ per head, so the exported attention is padded to the widest head; MACs count the padding.
+VTP compares with AMAP at equal MACs. As in the paper, scores under the threshold become 0 and
+the others 1 (`fold_scores=True`, a variant reported as such, keeps the kept scores' values and
+folds them into the kernels). Value channels differ per head, so the exported attention is
+padded to the widest head; MACs count the padding.
 """
 
 from __future__ import annotations
@@ -21,13 +23,14 @@ import numpy as np
 import optax
 
 from amap_jax import models
-from amap_jax.methods.base import Method, SettingError, check
-from amap_jax.pruning import export, macs
+from amap_jax.methods.base import Method, SettingError, check, register
+from amap_jax.pruning import widths
 
 SCORES = "scores"
 SITES = ("attn_in", "v", "mlp_in", "hidden")
 
 
+@register
 @dataclasses.dataclass(frozen=True)
 class Vtp(Method):
     name: ClassVar[str] = "vtp"
@@ -39,6 +42,7 @@ class Vtp(Method):
     rule: str = "target"  # "target": threshold meets search.target MACs; "rate": the paper's
     rate: float = 0.2  # share of all score entries pruned when rule="rate"
     min_keep: int = 1  # per site, the best-scored channels survive any threshold
+    fold_scores: bool = False  # the paper: kept scores become 1; True: their values are folded
 
     def __post_init__(self):
         check(
@@ -76,8 +80,8 @@ class Vtp(Method):
     def optimizers(self, total_steps: int = 0):
         return {SCORES: optax.adam(self.score_lr)}
 
-    def loss(self, arch):
-        def l1(trainable, reports=None, batch_mean=None):
+    def loss(self, arch, total_steps: int = 0):
+        def l1(trainable, reports=None, batch_mean=None, step=None):
             total = sum(jnp.sum(jnp.abs(x)) for x in jax.tree.leaves(trainable[SCORES]))
             return self.l1_weight * total, {"l1": total}
 
@@ -86,7 +90,30 @@ class Vtp(Method):
     def finalize(self, arch, variables, calibration=None):
         scores = variables[SCORES]
         order, n = self._cut(arch, scores)
-        return {**variables, SCORES: _prune(scores, order[:n])}
+        kept = _prune(scores, order[:n])
+        if not self.fold_scores:  # the paper's rule: what survives the threshold is kept as is
+            kept = jax.tree.map(lambda x: (x != 0).astype(np.float32), kept)
+        return {**variables, SCORES: kept}
+
+    def report(self, arch, variables):
+        """Where the search left the scores: a histogram of |score| (they start at 1)."""
+        values = np.abs(np.concatenate([np.ravel(x) for x in jax.tree.leaves(variables[SCORES])]))
+        edges = np.linspace(0.0, max(1.5, float(values.max())), 31)
+        counts, _ = np.histogram(values, edges)
+        quantiles = np.quantile(values, [0.05, 0.25, 0.5, 0.75, 0.95])
+        return {
+            "score_histogram": {
+                "edges": [round(float(e), 4) for e in edges],
+                "counts": [int(c) for c in counts],
+            },
+            "score_quantiles": {
+                q: round(float(v), 4)
+                for q, v in zip(("5%", "25%", "50%", "75%", "95%"), quantiles, strict=True)
+            },
+        }
+
+    def search_ratio(self, arch, variables, calibration=None):
+        return None  # the widths are the threshold's, by the paper's rule
 
     def progress(self, arch, variables):
         order, n = self._cut(arch, variables[SCORES])
@@ -98,8 +125,8 @@ class Vtp(Method):
         if self.rule == "rate":
             return order, min(int(round(self.rate * (len(order) + protected))), len(order))
 
-        def ratio(n):
-            return macs.ratio(arch, export.pruned_arch(arch, _mults(_prune(scores, order[:n]))))
+        def ratio(n):  # of the export, every head padded to the widest
+            return widths.ratio(arch, _counts(_prune(scores, order[:n])))
 
         if ratio(len(order)) > self.target:
             raise SettingError(
@@ -154,9 +181,12 @@ def _prune(scores, drop):
     return out
 
 
-def _mults(scores):
-    n = len(scores)
-    return [{s: scores[f"block_{i}"][s] for s in SITES} for i in range(n)]
+def _counts(scores):
+    """Per block, the channels each head of every site keeps (non-zero scores)."""
+    return [
+        {s: (np.asarray(scores[f"block_{i}"][s]) != 0).sum(-1) for s in SITES}
+        for i in range(len(scores))
+    ]
 
 
 def threshold(variables) -> float:

@@ -124,7 +124,9 @@ class Block(nn.Module):
             y = from_windows(y, a, g.resolution)
         x = x + y
         mlp = Mlp(a.mlp_dim, g.dim, self.gelu_approximate, self.dtype, name="mlp")
-        x = x + mlp(_input(norm("norm2")(x), a.mlp_in, m.get("mlp_in")), m.get("hidden"))
+        y = _input(norm("norm2")(x), a.mlp_in, m.get("mlp_in"))
+        self.sow("intermediates", "mlp_input", y)
+        x = x + mlp(y, m.get("hidden"))
         return (x, token_stats) if stats else x
 
 

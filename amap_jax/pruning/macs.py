@@ -88,6 +88,17 @@ def model_macs(arch: Arch, block_widths: list | None = None, tokens: list | None
     return total
 
 
+def token_counts(arch, points, kept) -> list:
+    """Tokens each block sees (prefix included), from the tokens kept at each point: per image
+    ([B] arrays) or single numbers."""
+    out, n = [], arch.num_tokens
+    for i in range(len(arch.blocks)):
+        if i in points:
+            n = kept[points.index(i)]
+        out.append(n)
+    return out
+
+
 def ratio(arch: Arch, smaller: Arch) -> float:
     """MACs(smaller) / MACs(arch)."""
     return float(model_macs(smaller) / model_macs(arch))

@@ -29,6 +29,7 @@ from amap_jax import models as models_pkg
 from amap_jax import xla_cpu
 from amap_jax.models.arch import LINEAR, Arch, BlockArch
 from amap_jax.pruning.export import PAD_SCALE
+from amap_jax.timing import interleaved
 
 CANDIDATES = (1, 8, 16, 32, 64)
 # One multiple for every width, or per block (attention: q/k, v, input; MLP: hidden, input).
@@ -229,8 +230,6 @@ def fastest_multiples(
     interleaved rounds), once per shape, and cached per backend, device kind, batch and shape;
     also returns each shape's measurement.
     """
-    from amap_jax.train.evaluate import interleaved
-
     stored, seen, pairs = _read(cache), {}, []
     for b, g in zip(arch.blocks, arch.geometry(), strict=True):
         pair = []
@@ -261,7 +260,6 @@ def rates(models: dict, batch: int, *, seconds: float, rounds: int) -> dict[str,
     """Images/s per round of each {name: (arch, params[, CPU kernel set])} forward pass on one
     random batch, the models interleaved within each round."""
     from amap_jax import models as models_lib
-    from amap_jax.train.evaluate import interleaved
 
     arch = next(iter(models.values()))[0]
     x = jax.random.normal(

@@ -11,6 +11,7 @@ import numpy as np
 
 from amap_jax import xla_cpu
 from amap_jax.models import tokens
+from amap_jax.timing import interleaved  # noqa: F401 (re-exported)
 from amap_jax.train import parallel
 from amap_jax.train.steps import Input, make_eval_step
 
@@ -64,23 +65,6 @@ def throughput(
         jax.block_until_ready(fwd(variables, x))
         times.append(time.perf_counter() - t)
     return batch_size / float(np.median(times))
-
-
-def interleaved(fns: dict, seconds: float, rounds: int, batch: int) -> dict[str, list[float]]:
-    """Images/s of every `fn()` (which must block until done) per round, the models
-    interleaved within each round so that they all see the same machine."""
-    for fn in fns.values():
-        fn()  # compile / warm up
-    out = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            times, end = [], time.perf_counter() + seconds
-            while len(times) < 2 or time.perf_counter() < end:
-                t = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - t)
-            out[name].append(batch / float(np.median(times)))
-    return out
 
 
 @functools.lru_cache(maxsize=16)

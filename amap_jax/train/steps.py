@@ -103,7 +103,7 @@ class Objective:
     label_smoothing: float = 0.0
     kd_weight: float = 0.0
     kd_temperature: float = 1.0
-    # (trainable, what the forward reported, mean over the batch) -> (loss, metrics)
+    # (trainable, what the forward reported, mean over the batch, step) -> (loss, metrics)
     regularizer: Callable[[Any, Any, Callable], tuple[jax.Array, dict]] | None = None
     mixup_alpha: float = 0.0  # mixup / cutmix of the DeiT recipe, on device (data.mixing)
     cutmix_alpha: float = 0.0
@@ -189,7 +189,8 @@ def make_train_step(
                 loss = (1 - objective.kd_weight) * ce + objective.kd_weight * kd
                 metrics["kd"] = kd
             if objective.regularizer is not None:
-                reg, reg_metrics = objective.regularizer(trainable, aux.get(REPORTS, {}), mean)
+                reports = aux.get(REPORTS, {})
+                reg, reg_metrics = objective.regularizer(trainable, reports, mean, state.step)
                 loss = loss + reg
                 metrics.update(reg_metrics)
             metrics["loss"] = loss

@@ -1,0 +1,147 @@
+"""Does the search land on its target? The MACs ratio of the search's own result (`search_end`)
+against the target, per config, target and search length, for the default budget mechanism and
+the alternatives tried, with the share the final fix-up had to remove and top-1 right after the
+search (before fine-tuning).
+
+  python -m bench.search_budget [--configs vit,flatten] [--targets 0.7,0.5,0.3]
+      [--epochs 0.25,1] [--variants default,penalty,...] [--root workdirs/search_budget]
+
+Each config's dense model is trained once (its own train stage, seed 0) under ROOT/<config> and
+shared by every cell. Writes bench/results/search_budget.{json,md}.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+import time
+
+from absl import app, flags
+
+from amap_jax import logs, methods, pipeline
+from amap_jax.pruning import macs
+from bench import common
+
+ROOT_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = {
+    "vit": "configs/fmnist_amap_vit.py",
+    "flatten": "configs/fmnist_amap_flatten.py",
+    "tokens": "configs/fmnist_tokens.py",  # method amap+asvit (its joint budget)
+}
+# The default, and what was tried on the way to it (each a set of overrides).
+VARIANTS = {
+    "default": {},
+    "penalty, fixed rate (before)": {
+        "amap.budget": "penalty",
+        "amap.target_ramp": 0.0,
+        "amap.indicator_lr": 0.05,
+    },
+    "penalty + ramp + scaled rate": {"amap.budget": "penalty"},
+    "lagrange, fixed rate 0.05": {"amap.indicator_lr": 0.05},
+}
+
+_ROOT = flags.DEFINE_string("root", "workdirs/search_budget", "Dense models and scratch runs.")
+_CONFIGS = flags.DEFINE_list("configs", ["vit", "flatten"], f"Configs ({', '.join(CONFIGS)}).")
+_EPOCHS = flags.DEFINE_list("epochs", ["0.25", "1"], "Search lengths (epochs).")
+_VARIANTS = flags.DEFINE_list("variants", list(VARIANTS), "Budget mechanisms.")
+
+
+def load_config(name: str):
+    path = os.path.join(ROOT_DIR, CONFIGS[name])
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    c = module.get_config()
+    if name == "tokens":
+        c.method = "amap+asvit"
+    return c
+
+
+def apply(config, overrides: dict):
+    c = config.copy_and_resolve_references()
+    for key, value in overrides.items():
+        section, leaf = key.split(".")
+        c[section][leaf] = value
+    return c
+
+
+def cell(name: str, variant: str, target: float, epochs: float, dense_cache: dict) -> dict:
+    """One search on the config's shared dense model."""
+    c = apply(load_config(name), VARIANTS[variant])
+    c.search.target, c.search.epochs = target, epochs
+    if name not in dense_cache:
+        ctx, arch = pipeline.make_context(c, os.path.join(_ROOT.value, name))
+        dense_cache[name] = (pipeline.train_dense(ctx, arch), ctx.evaluate)
+    dense, evaluate = dense_cache[name]
+    scratch = tempfile.mkdtemp(dir=_ROOT.value)
+    ctx, arch = pipeline.make_context(c, scratch)
+    method = methods.from_config(c)
+    t = time.perf_counter()
+    variables, model, ends = pipeline.search(ctx, arch, dense, method)
+    seconds = time.perf_counter() - t
+    shutil.rmtree(scratch)
+    p_arch, _ = method.export(arch, variables)
+    return {
+        "config": name,
+        "variant": variant,
+        "target": target,
+        "epochs": epochs,
+        "steps": ctx.steps(c.search)[0],
+        "search_end": ends["search_end"],
+        "off_by": round(ends["search_end"] - target, 4),
+        "fixup": ends["fixup"],
+        "final": round(macs.ratio(arch, p_arch), 4),
+        "top1_after_search": round(evaluate(model, variables)["top1"], 2),
+        "seconds": round(seconds, 1),
+    }
+
+
+def report(rows: list[dict]) -> str:
+    lines = [
+        "# Does the search land on its target?",
+        "",
+        "`python -m bench.search_budget` (Fashion-MNIST, seed 0). `search_end`: MACs ratio of the",
+        "search's own masks; `fixup`: dense-MACs share the final trim removed; top-1 right after",
+        "the search, before fine-tuning.",
+        "",
+        "| config | variant | target | search epochs (steps) | search_end | off by | fixup | "
+        "top-1 after search |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['config']} | {r['variant']} | {r['target']} | {r['epochs']} ({r['steps']}) "
+            f"| {r['search_end']:.3f} | {r['off_by']:+.3f} | {r['fixup']:.3f} | "
+            f"{r['top1_after_search']:.2f} |"
+        )
+    worst = {}
+    for r in rows:
+        key = r["variant"]
+        worst[key] = max(worst.get(key, 0.0), abs(r["off_by"]))
+    lines += ["", "Largest |search_end - target| per variant: " + ", ".join(
+        f"{k} {v:.3f}" for k, v in worst.items()
+    ) + "."]  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def main(argv):
+    del argv
+    logs.setup()
+    os.makedirs(_ROOT.value, exist_ok=True)
+    rows, cache = [], {}
+    for name in _CONFIGS.value:
+        for variant in _VARIANTS.value:
+            for epochs in map(float, _EPOCHS.value):
+                for target in map(float, common.TARGETS.value):
+                    rows.append(cell(name, variant, target, epochs, cache))
+                    print(common.table(rows[-1:], list(rows[-1])), flush=True)
+    meta = {"configs": _CONFIGS.value, "epochs": _EPOCHS.value, "targets": common.TARGETS.value}
+    common.write("search_budget" + common.suffix(), rows, meta, report(rows))
+    print(report(rows))
+
+
+if __name__ == "__main__":
+    common.defaults(targets=["0.7", "0.5", "0.3"])
+    app.run(main)
