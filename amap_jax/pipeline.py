@@ -25,7 +25,7 @@ from amap_jax.methods.base import CalibrationBatch
 from amap_jax.models import tokens
 from amap_jax.models.arch import Arch, swin_arch, vit_arch
 from amap_jax.pruning import macs, padding
-from amap_jax.train import checkpoint, parallel, steps, stop
+from amap_jax.train import checkpoint, parallel, scalars, steps, stop
 from amap_jax.train import evaluate as evaluate_lib
 from amap_jax.train.evaluate import evaluate, throughput
 from amap_jax.train.loop import fit
@@ -258,8 +258,18 @@ def search(ctx: Context, arch: Arch, dense_params, method: Method):
     return final, model, {**ends, **({"report": report} if report else {})}
 
 
-def finetune(ctx: Context, arch: Arch, params, teacher_arch: Arch, teacher_params):
-    cfg = ctx.config.finetune
+def finetune(
+    ctx: Context,
+    arch: Arch,
+    params,
+    teacher_arch: Arch,
+    teacher_params,
+    stage=None,
+    directory: str = "finetune",
+):
+    """Fine-tunes (distilled from the teacher) with `stage` (default the config's `finetune`
+    section), checkpointing in WORKDIR/`directory`; test top-1 after every epoch."""
+    cfg = stage or ctx.config.finetune
     model = ctx.build(arch)
     total, per_epoch = ctx.steps(cfg)
     if total == 0:
@@ -270,8 +280,8 @@ def finetune(ctx: Context, arch: Arch, params, teacher_arch: Arch, teacher_param
     teacher = ctx.build(teacher_arch) if cfg.kd_weight > 0 else None
     step = ctx.compile(model, tx, objective, ctx.config.seed + 2, teacher)
     state = ctx.fit(
-        "finetune",
-        "finetune",
+        directory,
+        directory,
         cfg,
         state,
         step,
@@ -585,6 +595,7 @@ def _run(ctx: Context, arch: Arch, export_dir: str) -> dict:
                 pruned.kernels(export_dir),
             ),
             "pruned_before_finetune_top1": round(exported_eval["top1"], 2),
+            "finetune_top1_by_epoch": finetune_curve(workdir),
             "masked_top1": round(masked_eval["top1"], 2),
             "export_max_logit_diff": export_diff,
             "arch": {
@@ -629,6 +640,12 @@ def _run(ctx: Context, arch: Arch, export_dir: str) -> dict:
     if ctx.is_chief:
         checkpoint.write_json(paths.join(workdir, "summary.json"), summary)
     return summary
+
+
+def finetune_curve(workdir: str, stage: str = "finetune") -> list[list[float]]:
+    """[[epoch, test top-1], ...] of a stage, as its scalars recorded them (every epoch)."""
+    rows = [r for r in scalars.read(workdir) if r["stage"] == stage and "test_top1" in r]
+    return [[round(r["epoch"], 4), round(r["test_top1"], 2)] for r in rows]
 
 
 FIXUP_WARNING = 0.02  # a fix-up that removes more than this share of the dense MACs is warned

@@ -1,11 +1,11 @@
-"""AMAP on a small softmax ViT, Fashion-MNIST (offline default): 30% fewer MACs."""
+"""AMAP on a small softmax ViT (4 blocks, 4 heads of 16), Fashion-MNIST (offline default): 30%
+fewer MACs."""
 
 from amap_jax.config import defaults
 
 
 def get_config():
     c = defaults()
-    c.model.variant = "mini"
+    c.model.variant = "mini4"
     c.model.pattern = "SSSS"
-    c.amap.init = "constant"  # attention-difference init is for linear attention
     return c

@@ -8,9 +8,8 @@ def get_config():
     c = defaults()
     c.method = "asvit"
     c.data.image_size = 40
-    c.model.variant = "mini"
+    c.model.variant = "mini4"
     c.model.patch_size = 4
     c.model.pattern = "SSSS"
-    c.amap.init = "constant"  # attention-difference init is for linear attention
     c.eval.bench_batch = 64
     return c

@@ -73,6 +73,9 @@ def get_config(model: str = "flatten_swin_t"):
     c.search.warmup_epochs = 0.5
     c.search.target = 0.7
     c.amap.multiple = 8  # kept widths in multiples of 8: friendlier to TPU/GPU matmuls
+    # The paper's initialisation: attention differences of the linear blocks only (measuring
+    # every softmax channel too, output_diff, costs one attention pass per channel).
+    c.amap.init = "attn_diff"
     c.amap.min_keep_fraction = 0.25
     c.amap.calibration_batch = 64
     c.search.kd_weight = 0.5

@@ -60,6 +60,8 @@ PARAM_COUNTS = [
     ("mini", 1, 10, None, 205_066),
     ("micro", 1, 10, None, 19_658),
     ("mini", 1, 10, "LLSS", 209_034),
+    ("mini4", 1, 10, None, 205_066),  # heads split the same width: the same parameters
+    ("mini4", 1, 10, "LLSS", 208_202),  # but FLatten's depthwise kernel is per head width
     ("micro", 1, 10, "LS", 21_706),
     ("S", 3, 1000, "LLLLLLSSSSSS", 22_516_840),
 ]

@@ -36,6 +36,12 @@ def test_run_writes_summary_and_export(finished_run):
     assert summary["export_max_logit_diff"] <= 1e-5
     table = pipeline.format_summary(summary)
     assert "dense" in table and "pruned" in table and "ideal" in table
+    # The budget as achieved by the export, beside what the search's own masks gave.
+    b = summary["budget"]
+    assert set(b) == {"target", "achieved", "tolerance", "met", "search_end", "fixup"}
+    assert b["target"] == 0.6 and b["tolerance"] == 0.02
+    assert b["achieved"] == summary["macs_ratio"] and b["met"] == (abs(b["achieved"] - 0.6) <= 0.02)
+    assert b["fixup"] == pytest.approx(b["search_end"] - b["achieved"], abs=1e-3)
 
 
 def test_vtp_run_end_to_end_in_bfloat16(tmp_path):
@@ -55,6 +61,10 @@ def test_vtp_run_end_to_end_in_bfloat16(tmp_path):
     assert any(b[5] < 32 or b[6] < 32 for b in blocks)
     model, _ = amap_jax.load_pruned(summary["export_dir"])
     assert any(b.attn_in or b.mlp_in for b in model.arch.blocks)
+    # VTP's widths are its threshold's: no search-end ratio of its own; its scores' histogram
+    assert summary["budget"]["search_end"] is None and summary["budget"]["fixup"] is None
+    hist = summary["search_report"]["score_histogram"]
+    assert len(hist["counts"]) == 30 and sum(hist["counts"]) > 0
 
 
 def test_floor_at_the_widths_of_another_run(finished_run, tmp_path):

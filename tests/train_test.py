@@ -166,6 +166,30 @@ def test_finalize_meets_target_from_dense():
                 assert len(set(kept)) == 1 and kept[0] % 2 == 0
 
 
+def test_unbalanced_finalize_meets_the_target_on_the_padded_count():
+    """Without head balancing export pads every head to the widest: the trim counts that."""
+    params = ViT(ARCH).init(jax.random.key(0), dummy_input(ARCH))["params"]
+    rng = np.random.default_rng(0)
+    ind = jax.tree.map(
+        lambda x: x + rng.normal(0, 3, x.shape).astype(np.float32),
+        amap.constant_indicators(ARCH, 2.0),
+    )
+    method = Amap(head_balanced=False)
+    variables = {
+        "params": params,
+        INDICATORS: ind,
+        SIMILARITY: similarity.similarity_weights(ARCH, params),
+    }
+    target = round(method.search_ratio(ARCH, variables) - 0.04, 3)
+    method = Amap(head_balanced=False, target=target)
+    final = method.finalize(ARCH, variables)
+    kept = [(np.asarray(final[INDICATORS][f"block_{i}"][g]) > 0).sum(-1) for i in range(2)
+            for g in ("qk", "v")]  # fmt: skip
+    assert any(k.min() < k.max() for k in kept)  # heads keep different counts
+    ratio = method.macs_ratio(ARCH, final)  # of the export, every head padded to the widest
+    assert target - 0.03 < ratio <= target
+
+
 def test_finalize_respects_min_keep_fraction():
     """Flat importances: the fix-up may not empty the groups with the most MACs per channel."""
     params = ViT(ARCH).init(jax.random.key(0), dummy_input(ARCH))["params"]
@@ -195,6 +219,35 @@ def test_attention_difference_init_ranks_channels(digits):
     assert qk.reshape(-1).argmin() == dead
     assert np.std(qk) > 0.1  # measured, not constant
     np.testing.assert_array_equal(ind["block_1"]["qk"], cfg.init_logit)  # softmax: constant
+
+
+def test_mlp_difference_is_the_output_change_of_removing_each_unit(digits):
+    """output_diff's MLP rule in closed form equals removing each hidden unit for real; a unit
+    whose fc2 row is zero changes nothing and gets the lowest initial logit."""
+    params = ViT(ARCH).init(jax.random.key(0), dummy_input(ARCH))["params"]
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(lambda x: x + 0.05 * rng.standard_normal(x.shape), params)
+    dead = 5
+    fc2 = params["block_1"]["mlp"]["fc2"]
+    fc2["kernel"] = fc2["kernel"].at[dead].set(0.0)
+    images = INPUTS(jnp.asarray(digits.get(np.arange(8))["image"]))
+    got = amap.mlp_difference(ARCH, params, images)
+    _, inter = ViT(ARCH).apply({"params": params}, images, mutable=["intermediates"])
+    for i in range(len(ARCH.blocks)):
+        mlp = params[f"block_{i}"]["mlp"]
+        y = inter["intermediates"][f"block_{i}"]["mlp_input"][0]
+        h = jax.nn.gelu(y @ mlp["fc1"]["kernel"] + mlp["fc1"]["bias"], approximate=True)
+        out = h @ mlp["fc2"]["kernel"] + mlp["fc2"]["bias"]
+        norm = np.linalg.norm(np.asarray(out).reshape(len(out), -1), axis=-1)
+        want = []
+        for c in range(ARCH.blocks[i].mlp_dim):
+            removed = out - h[..., c : c + 1] * mlp["fc2"]["kernel"][c]
+            d = np.linalg.norm(np.asarray(out - removed).reshape(len(out), -1), axis=-1)
+            want.append(np.mean(d / norm))
+        np.testing.assert_allclose(got[f"block_{i}"]["hidden"][0], want, rtol=1e-4, atol=1e-7)
+    ind = amap.init_indicators(ARCH, params, Amap(init="output_diff"), images)
+    assert np.asarray(ind["block_1"]["hidden"]).reshape(-1).argmin() == dead
+    assert np.std(ind["block_1"]["qk"]) > 0.1  # softmax blocks measured too
 
 
 def test_interrupt_saves_a_checkpoint(tmp_path, digits):

@@ -293,7 +293,11 @@ class Amap(Method):
     similarity_every: int = 50  # steps between refreshes of the similarity weights
     head_balanced: bool = True
     reweight: bool = True
-    init: str = "attn_diff"  # or "constant", or "output_diff" (every attention and MLP)
+    # Initial indicators: "output_diff" (how much removing the channel changes its attention's or
+    # MLP's output, on a calibration batch), "attn_diff" (attention differences of linear
+    # attention only, the paper's rule) or "constant". bench/search_budget.py and
+    # bench/compare.py measure them.
+    init: str = "output_diff"
     init_on_softmax: bool = False  # the attention-difference rule on softmax blocks too
     init_logit: float = 5.0
     init_spread: float = 1.0

@@ -264,6 +264,7 @@ _VIT_VARIANTS = {
     "B": (768, 12, 12, 4, 16, 224),
     # Small variants for 28x28 inputs (Fashion-MNIST) that train in minutes on two CPU cores.
     "mini": (64, 4, 2, 4, 7, 28),
+    "mini4": (64, 4, 4, 4, 7, 28),  # 4 heads of 16: where head balancing matters
     "micro": (32, 2, 2, 2, 4, 28),
 }
 
