@@ -1,47 +1,48 @@
-"""Which method to pick: every method from the same dense checkpoint, same epochs, several seeds.
+"""Which method to pick: every method from the same dense model per seed, in regimes where the
+choice matters, with paired 95% intervals.
 
-  python -m bench.compare [--root workdirs/compare] [--configs vit,flatten,tokens]
-      [--targets 0.7,0.5] [--methods amap,vtp,...] [--seeds 0,1] [--ablations]
-    [--set train.epochs=2,search.epochs=0.25,...]
+  python -m bench.compare [--grid channels] [--jobs 2] [--root workdirs/compare]
+  python -m bench.compare --grid extras    # AMAP ablations and VTP variants
+  python -m bench.compare --grid tokens    # AMAP, AS-ViT and AMAP+AS-ViT at matched MACs
+  python -m bench.compare --quick          # a 10-minute version, to try it
+  python -m bench.compare --report_only    # the report from the cells finished so far
 
-Each cell (config, method or AMAP ablation, MACs target, seed) is a whole run (search -> export
--> fine-tune -> eval) in its own work directory under ROOT, started from a copy of the config's
-one dense checkpoint, so every method starts from the same weights and gets the same search and
-fine-tune epochs. A finished cell is read back, not rerun: the grid can be completed over
-several sittings. Per config and seed there is also "dense, equal budget": the dense model
-trained for the same extra epochs (search + fine-tune) with the fine-tuning recipe, so that a
-pruned model is compared with a dense model of equal training budget.
+A seed fixes the dense model's initialisation and data order (one dense checkpoint per config
+and seed, shared by every method of that seed), the calibration images, the search and
+fine-tune data order, and random's masks: cells of one seed are paired. A cell is one run from
+its seed's dense checkpoint: search (0.5 epoch) -> export -> fine-tune (2 epochs, distilled from
+that dense model), with top-1 right after the search, after fine-tune epoch 1 and at the end
+(one run, evaluated along). The equal-budget dense model trains the same extra epochs with the
+fine-tuning recipe from the same checkpoint, evaluated at the same points.
 
-Channel methods (amap, vtp, magnitude, random) run on the `vit` and `flatten` configs; the
-`tokens` config (100 tokens per image, not in the default grid: a cell takes about 20 minutes on
-2 cores) compares amap, asvit and amap+asvit, with kept tokens per pruning point and images/s of
-the exported model at batch 1 and at the bench batch (`eval.bench_batch`, 64).
+Cells run in parallel processes, one per core (`--jobs`, pinned with taskset), each in its own
+work directory under ROOT: a finished cell is read back, a killed one resumes from its
+checkpoints. The remaining time is estimated from the cells finished so far.
 
-`--set` changes the schedule (or any setting) of every run of the grid alike, dense stage
-included, and is written into the report: a shorter schedule is a fair comparison between
-methods, not a substitute for the config's own.
-
-Writes bench/results/compare.json, compare.md, compare_top1_vs_macs.png, compare_widths.png.
+Writes bench/results/compare_<grid>.{json,md} and compare_<grid>_top1.png (top-1 against the
+achieved MACs ratio, 95% intervals, a panel per config and fine-tuning budget) and, for channel
+grids, compare_<grid>_widths.png (kept widths per layer at the lowest target).
 """
 
 from __future__ import annotations
 
 import ast
+import dataclasses
 import importlib.util
+import json
 import os
 import shutil
+import subprocess
+import sys
 import time
 
-import jax
 import numpy as np
 from absl import app, flags, logging
 
 from amap_jax import logs, pipeline
 from amap_jax import workdir as workdir_lib
-from amap_jax.io import pruned as pruned_io
-from amap_jax.pruning import macs
-from amap_jax.train import checkpoint
-from bench import common
+from amap_jax.io import trees
+from bench import common, stats
 
 ROOT_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = {
@@ -49,77 +50,108 @@ CONFIGS = {
     "flatten": "configs/fmnist_amap_flatten.py",
     "tokens": "configs/fmnist_tokens.py",
 }
-METHODS = {
-    "vit": ("amap", "vtp", "magnitude", "random"),
-    "flatten": ("amap", "vtp", "magnitude", "random"),
-    "tokens": ("amap", "asvit", "amap+asvit"),
-}
-TOKEN_METHODS = ("asvit", "amap+asvit")
-# AMAP with one component off (on the FLatten config at the first target).
-ABLATIONS = {
-    "amap: no similarity": {"amap.similarity": False},
-    "amap: no reweight": {"amap.reweight": False},
-    "amap: no head balancing": {"amap.head_balanced": False},
-    "amap: init=constant": {"amap.init": "constant"},
-}
-# AMAP+AS-ViT with its other schedule (on the tokens config at the last target).
-TOKEN_VARIANTS = {"amap+asvit: channels_first": {"compose.schedule": "channels_first"}}
-DENSE_BUDGET = "dense, equal budget"
+DENSE = "dense"  # a (config, seed)'s dense model: what every cell of that seed starts from
+BUDGET = "dense, equal budget"
+STAGES = ("after search", "after 1 fine-tune epoch", "end")
+# Every cell of every grid: a search short enough that the choice of channels shows.
+SCHEDULE = {"search.epochs": 0.5, "finetune.epochs": 2.0, "eval.bench_seconds": 0.2}
 
+
+@dataclasses.dataclass(frozen=True)
+class Grid:
+    configs: tuple[str, ...]
+    targets: tuple[float, ...]
+    variants: dict  # name -> (method, {setting: value})
+    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
+    schedule: dict = dataclasses.field(default_factory=lambda: dict(SCHEDULE))
+    reference: str = "amap"  # what every variant is paired with
+    cost: str = ""
+
+
+METHODS = {m: (m, {}) for m in ("amap", "vtp", "magnitude", "random")}
+GRIDS = {
+    "channels": Grid(("vit", "flatten"), (0.7, 0.5, 0.3), METHODS, cost="about 4 hours on 2 cores"),
+    "extras": Grid(
+        ("flatten",),
+        (0.3,),
+        {
+            "amap": ("amap", {}),
+            "vtp": ("vtp", {}),
+            "amap: no similarity": ("amap", {"amap.similarity": False}),
+            "amap: no reweight": ("amap", {"amap.reweight": False}),
+            "amap: init=constant": ("amap", {"amap.init": "constant"}),
+            "amap: init=attn_diff": ("amap", {"amap.init": "attn_diff"}),
+            "amap: no head balancing": ("amap", {"amap.head_balanced": False}),
+            "vtp: fold_scores": ("vtp", {"vtp.fold_scores": True}),
+            "vtp: l1 1e-5": ("vtp", {"vtp.l1_weight": 1e-5}),
+            "vtp: l1 1e-3": ("vtp", {"vtp.l1_weight": 1e-3}),
+        },
+        cost="about 1.5 hours on 2 cores (with the channel grid's dense models)",
+    ),
+    "tokens": Grid(
+        ("tokens",),
+        (0.5,),
+        {m: (m, {}) for m in ("amap", "asvit", "amap+asvit")},
+        cost="see the report",
+    ),
+    "quick": Grid(
+        ("vit",),
+        (0.5,),
+        {m: (m, {}) for m in ("amap", "random")},
+        seeds=(0, 1),
+        schedule={
+            "train.epochs": 1.0,
+            "search.epochs": 0.25,
+            "finetune.epochs": 1.0,
+            "eval.bench_seconds": 0.1,
+        },
+        cost="about 10 minutes on 2 cores",
+    ),
+}
+
+_GRID = flags.DEFINE_enum("grid", "channels", list(GRIDS), "Which grid.")
+_QUICK = flags.DEFINE_bool("quick", False, "Same as --grid=quick.")
 _ROOT = flags.DEFINE_string("root", "workdirs/compare", "Where the cells' work directories go.")
-_CONFIGS = flags.DEFINE_list("configs", ["vit", "flatten"], f"Configs ({', '.join(CONFIGS)}).")
-_METHODS = flags.DEFINE_list("methods", None, "Methods (default: every method of each config).")
-_SEEDS = flags.DEFINE_list("seeds", ["0", "1"], "Seeds (search / fine-tune / random choice).")
-_ABLATIONS = flags.DEFINE_bool("ablations", True, "AMAP ablations on flatten at the first target.")
-_SET = flags.DEFINE_list(
-    "set", [], "KEY=VALUE settings applied to every run of the grid (e.g. train.epochs=2)."
-)
-_SPEED = flags.DEFINE_bool(
-    "speed",
-    False,
-    "Measure every finished channel cell's exported model again in this one sitting, each "
-    "beside the dense model (alternated), and report that speedup: the one measured while the "
-    "cell ran shares the machine with whatever else ran then.",
-)
-CELLS = flags.DEFINE_list(
-    "cells",
-    ["vit/amap_t0.7_s0", "vit/amap_t0.5_s0", "flatten/amap_t0.7_s0", "flatten/amap_t0.5_s0"],
-    "Benches that measure finished cells' exports: which ones (CONFIG/CELL under --root).",
-)
-_REPORT_ONLY = flags.DEFINE_bool(
-    "report_only", False, "Only rebuild the report from finished cells."
-)
+_JOBS = flags.DEFINE_integer("jobs", 0, "Cells at once, one per core (0: every core).")
+_SEEDS = flags.DEFINE_list("seeds", None, "Seeds (default: the grid's).")
+_SET = flags.DEFINE_list("set", [], "KEY=VALUE settings for every run of the grid, written down.")
+_REPORT_ONLY = flags.DEFINE_bool("report_only", False, "Only the report, from finished cells.")
+_CELL = flags.DEFINE_string("cell", None, "Run this one cell (JSON; used by the workers).")
 
 
-def load_config(name: str):
-    path = os.path.join(ROOT_DIR, CONFIGS[name])
-    spec = importlib.util.spec_from_file_location(f"compare_config_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return _override(module.get_config(), settings())
+@dataclasses.dataclass(frozen=True)
+class Cell:
+    config: str
+    variant: str
+    target: float
+    seed: int
+
+    @property
+    def name(self) -> str:
+        if self.variant == DENSE:
+            return f"dense_s{self.seed}"
+        slug = self.variant.replace(": ", "_").replace(" ", "_").replace("=", "-").replace(",", "")
+        return f"{slug}_t{self.target}_s{self.seed}"
+
+    def workdir(self, root: str) -> str:
+        return os.path.join(root, self.config, self.name)
 
 
-def settings() -> dict:
-    """--set as a dict, each value parsed as the type the config already holds there."""
-    out = {}
-    for item in _SET.value:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise app.UsageError(f"--set expects KEY=VALUE, got {item!r}")
-        out[key.strip()] = value.strip()
+def grid() -> Grid:
+    g = GRIDS["quick" if _QUICK.value else _GRID.value]
+    if _SEEDS.value:
+        g = dataclasses.replace(g, seeds=tuple(int(s) for s in _SEEDS.value))
+    return g
+
+
+def cells(g: Grid) -> list[Cell]:
+    """Dense models first: every other cell of a (config, seed) starts from its checkpoint."""
+    out = [Cell(c, DENSE, 1.0, s) for c in g.configs for s in g.seeds]
+    out += [Cell(c, BUDGET, 1.0, s) for c in g.configs for s in g.seeds]
+    for c in g.configs:
+        for t in g.targets:
+            out += [Cell(c, v, t, s) for v in g.variants for s in g.seeds]
     return out
-
-
-def _override(config, overrides: dict):
-    for key, value in overrides.items():
-        section, _, leaf = key.rpartition(".")
-        node = config[section] if section else config
-        if leaf not in node:
-            raise app.UsageError(f"{key}: no such setting in the config")
-        if isinstance(value, str) and not isinstance(node[leaf], str):
-            value = type(node[leaf])(_literal(value))
-        node[leaf] = value
-    return config
 
 
 def _literal(text: str):
@@ -129,477 +161,508 @@ def _literal(text: str):
         return text
 
 
-def _cell_name(variant: str, target: float, seed: int) -> str:
-    slug = variant.replace(": ", "_").replace(" ", "_").replace("=", "-").replace(",", "")
-    return f"{slug}_t{target}_s{seed}"
-
-
-def dense_stage(name: str, root: str) -> dict:
-    """The config's one dense model: trained once, evaluated, its checkpoint shared by cells."""
-    workdir = os.path.join(root, name, "dense")
-    record = os.path.join(workdir, "dense.json")
-    if os.path.exists(record):
-        return checkpoint.read_json(record)
-    config = load_config(name)
-    t0 = time.time()
-    ctx, arch = pipeline.make_context(config, workdir)
-    os.makedirs(workdir, exist_ok=True)
-    params = pipeline.train_dense(ctx, arch)
-    top1 = ctx.evaluate(ctx.build(arch), {"params": params})["top1"]
-    out = {"top1": round(top1, 2), "macs": int(macs.model_macs(arch)), "wall_s": time.time() - t0}
-    checkpoint.write_json(record, out)
+def settings() -> dict:
+    out = {}
+    for item in _SET.value:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise app.UsageError(f"--set expects KEY=VALUE, got {item!r}")
+        out[key.strip()] = _literal(value.strip())
     return out
 
 
-def finished_exports():
-    """(cell, config name, export dir) of every finished `CONFIG/CELL` of --cells under --root
-    (the others are reported and skipped)."""
-    for cell in CELLS.value:
-        name, _, run = cell.partition("/")
-        export = os.path.join(_ROOT.value, name, run, "export")
-        if not pruned_io.is_finished(export):
-            print(f"skipped {cell}: no finished export in {export}")
-            continue
-        yield cell, name, export
+def apply(config, overrides: dict):
+    for key, value in overrides.items():
+        section, _, leaf = key.rpartition(".")
+        node = config[section] if section else config
+        if leaf not in node:
+            raise app.UsageError(f"{key}: no such setting in the config")
+        node[leaf] = type(node[leaf])(value) if node[leaf] is not None else value
+    return config
 
 
-def _seed_dense(root: str, name: str, workdir: str, config) -> None:
-    """A cell starts from a copy of the shared dense checkpoint (trained with seed 0), recorded
-    as the cell's own finished `dense` stage whatever the cell's seed."""
-    if not os.path.exists(os.path.join(workdir, "dense")):
-        os.makedirs(workdir, exist_ok=True)
-        shutil.copytree(os.path.join(root, name, "dense", "dense"), os.path.join(workdir, "dense"))
-        workdir_lib.record(workdir, config, "dense")
+def load_config(cell: Cell, g: Grid, extra: dict):
+    path = os.path.join(ROOT_DIR, CONFIGS[cell.config])
+    spec = importlib.util.spec_from_file_location(f"compare_{cell.config}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    c = apply(module.get_config(), {**g.schedule, **extra})
+    c.seed = cell.seed
+    c.checkpoint_every = 100
+    if cell.variant not in (DENSE, BUDGET):
+        method, overrides = g.variants[cell.variant]
+        c.method, c.search.target = method, cell.target
+        apply(c, overrides)
+    return c
 
 
-def run_cell(root: str, name: str, variant: str, target: float, seed: int) -> dict:
-    workdir = os.path.join(root, name, _cell_name(variant, target, seed))
+# ----------------------------------------------------------------------------------------------
+# One cell (in a worker process)
+
+
+def run_cell(cell: Cell, root: str, g: Grid, extra: dict) -> dict:
+    workdir = cell.workdir(root)
     record = os.path.join(workdir, "cell.json")
     if os.path.exists(record):
-        return checkpoint.read_json(record)
-    config = load_config(name)
-    config.seed = seed
-    config.search.target = target
-    _seed_dense(root, name, workdir, config)
+        return trees.read_json(record)
+    config = load_config(cell, g, extra)
     t0 = time.time()
-    if variant == DENSE_BUDGET:
-        result = _dense_budget(config, workdir)
+    if cell.variant == DENSE:
+        ctx, arch = pipeline.make_context(config, workdir)
+        os.makedirs(workdir, exist_ok=True)
+        params = pipeline.train_dense(ctx, arch)
+        result = {"end": ctx.evaluate(ctx.build(arch), {"params": params})["top1"]}
     else:
-        if variant in ABLATIONS:
-            method, overrides = "amap", ABLATIONS[variant]
-        elif variant in TOKEN_VARIANTS:
-            method, overrides = variant.partition(":")[0], TOKEN_VARIANTS[variant]
+        _copy_dense(cell, root, workdir, config)
+        if cell.variant == BUDGET:
+            result = _equal_budget(config, workdir)
         else:
-            method, overrides = variant, {}
-        config.method = method
-        _override(config, overrides)
-        s = pipeline.run(config, workdir)
-        result = {
-            "top1": s["pruned"]["top1"],
-            "before_finetune_top1": s["pruned_before_finetune_top1"],
-            "dense_top1": s["dense"]["top1"],
-            "macs_ratio": s["macs_ratio"],
-            "speedup": s["speedup"],
-            "ideal_speedup": s["ideal_speedup"],
-            "export_max_logit_diff": s["export_max_logit_diff"],
-            "pruned_blocks": s["arch"]["pruned_blocks"],
-        }
-        if "speedup_batch1" in s:
-            result.update(
-                kept_tokens_mean=s["pruned"]["kept_tokens_mean"],
-                kept_tokens_of=s["pruned"]["kept_tokens_of"],
-                speedup_batch1=s["speedup_batch1"],
-                images_per_s=s["pruned"]["images_per_s"],
-                images_per_s_batch1=s["pruned"]["images_per_s_batch1"],
-            )
-    result.update(config=name, variant=variant, target=target, seed=seed)
-    result["wall_s"] = round(time.time() - t0, 1)
-    checkpoint.write_json(record, result)
+            result = _pruned(config, workdir)
+    result = {**dataclasses.asdict(cell), **result, "wall_s": round(time.time() - t0, 1)}
+    trees.write_json(record, result)
     return result
 
 
-def _dense_budget(config, workdir: str) -> dict:
-    """The dense model trained for search + fine-tune epochs more, with the fine-tuning recipe
-    (distillation from the same dense teacher included)."""
-    config.finetune.epochs = config.search.epochs + config.finetune.epochs
+def _copy_dense(cell: Cell, root: str, workdir: str, config) -> None:
+    """The seed's dense checkpoint as the cell's own finished dense stage."""
+    if not os.path.exists(os.path.join(workdir, "dense")):
+        os.makedirs(workdir, exist_ok=True)
+        src = Cell(cell.config, DENSE, 1.0, cell.seed).workdir(root)
+        shutil.copytree(os.path.join(src, "dense"), os.path.join(workdir, "dense"))
+        workdir_lib.record(workdir, config, "dense")
+
+
+def _pruned(config, workdir: str) -> dict:
+    s = pipeline.run(config, workdir)
+    curve = dict((round(e), t) for e, t in s["finetune_top1_by_epoch"])
+    return {
+        "after search": s["pruned_before_finetune_top1"],
+        "after 1 fine-tune epoch": curve.get(1),
+        "end": s["pruned"]["top1"],
+        "dense_top1": s["dense"]["top1"],
+        "macs_ratio": s["macs_ratio"],
+        "budget": s["budget"],
+        "pruned_blocks": s["arch"]["pruned_blocks"],
+        "kept_tokens_mean": s["pruned"].get("kept_tokens_mean"),
+        "speedup_batch1": s.get("speedup_batch1"),
+    }
+
+
+def _equal_budget(config, workdir: str) -> dict:
+    """The dense model trained for the cells' extra epochs with the fine-tuning recipe: as long
+    as the search (in the search stage's directory) and then as the fine-tuning."""
     ctx, arch = pipeline.make_context(config, workdir)
     dense = pipeline.train_dense(ctx, arch)
-    params = pipeline.finetune(ctx, arch, dense, arch, dense)
-    top1 = ctx.evaluate(ctx.build(arch), {"params": params})["top1"]
-    return {"top1": round(top1, 2), "macs_ratio": 1.0, "speedup": 1.0, "ideal_speedup": 1.0}
+    first = config.finetune.copy_and_resolve_references()
+    first.epochs = config.search.epochs
+    params = pipeline.finetune(ctx, arch, dense, arch, dense, stage=first, directory="search")
+    after = ctx.evaluate(ctx.build(arch), {"params": params})["top1"]
+    params = pipeline.finetune(ctx, arch, params, arch, dense)
+    curve = dict((round(e), t) for e, t in pipeline.finetune_curve(ctx.workdir))
+    end = ctx.evaluate(ctx.build(arch), {"params": params})["top1"]
+    return {
+        "after search": after,
+        "after 1 fine-tune epoch": curve.get(1),
+        "end": end,
+        "macs_ratio": 1.0,
+    }
 
 
-def grid() -> list[tuple[str, str, float, int]]:
-    targets = [float(t) for t in common.TARGETS.value]
-    seeds = [int(s) for s in _SEEDS.value]
-    cells = []
-    for name in _CONFIGS.value:
-        cells += [(name, DENSE_BUDGET, 1.0, s) for s in seeds]
-        methods = [m for m in (_METHODS.value or METHODS[name]) if m in METHODS[name]]
-        cells += [(name, m, t, s) for t in targets for m in methods for s in seeds]
-        if _ABLATIONS.value and name == "flatten":
-            cells += [(name, v, targets[0], s) for v in ABLATIONS for s in seeds]
-        if _ABLATIONS.value and name == "tokens":
-            cells += [(name, v, targets[-1], s) for v in TOKEN_VARIANTS for s in seeds]
-    return cells
+# ----------------------------------------------------------------------------------------------
+# Many cells: parallel workers, one per core, resumable
 
 
-def aggregate(results: list[dict]) -> list[dict]:
-    """One row per (config, variant, target): mean and standard deviation over seeds."""
-    groups: dict[tuple, list[dict]] = {}
-    for r in results:
-        groups.setdefault((r["config"], r["variant"], r["target"]), []).append(r)
-    rows = []
-    for (name, variant, target), rs in groups.items():
-        top1 = np.array([r["top1"] for r in rs])
-        row = {
-            "config": name,
-            "variant": variant,
-            "target": target,
-            "seeds": len(rs),
-            "top1_mean": round(float(top1.mean()), 2),
-            "top1_sd": round(float(top1.std(ddof=1)) if len(rs) > 1 else 0.0, 2),
-            "top1_all": [float(t) for t in top1],
-            "macs_ratio": round(float(np.mean([r["macs_ratio"] for r in rs])), 4),
-            "speedup": round(float(np.mean([r.get("quiet_speedup", r["speedup"]) for r in rs])), 3),
-            "ideal_speedup": round(float(np.mean([r["ideal_speedup"] for r in rs])), 3),
-            "wall_s": round(float(np.mean([r["wall_s"] for r in rs])), 1),
-        }
-        if "before_finetune_top1" in rs[0]:
-            b = np.array([r["before_finetune_top1"] for r in rs])
-            row["before_finetune_mean"] = round(float(b.mean()), 2)
-            row["before_finetune_sd"] = round(float(b.std(ddof=1)) if len(rs) > 1 else 0.0, 2)
-            row["max_logit_diff"] = max(r["export_max_logit_diff"] for r in rs)
-        if "kept_tokens_mean" in rs[0]:
-            row["kept_tokens_mean"] = [
-                round(float(x), 1) for x in np.mean([r["kept_tokens_mean"] for r in rs], 0)
-            ]
-            row["kept_tokens_of"] = rs[0]["kept_tokens_of"]
-            row["speedup_batch1"] = round(float(np.mean([r["speedup_batch1"] for r in rs])), 3)
-        rows.append(row)
-    return rows
-
-
-def _find(rows, name, variant, target=None):
-    for r in rows:
-        if r["config"] == name and r["variant"] == variant and target in (None, r["target"]):
-            return r
+def _pending(todo: list[Cell], done: set, running: set) -> Cell | None:
+    for c in todo:
+        if c in done or c in running:
+            continue
+        dense = Cell(c.config, DENSE, 1.0, c.seed)
+        if c.variant != DENSE and dense not in done:
+            continue
+        return c
     return None
 
 
-def verdicts(rows: list[dict], dense: dict) -> list[str]:
-    """The issue's targets with the measured result beside each."""
-    out = []
-    for name in sorted({r["config"] for r in rows}):
-        budget = _find(rows, name, DENSE_BUDGET)
-        for target, allowed in ((0.7, 0.3), (0.5, 1.0)):
-            a = _find(rows, name, "amap", target)
-            if a and budget:
-                gap = round(budget["top1_mean"] - a["top1_mean"], 2)  # means are rounded to 0.01
-                ok = "met" if gap <= allowed else "not met"
-                out.append(
-                    f"{name}, {target}: AMAP {a['top1_mean']:.2f} vs equal-budget dense "
-                    f"{budget['top1_mean']:.2f}: {gap:+.2f} points below "
-                    f"(target <= {allowed}): {ok}"
-                )
-            order = [
-                m for m in ("amap", "vtp", "magnitude", "random") if _find(rows, name, m, target)
+def run_all(g: Grid, root: str, jobs: int) -> list[dict]:
+    """Every cell of the grid, `jobs` at a time, each worker pinned to its own core."""
+    todo = cells(g)
+    results = {}
+    for c in todo:
+        record = os.path.join(c.workdir(root), "cell.json")
+        if os.path.exists(record):
+            results[c] = trees.read_json(record)
+    cores = sorted(os.sched_getaffinity(0))
+    jobs = min(jobs or len(cores), len(cores))
+    free, running = list(cores[:jobs]), {}
+    t0, walls = time.time(), {}
+    env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": os.path.join(root, ".jax_cache")}
+    extra = json.dumps(settings())
+    while len(results) < len(todo):
+        nxt = _pending(todo, set(results), set(running))
+        while nxt is not None and free:
+            core = free.pop(0)
+            spec = json.dumps(
+                {**dataclasses.asdict(nxt), "root": root, "grid": _grid_name(), "set": extra}
+            )
+            log = open(os.path.join(root, f"{nxt.config}_{nxt.name}.log"), "a")
+            cmd = [
+                "taskset",
+                "-c",
+                str(core),
+                sys.executable,
+                "-m",
+                "bench.compare",
+                f"--cell={spec}",
             ]
-            if len(order) > 1:
-                found = {m: _find(rows, name, m, target) for m in order}
-                got = sorted(order, key=lambda m: -found[m]["top1_mean"])
-                means = [found[m]["top1_mean"] for m in order]
-                strict = all(a > b for a, b in zip(means, means[1:], strict=False))
-                ok = "met" if got == order and strict else "not met"
-                scores = ", ".join(f"{m} {found[m]['top1_mean']:.2f}" for m in got)
-                sd = max(found[m]["top1_sd"] for m in order)
-                spread = max(means) - min(means)
-                noise = f"; all within {spread:.2f} points, seed sd up to {sd:.2f}" * (
-                    spread <= 2 * sd
+            running[nxt] = (
+                subprocess.Popen(cmd, cwd=ROOT_DIR, env=env, stdout=log, stderr=subprocess.STDOUT),
+                core,
+                time.time(),
+                log,
+            )
+            nxt = _pending(todo, set(results), set(running))
+        if not running:
+            raise RuntimeError("cells wait for a dense model that failed; see the logs in ROOT")
+        time.sleep(2)
+        for c, (proc, core, started, log) in list(running.items()):
+            if proc.poll() is None:
+                continue
+            log.close()
+            del running[c]
+            free.append(core)
+            if proc.returncode != 0:
+                raise RuntimeError(
+                    f"cell {c.config}/{c.name} failed (exit {proc.returncode}); see "
+                    f"{os.path.join(root, f'{c.config}_{c.name}.log')}"
                 )
-                out.append(f"{name}, {target}: order {' > '.join(got)} ({scores}{noise}): {ok}")
-            out += _token_verdicts(rows, name, target, budget)
+            results[c] = trees.read_json(os.path.join(c.workdir(root), "cell.json"))
+            kind = "dense" if c.variant == DENSE else "cell"
+            walls.setdefault(kind, []).append(time.time() - started)
+            left = [x for x in todo if x not in results]
+            eta = _eta(left, walls, jobs)
+            print(
+                f"[{len(results)}/{len(todo)}] {c.config} {c.variant} t={c.target} "
+                f"s={c.seed}: {time.time() - started:.0f} s; {(time.time() - t0) / 60:.0f} min "
+                f"so far, about {eta / 60:.0f} min left",
+                flush=True,
+            )
+    return [results[c] for c in todo]
+
+
+def _eta(left: list[Cell], walls: dict, jobs: int) -> float:
+    mean = {k: float(np.mean(v)) for k, v in walls.items()}
+    each = [
+        mean.get("dense" if c.variant == DENSE else "cell", mean.get("cell", 0.0)) for c in left
+    ]
+    return sum(each) / max(jobs, 1)
+
+
+def _grid_name() -> str:
+    return "quick" if _QUICK.value else _GRID.value
+
+
+# ----------------------------------------------------------------------------------------------
+# The report: paired intervals and verdicts
+
+
+def by_seed(results, config, variant, target, stage) -> dict:
+    out = {}
+    for r in results:
+        if r["config"] == config and r["variant"] == variant and r.get(stage) is not None:
+            if variant in (DENSE, BUDGET) or r["target"] == target:
+                out[r["seed"]] = float(r[stage])
     return out
 
 
-def _token_verdicts(rows, name, target, budget) -> list[str]:
+def summarize(results: list[dict], g: Grid) -> list[dict]:
+    """Per config, target and variant: top-1 at every stage (mean and 95% interval), the
+    achieved MACs ratio, and the paired differences to the reference method and to the
+    equal-budget dense model, each with its interval and verdict."""
+    rows = []
+    for config in g.configs:
+        for target in g.targets:
+            for variant in g.variants:
+                cell = [
+                    r
+                    for r in results
+                    if r["config"] == config and r["variant"] == variant and r["target"] == target
+                ]
+                if not cell:
+                    continue
+                achieved = [r["budget"]["achieved"] for r in cell]
+                row = {
+                    "config": config,
+                    "target": target,
+                    "variant": variant,
+                    "seeds": sorted(r["seed"] for r in cell),
+                    "achieved_macs": stats.interval(achieved),
+                    "fixup": max((r["budget"].get("fixup") or 0.0) for r in cell),
+                }
+                for stage in STAGES:
+                    mine = by_seed(results, config, variant, target, stage)
+                    ref = by_seed(results, config, g.reference, target, stage)
+                    dense = by_seed(results, config, BUDGET, target, stage)
+                    row[stage] = {
+                        "top1": stats.interval(list(mine.values())),
+                        "vs_" + g.reference: stats.paired(mine, ref),
+                        "vs_dense": stats.paired(mine, dense),
+                    }
+                rows.append(row)
+    return rows
+
+
+def verdict_lines(rows: list[dict], results: list[dict], g: Grid) -> list[str]:
+    """Where the reference (AMAP) beats each method with an interval that excludes 0, and the
+    targets the comparison was asked to show."""
+    ref = g.reference
     out = []
-    t = _find(rows, name, "asvit", target)
-    if t and budget:
-        drop = round(budget["top1_mean"] - t["top1_mean"], 2)
-        ok = "met" if t["speedup"] >= 1.5 and drop <= 0.5 else "not met"
-        out.append(
-            f"{name}, {target}: AS-ViT {t['speedup']:.2f}x images/s at the bench batch "
-            f"({t['speedup_batch1']:.2f}x at batch 1) for {drop:+.2f} points below equal-budget "
-            f"dense (target >= 1.5x at <= 0.5): {ok}"
-        )
-    both = _find(rows, name, "amap+asvit", target)
-    alone = [r for r in (_find(rows, name, "amap", target), t) if r]
-    if target == 0.5 and both and len(alone) == 2:
-        ok = "met" if all(both["top1_mean"] > r["top1_mean"] for r in alone) else "not met"
-        out.append(
-            f"{name}, {target}: AMAP+AS-ViT {both['top1_mean']:.2f} vs AMAP "
-            f"{alone[0]['top1_mean']:.2f} and AS-ViT {alone[1]['top1_mean']:.2f} "
-            f"(target: above both): {ok}"
-        )
+    for row in rows:
+        if row["variant"] == ref:
+            continue
+        for stage in STAGES:
+            d = row[stage]["vs_" + ref]
+            if d["n"] < 2:
+                continue
+            # d is variant - reference: reference better when the variant is worse.
+            word = {"worse": f"{ref} better", "better": f"{ref} worse"}.get(
+                d["verdict"], d["verdict"]
+            )
+            out.append(
+                f"{row['config']}, MACs {row['target']}, {stage}: {row['variant']} - {ref} "
+                f"{stats.fmt(d)}: {word}"
+            )
+    for row in rows:
+        if row["variant"] == ref and row["target"] == 0.7:
+            d = row["end"]["vs_dense"]
+            out.append(
+                f"target: {row['config']}, {ref} at 0.7 within 0.3 points of the equal-budget "
+                f"dense model: {stats.fmt(d)}: {stats.within(d, 0.3)}"
+            )
+        if row["variant"] == "random" and row["target"] == 0.3:
+            d = row["after 1 fine-tune epoch"]["vs_" + ref]
+            shown = "met" if d["n"] > 1 and d["hi"] < 0 else "not met"
+            out.append(
+                f"target: {row['config']}, {ref} above random at 0.3 after 1 fine-tune epoch: "
+                f"random - {ref} {stats.fmt(d)}: {shown}"
+            )
     return out
 
 
-def markdown(rows: list[dict], dense: dict, notes: list[str]) -> str:
+def markdown(rows, results, g: Grid, notes: list[str], wall: float, name: str = "") -> str:
+    ref = g.reference
     lines = [
-        "| config | MACs target | method | top-1 (mean ± sd) | before fine-tune | MACs ratio "
-        "| speedup (ideal) | seeds | wall per run |",
-        "|---|---|---|---|---|---|---|---|---|",
+        f"# bench.compare --grid {name}",
+        "",
+        f"Fashion-MNIST; {len(g.seeds)} seeds ({', '.join(map(str, g.seeds))}), methods paired "
+        "by seed; a cell: search "
+        f"{g.schedule.get('search.epochs')} epoch, fine-tune {g.schedule.get('finetune.epochs')}"
+        f" epochs. Top-1 in %, mean [95% interval]; differences are paired (method - {ref}, "
+        "method - equal-budget dense), with a verdict only where the interval excludes 0. "
+        f"Wall time of the cells: {wall / 3600:.1f} core-hours.",
+        "",
     ]
-    token_rows = [r for r in rows if r["config"] == "tokens"]
-    for name in sorted({r["config"] for r in rows} - {"tokens"}):
-        lines.append(
-            f"| {name} | - | dense, {dense[name]['top1']:.2f} after training | | | 1.000 | | 1 | |"
-        )
-        for r in sorted(
-            (r for r in rows if r["config"] == name),
-            key=lambda r: (-r["target"], r["variant"] != "amap", r["variant"]),
-        ):
-            before = (
-                f"{r['before_finetune_mean']:.2f} ± {r['before_finetune_sd']:.2f}"
-                if "before_finetune_mean" in r
-                else ""
+    for config in g.configs:
+        dense = by_seed(results, config, DENSE, 1.0, "end")
+        budget = by_seed(results, config, BUDGET, 1.0, "end")
+        lines += [
+            f"## {config}",
+            "",
+            f"Dense model (8 epochs): {stats.fmt(stats.interval(list(dense.values())))}".replace(
+                "+", ""
             )
-            target = "-" if r["variant"] == DENSE_BUDGET else r["target"]
-            lines.append(
-                f"| {name} | {target} | {r['variant']} | {r['top1_mean']:.2f} ± {r['top1_sd']:.2f} "
-                f"| {before} | {r['macs_ratio']:.3f} "
-                f"| {r['speedup']:.2f}x ({r['ideal_speedup']:.2f}x) "
-                f"| {r['seeds']} | {r['wall_s'] / 60:.1f} min |"
-            )
-    if token_rows:
-        lines = lines[:-2] if len(lines) == 2 else lines + [""]  # no channel rows: no table
-        lines += [_token_table(token_rows, dense.get("tokens"))]
-    return "\n".join(lines + [""] + [f"- {n}" for n in notes]) + "\n"
+            + "; equal-budget dense (+"
+            f"{g.schedule.get('search.epochs', 0) + g.schedule.get('finetune.epochs', 0)} epochs): "
+            f"{stats.fmt(stats.interval(list(budget.values())))}".replace("+", ""),
+            "",
+            f"| MACs target | method | achieved MACs | after search | - {ref} | after 1 fine-tune "
+            f"epoch | - {ref} | end | - {ref} | - dense, equal budget |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for row in (r for r in rows if r["config"] == config):
+            cells_ = [f"{row['target']}", row["variant"], f"{row['achieved_macs']['mean']:.3f}"]
+            for stage in STAGES:
+                top = row[stage]["top1"]
+                cells_.append(f"{top['mean']:.2f}" if top["n"] else "")
+                d = row[stage]["vs_" + ref]
+                cells_.append("" if row["variant"] == ref else _short(d))
+            cells_.append(_short(row["end"]["vs_dense"]))
+            lines.append("| " + " | ".join(cells_) + " |")
+        lines.append("")
+    lines += ["## Verdicts", ""] + [f"- {n}" for n in notes]
+    return "\n".join(lines) + "\n"
 
 
-def _token_table(rows: list[dict], dense: dict | None) -> str:
-    lines = [
-        "| MACs target | method | top-1 (mean ± sd) | before fine-tune | MACs ratio "
-        "| kept tokens per point | speedup batch 64 (ideal) | speedup batch 1 | seeds "
-        "| wall per run |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    if dense:
-        lines.append(f"| - | dense, {dense['top1']:.2f} after training | | | 1.000 | | | | 1 | |")
-    for r in sorted(rows, key=lambda r: (-r["target"], r["variant"])):
-        kept = (
-            " / ".join(f"{k:.0f}" for k in r["kept_tokens_mean"]) + f" of {r['kept_tokens_of']}"
-            if "kept_tokens_mean" in r
-            else "all"
-        )
-        before = (
-            f"{r['before_finetune_mean']:.2f} ± {r['before_finetune_sd']:.2f}"
-            if "before_finetune_mean" in r
-            else ""
-        )
-        b1 = f"{r['speedup_batch1']:.2f}x" if "speedup_batch1" in r else ""
-        lines.append(
-            f"| {'-' if r['variant'] == DENSE_BUDGET else r['target']} | {r['variant']} "
-            f"| {r['top1_mean']:.2f} ± {r['top1_sd']:.2f} | {before} | {r['macs_ratio']:.3f} "
-            f"| {kept} | {r['speedup']:.2f}x ({r['ideal_speedup']:.2f}x) | {b1} | {r['seeds']} "
-            f"| {r['wall_s'] / 60:.1f} min |"
-        )
-    return "\n".join(lines)
+def _short(d: dict) -> str:
+    if d["n"] < 2:
+        return ""
+    mark = {"better": " (+)", "worse": " (-)"}.get(d["verdict"], "")
+    return f"{d['mean']:+.2f} [{d['lo']:+.2f}, {d['hi']:+.2f}]{mark}"
 
 
-def plots(rows: list[dict], results: list[dict], dense: dict, suffix: str) -> list[str]:
+def plots(rows, results, g: Grid, name: str) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = sorted({r["config"] for r in rows})
     paths = []
-    if not names:  # nothing finished yet
-        return paths
-    fig, axes = plt.subplots(1, len(names), figsize=(6 * len(names), 5.2), squeeze=False)
-    for ax, name in zip(axes[0], names, strict=True):
-        for variant in METHODS[name]:
-            pts = sorted(
-                (r for r in rows if r["config"] == name and r["variant"] == variant),
-                key=lambda r: r["macs_ratio"],
-            )
-            if pts:
-                ax.errorbar(
-                    [r["macs_ratio"] for r in pts],
-                    [r["top1_mean"] for r in pts],
-                    yerr=[r["top1_sd"] for r in pts],
-                    marker="o",
-                    capsize=3,
-                    label=variant,
-                )
-        budget = _find(rows, name, DENSE_BUDGET)
-        if budget:
-            ax.axhline(budget["top1_mean"], color="k", lw=1, label=DENSE_BUDGET)
-            lo, hi = (
-                budget["top1_mean"] - budget["top1_sd"],
-                budget["top1_mean"] + budget["top1_sd"],
-            )
-            ax.axhspan(lo, hi, color="k", alpha=0.08)
-        ax.axhline(dense[name]["top1"], color="k", lw=1, ls=":", label="dense (before pruning)")
-        ax.set_title(f"Fashion-MNIST, {name}")
-        ax.set_xlabel("MACs ratio (pruned / dense)")
-        ax.set_ylabel("top-1 % (mean ± sd over seeds)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=3)
-    fig.tight_layout()
-    paths.append(os.path.join(common.RESULTS, f"compare_top1_vs_macs{suffix}.png"))
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
-
-    names = [n for n in names if n != "tokens"]  # widths of the channel methods
-    if not names:
-        return paths
-    sites = ("attn_in", "qk", "v", "mlp_in", "hidden")
-    fig, axes = plt.subplots(len(names), len(sites), figsize=(16, 3.2 * len(names)), squeeze=False)
-    for row_axes, name in zip(axes, names, strict=True):
-        arch = pipeline_arch(name)
-        full = {
-            "attn_in": [arch.embed_dim] * len(arch.blocks),
-            "qk": [b.qk_dim for b in arch.blocks],
-            "v": [b.v_dim for b in arch.blocks],
-            "mlp_in": [arch.embed_dim] * len(arch.blocks),
-            "hidden": [b.mlp_dim for b in arch.blocks],
-        }
-        col = {"qk": 2, "v": 3, "hidden": 4, "attn_in": 5, "mlp_in": 6}
-        variants = list(METHODS[name])
-        width = 0.8 / len(variants)
-        for ax, site in zip(row_axes, sites, strict=True):
-            for k, variant in enumerate(variants):
-                cell = [
-                    r
-                    for r in results
-                    if r["config"] == name and r["variant"] == variant and r["target"] == 0.5
-                ]
-                if not cell:
+    fig, axes = plt.subplots(
+        len(g.configs),
+        len(STAGES),
+        figsize=(5.2 * len(STAGES), 4.4 * len(g.configs)),
+        squeeze=False,
+        sharey="row",
+    )
+    for ax_row, config in zip(axes, g.configs, strict=True):
+        for ax, stage in zip(ax_row, STAGES, strict=True):
+            for k, variant in enumerate(g.variants):
+                pts = [r for r in rows if r["config"] == config and r["variant"] == variant]
+                if not pts:
                     continue
-                kept = [
-                    b[col[site]] / f
-                    for b, f in zip(cell[0]["pruned_blocks"], full[site], strict=True)
+                x = [r["achieved_macs"]["mean"] + 0.004 * (k - len(g.variants) / 2) for r in pts]
+                y = [r[stage]["top1"]["mean"] for r in pts]
+                err = [
+                    [r[stage]["top1"]["mean"] - r[stage]["top1"]["lo"] for r in pts],
+                    [r[stage]["top1"]["hi"] - r[stage]["top1"]["mean"] for r in pts],
                 ]
+                ax.errorbar(x, y, yerr=err, marker="o", ms=4, capsize=3, label=variant)
+            budget = stats.interval(list(by_seed(results, config, BUDGET, 1.0, stage).values()))
+            if budget["n"]:
+                ax.axhline(budget["mean"], color="k", lw=1, label=BUDGET)
+                if budget["n"] > 1:
+                    ax.axhspan(budget["lo"], budget["hi"], color="k", alpha=0.08)
+            ax.set_title(f"{config}: {stage}")
+            ax.set_xlabel("achieved MACs ratio (pruned / dense)")
+            ax.grid(alpha=0.3)
+        ax_row[0].set_ylabel("test top-1 %, mean and 95% interval")
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), fontsize=9)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    paths.append(os.path.join(common.RESULTS, f"compare_{name}_top1.png"))
+    fig.savefig(paths[-1], dpi=100)
+    plt.close(fig)
+    paths.append(_diff_plot(rows, g, name, plt))
+    if "tokens" in g.configs:
+        return paths
+    target = min(g.targets)
+    fig, axes = plt.subplots(len(g.configs), 3, figsize=(13, 3.4 * len(g.configs)), squeeze=False)
+    for ax_row, config in zip(axes, g.configs, strict=True):
+        for ax, (site, col) in zip(ax_row, (("q/k", 2), ("v", 3), ("MLP", 4)), strict=True):
+            variants = [
+                v
+                for v in g.variants
+                if any(
+                    r["config"] == config and r["variant"] == v and r["target"] == target
+                    for r in results
+                )
+            ]
+            width = 0.8 / max(len(variants), 1)
+            for k, variant in enumerate(variants):
+                blocks = [
+                    r["pruned_blocks"]
+                    for r in results
+                    if r["config"] == config and r["variant"] == variant and r["target"] == target
+                ]
+                kept = np.mean([[b[col] for b in bl] for bl in blocks], axis=0)
                 x = np.arange(len(kept)) + (k - (len(variants) - 1) / 2) * width
                 ax.bar(x, kept, width, label=variant)
-            ax.set_title(f"{name}: {site}")
+            ax.set_title(f"{config}, MACs {target}: {site} kept (per head)")
             ax.set_xlabel("block")
-            ax.set_ylim(0, 1.05)
-            ax.set_xticks(range(len(arch.blocks)))
-        row_axes[0].set_ylabel("kept share (per head), MACs 0.5")
-    handles, labels = max((ax.get_legend_handles_labels() for ax in axes[:, 0]), key=len)
-    fig.legend(handles, labels, loc="upper center", ncol=len(labels), fontsize=9)
-    fig.tight_layout(rect=(0, 0, 1, 0.95))
-    paths.append(os.path.join(common.RESULTS, f"compare_widths{suffix}.png"))
-    fig.savefig(paths[-1], dpi=110)
+            ax.set_xticks(range(len(kept)))
+    axes[0, 0].legend(fontsize=8)
+    fig.tight_layout()
+    paths.append(os.path.join(common.RESULTS, f"compare_{name}_widths.png"))
+    fig.savefig(paths[-1], dpi=100)
     plt.close(fig)
     return paths
 
 
-def pipeline_arch(name: str):
-    """The dense architecture of a config (the data's shape: Fashion-MNIST 28x28x1, 10 classes)."""
-    from amap_jax.models.arch import vit_arch
-
-    c = load_config(name)
-    return vit_arch(
-        c.model.variant,
-        pattern=c.model.pattern,
-        num_classes=10,
-        in_chans=1,
-        image_size=c.data.image_size or 28,
-        patch_size=c.model.patch_size or None,
+def _diff_plot(rows, g: Grid, name: str, plt) -> str:
+    """Each method minus the reference on the same seeds, with the 95% interval: what the
+    verdicts read."""
+    ref = g.reference
+    others = [v for v in g.variants if v != ref]
+    fig, axes = plt.subplots(
+        len(g.configs),
+        len(STAGES),
+        figsize=(5.2 * len(STAGES), 4.0 * len(g.configs)),
+        squeeze=False,
+        sharey="row",
     )
+    for ax_row, config in zip(axes, g.configs, strict=True):
+        for ax, stage in zip(ax_row, STAGES, strict=True):
+            for k, variant in enumerate(others):
+                pts = [r for r in rows if r["config"] == config and r["variant"] == variant]
+                d = [r[stage]["vs_" + ref] for r in pts if r[stage]["vs_" + ref]["n"] > 1]
+                if not d:
+                    continue
+                x = np.arange(len(d)) + (k - (len(others) - 1) / 2) * 0.8 / max(len(others), 1)
+                y = [v["mean"] for v in d]
+                err = [[v["mean"] - v["lo"] for v in d], [v["hi"] - v["mean"] for v in d]]
+                ax.errorbar(x, y, yerr=err, fmt="o", ms=4, capsize=3, label=variant)
+            ax.axhline(0, color="k", lw=1)
+            ax.set_xticks(range(len(g.targets)), [f"MACs {t}" for t in g.targets])
+            ax.set_title(f"{config}: {stage}")
+            ax.grid(alpha=0.3)
+        ax_row[0].set_ylabel(f"top-1 minus {ref}'s, same seed (points)")
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), fontsize=9)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    path = os.path.join(common.RESULTS, f"compare_{name}_vs_{ref.replace('+', '_')}.png")
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
-def measure_speeds(root: str, results: list[dict], seconds: float = 2.0) -> None:
-    """`quiet_speedup` of every channel cell: its export's images/s over the dense model's,
-    measured back to back (dense, export, dense, ...) so both see the same machine; cached in
-    the cell's speed.json."""
-    from amap_jax import models
-    from amap_jax.io import pruned
-    from amap_jax.train.evaluate import throughput
-
-    dense = {}
-    for r in results:
-        if r["config"] == "tokens" or r["variant"] == DENSE_BUDGET:
-            continue
-        path = os.path.join(root, r["config"], _cell_name(r["variant"], r["target"], r["seed"]))
-        record = os.path.join(path, "speed.json")
-        if os.path.exists(record):
-            r.update(checkpoint.read_json(record))
-            continue
-        batch = load_config(r["config"]).eval.bench_batch
-        if r["config"] not in dense:
-            arch = pipeline_arch(r["config"])
-            model = models.build(arch)
-            params = model.init(jax.random.key(0), models.dummy_input(arch))
-            dense[r["config"]] = (model, params, arch)
-        d_model, d_vars, d_arch = dense[r["config"]]
-        model, variables = pruned.load_pruned(os.path.join(path, "export"))
-        d1 = throughput(d_model, d_vars, d_arch, batch, seconds=seconds)
-        p = throughput(model, variables, model.arch, batch, seconds=seconds)
-        d2 = throughput(d_model, d_vars, d_arch, batch, seconds=seconds)
-        out = {
-            "quiet_speedup": round(p / ((d1 + d2) / 2), 3),
-            "quiet_dense_spread": round(abs(d1 - d2) / max(d1, d2), 3),
-        }
-        checkpoint.write_json(record, out)
-        r.update(out)
-        print(
-            f"{r['config']} {r['variant']} {r['target']} s{r['seed']}: "
-            f"{out['quiet_speedup']:.2f}x (ideal {r['ideal_speedup']:.2f}x)",
-            flush=True,
-        )
-
-
-def main(_):
-    logging.set_verbosity(logging.WARNING)  # as train.py: library INFO chatter off
+def main(argv):
+    del argv
+    logging.set_verbosity(logging.WARNING)
     logs.setup()
-    root = os.path.abspath(_ROOT.value)
-    cells = grid()
-    results, dense = [], {}
-    t_start = time.time()
-    for name in _CONFIGS.value:
-        if not _REPORT_ONLY.value or os.path.exists(
-            os.path.join(root, name, "dense", "dense.json")
-        ):
-            dense[name] = dense_stage(name, root)
-            print(f"dense {name}: top-1 {dense[name]['top1']:.2f}", flush=True)
-    for k, (name, variant, target, seed) in enumerate(cells, 1):
-        record = os.path.join(root, name, _cell_name(variant, target, seed), "cell.json")
-        cached = os.path.exists(record)
-        if _REPORT_ONLY.value and not cached:
-            continue
-        r = run_cell(root, name, variant, target, seed)
-        results.append(r)
-        done = time.time() - t_start
-        how = "cached" if cached else f"{r['wall_s']:.0f} s"
-        print(
-            f"[{k}/{len(cells)}] {name} {variant} target {target} seed {seed}: "
-            f"top-1 {r['top1']:.2f}, MACs {r['macs_ratio']:.3f} ({how}; "
-            f"{done / 60:.0f} min this sitting)",
-            flush=True,
-        )
-    if _SPEED.value:
-        measure_speeds(root, results)
-    rows = aggregate(results)
-    notes = verdicts(rows, dense)
+    if _CELL.value:  # a worker
+        spec = json.loads(_CELL.value)
+        g = GRIDS[spec.pop("grid")]
+        root, extra = spec.pop("root"), json.loads(spec.pop("set"))
+        run_cell(Cell(**spec), root, g, extra)
+        return
+    g = grid()
+    root = os.path.abspath(_ROOT.value + ("_quick" if g is GRIDS["quick"] else ""))
+    os.makedirs(root, exist_ok=True)
+    if _REPORT_ONLY.value:
+        results = [
+            trees.read_json(os.path.join(c.workdir(root), "cell.json"))
+            for c in cells(g)
+            if os.path.exists(os.path.join(c.workdir(root), "cell.json"))
+        ]
+    else:
+        print(f"grid {_grid_name()}: {len(cells(g))} cells ({g.cost})", flush=True)
+        results = run_all(g, root, _JOBS.value)
+    rows = summarize(results, g)
+    notes = verdict_lines(rows, results, g)
     if _SET.value:
         notes.insert(0, f"every run with {', '.join(_SET.value)}")
-    suffix = common.suffix()
-    md = markdown(rows, dense, notes)
-    path = common.write(
-        f"compare{suffix}",
+    wall = sum(r["wall_s"] for r in results)
+    name = _grid_name()
+    md = markdown(rows, results, g, notes, wall, name)
+    common.write(
+        f"compare_{name}",
         rows,
-        {"dense": dense, "cells": results, "verdicts": notes, "root": root, "set": settings()},
+        {
+            "cells": results,
+            "verdicts": notes,
+            "grid": name,
+            "set": settings(),
+            "core_hours": wall / 3600,
+        },
         md,
     )
-    pngs = plots(rows, results, dense, suffix)
+    pngs = plots(rows, results, g, name)
     print(md)
-    print(f"wrote {path}, compare{suffix}.md, " + ", ".join(os.path.basename(p) for p in pngs))
+    print(
+        "wrote "
+        + ", ".join(
+            [f"compare_{name}.json", f"compare_{name}.md"] + [os.path.basename(p) for p in pngs]
+        )
+    )
 
 
 if __name__ == "__main__":

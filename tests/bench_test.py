@@ -1,88 +1,105 @@
-"""bench/compare.py's report: seeds aggregated, targets judged from the numbers, token rows."""
+"""The benchmarks' reports: bench/compare.py's paired statistics and verdicts on fixed
+numbers, and each bench's table from fixed measurements."""
 
 from __future__ import annotations
 
+import os
+
+import numpy as np
 import pytest
 
 from bench import compare
 
 
-def _cell(config, variant, target, seed, top1, **extra):
-    cell = {
+def _result(config, variant, target, seed, top1, achieved=None):
+    """A finished cell as bench.compare records it: top-1 after the search, after one
+    fine-tuning epoch (0.5 more) and at the end (1.0 more)."""
+    out = {
         "config": config,
         "variant": variant,
         "target": target,
         "seed": seed,
-        "top1": top1,
-        "macs_ratio": target,
-        "speedup": 1 / target,
-        "ideal_speedup": 1 / target,
+        "after search": top1,
+        "after 1 fine-tune epoch": top1 + 0.5,
+        "end": top1 + 1.0,
         "wall_s": 60.0,
     }
-    if variant != compare.DENSE_BUDGET:
-        cell.update(before_finetune_top1=top1 - 1, export_max_logit_diff=1e-6 * (seed + 1))
-    return {**cell, **extra}
+    if variant not in (compare.DENSE, compare.BUDGET):
+        out["budget"] = {"achieved": achieved or target - 0.002, "fixup": 0.0}
+        out["pruned_blocks"] = [["S", 4, 12, 12, 100, 64, 64]] * 4
+    return out
 
 
-def _channel_cells():
-    tops = {"amap": (88.2, 88.0), "vtp": (88.3, 88.1), "magnitude": (88.0, 87.9), "random": (87.5,)}
-    cells = [_cell("vit", compare.DENSE_BUDGET, 1.0, s, 88.4) for s in (0, 1)]
-    for method, values in tops.items():
-        cells += [_cell("vit", method, 0.7, s, t) for s, t in enumerate(values)]
-    return cells
+GRID = compare.Grid(("vit",), (0.7, 0.3), {m: (m, {}) for m in ("amap", "random", "vtp")})
 
 
-def test_rows_hold_mean_and_spread_over_seeds():
-    rows = compare.aggregate(_channel_cells())
-    amap = compare._find(rows, "vit", "amap", 0.7)
-    assert (amap["seeds"], amap["top1_mean"], amap["top1_sd"]) == (2, 88.1, 0.14)
-    assert amap["before_finetune_mean"] == 87.1 and amap["max_logit_diff"] == 2e-6
-    assert compare._find(rows, "vit", "random", 0.7)["top1_sd"] == 0.0  # one seed: no spread
+def _results():
+    """AMAP 0.4-0.6 above random seed by seed (the seeds themselves spread by 2 points), VTP
+    indistinguishable from AMAP, AMAP at 0.7 0.1 below the equal-budget dense model."""
+    base = {0: 85.0, 1: 86.0, 2: 84.5, 3: 85.5, 4: 86.5}
+    noise = {0: 0.3, 1: -0.4, 2: 0.2, 3: -0.1, 4: 0.05}
+    gap = {0: 0.4, 1: 0.5, 2: 0.6, 3: 0.5, 4: 0.4}
+    out = []
+    for s, b in base.items():
+        out.append(_result("vit", compare.DENSE, 1.0, s, b + 2))
+        out.append(_result("vit", compare.BUDGET, 1.0, s, b + 0.1 + noise[s] / 10))
+        for t in GRID.targets:
+            out.append(_result("vit", "amap", t, s, b))
+            out.append(_result("vit", "random", t, s, b - gap[s]))
+            out.append(_result("vit", "vtp", t, s, b + noise[s]))
+    return out
 
 
-def test_verdicts_follow_the_numbers():
-    rows = compare.aggregate(_channel_cells())
-    notes = compare.verdicts(rows, {"vit": {"top1": 88.0}})
-    # AMAP is 0.30 below the equal-budget dense model: within the 0.3 allowed at 0.7
-    assert any("AMAP 88.10 vs equal-budget dense 88.40" in n and n.endswith(": met") for n in notes)
-    order = [n for n in notes if "order" in n]
-    assert order == [
-        "vit, 0.7: order vtp > amap > magnitude > random "
-        "(vtp 88.20, amap 88.10, magnitude 87.95, random 87.50): not met"
-    ]
-    # a tie is not an order, and differences within the seeds' spread are said to be
-    cells = [c for c in _channel_cells() if c["variant"] in ("amap", "vtp")]
-    cells = [{**c, "top1": 88.0 + 0.1 * c["seed"]} for c in cells]
-    notes = compare.verdicts(compare.aggregate(cells), {"vit": {"top1": 88.0}})
-    assert notes == [
-        "vit, 0.7: order amap > vtp (amap 88.05, vtp 88.05; all within 0.00 points, seed sd up "
-        "to 0.07): not met"
-    ]
+def test_grid_cells_start_with_the_dense_models_and_pair_by_seed():
+    cells = compare.cells(GRID)
+    dense = [c for c in cells if c.variant == compare.DENSE]
+    assert cells[: len(dense)] == dense and len(dense) == 5  # one per seed, first
+    assert len(cells) == 5 + 5 + 2 * 3 * 5  # dense, equal budget, targets x methods x seeds
+    names = {c.workdir("/r") for c in cells}
+    assert len(names) == len(cells) and "/r/vit/amap_t0.3_s4" in names
+    # a cell waits for its seed's dense model only
+    first = compare._pending(cells, set(), set())
+    assert first.variant == compare.DENSE and first.seed == 0
+    later = compare._pending(cells, {dense[1]}, set(dense))
+    assert later.seed == 1 and later.variant == compare.BUDGET
 
 
-def test_token_rows_report_kept_tokens_and_both_speedups():
-    tok = dict(kept_tokens_of=100, speedup_batch1=1.2, images_per_s=700.0, images_per_s_batch1=200)
-    cells = [_cell("tokens", compare.DENSE_BUDGET, 1.0, s, 80.0) for s in (0, 1)]
-    cells += [
-        _cell("tokens", "asvit", 0.5, s, 79.7, kept_tokens_mean=[50.0 + s, 30.0], **tok)
-        for s in (0, 1)
-    ]
-    cells += [_cell("tokens", "amap", 0.5, s, 79.0) for s in (0, 1)]
-    cells += [
-        _cell("tokens", "amap+asvit", 0.5, s, 79.8, kept_tokens_mean=[60.0, 40.0], **tok)
-        for s in (0, 1)
-    ]
-    rows = compare.aggregate(cells)
-    asvit = compare._find(rows, "tokens", "asvit", 0.5)
-    assert asvit["kept_tokens_mean"] == [50.5, 30.0] and asvit["speedup_batch1"] == 1.2
-    notes = compare.verdicts(rows, {"tokens": {"top1": 79.5}})
-    # 2.0x at 0.3 points below dense: met; the combination is above both: met
-    assert any(n.startswith("tokens, 0.5: AS-ViT 2.00x") and n.endswith(": met") for n in notes)
+def test_summary_pairs_methods_by_seed_with_intervals():
+    rows = compare.summarize(_results(), GRID)
+    random = next(r for r in rows if r["variant"] == "random" and r["target"] == 0.3)
+    d = random["after 1 fine-tune epoch"]["vs_amap"]
+    assert d["mean"] == pytest.approx(-0.48) and d["hi"] < 0 and d["verdict"] == "worse"
+    vtp = next(r for r in rows if r["variant"] == "vtp" and r["target"] == 0.3)
+    assert vtp["end"]["vs_amap"]["verdict"] == "no difference detected at n=5"
+    amap = next(r for r in rows if r["variant"] == "amap" and r["target"] == 0.7)
+    assert amap["achieved_macs"]["mean"] == pytest.approx(0.698)
+    assert amap["end"]["vs_dense"]["mean"] == pytest.approx(-0.1 - 0.01, abs=0.02)
+    notes = compare.verdict_lines(rows, _results(), GRID)
+    assert "vit, MACs 0.3, after 1 fine-tune epoch: random - amap -0.48 [" in "\n".join(notes)
+    assert any(n.endswith("amap better") for n in notes if "random - amap" in n)
     assert any(
-        n.startswith("tokens, 0.5: AMAP+AS-ViT 79.80") and n.endswith(": met") for n in notes
+        n.startswith("target: vit, amap above random at 0.3 after 1 fine-tune epoch")
+        and n.endswith(": met")
+        for n in notes
     )
-    table = compare.markdown(rows, {"tokens": {"top1": 79.5}}, notes)
-    assert "| 0.5 | asvit | 79.70 ± 0.00 |" in table and "50 / 30 of 100" in table
+    within = [n for n in notes if "within 0.3 points" in n]
+    assert len(within) == 1 and within[0].endswith(": shown")
+    table = compare.markdown(rows, _results(), GRID, notes, 3600.0)
+    assert "| 0.3 | random | 0.298 |" in table and "(-)" in table
+
+
+def test_plots_draw_every_stage_and_the_widths(tmp_path, monkeypatch):
+    from bench import common
+
+    monkeypatch.setattr(common, "RESULTS", str(tmp_path))
+    rows = compare.summarize(_results(), GRID)
+    paths = compare.plots(rows, _results(), GRID, "test")
+    assert [os.path.basename(p) for p in paths] == [
+        "compare_test_top1.png",
+        "compare_test_vs_amap.png",
+        "compare_test_widths.png",
+    ]
+    assert all(os.path.getsize(p) > 10_000 for p in paths)
 
 
 def test_vs_timm_summary_takes_medians_and_ranges_over_alternations():
@@ -270,3 +287,56 @@ def test_throughput_bench_times_dense_and_exports_in_the_same_rounds():
     assert f"| {arch.name} | 0.5 |" in md and "default / default |" in md
     with pytest.raises(ValueError, match="unknown CPU kernel set"):
         throughput.measure(arch, [0.5], batch=2, seconds=0.01, rounds=1, kernels="fast")
+
+
+# ----------------------------------------------------------------------------------------------
+# Paired statistics of bench/compare.py, on fixed numbers
+
+
+def test_t_quantiles_are_students():
+    from scipy import stats as scipy_stats
+
+    from bench import stats
+
+    for df in range(1, 40):
+        assert stats.t95(df) == pytest.approx(
+            scipy_stats.t.ppf(0.975, df), abs=2e-3 if df > 30 else 5e-4
+        )
+
+
+def test_interval_of_a_mean_on_fixed_numbers():
+    from bench import stats
+
+    got = stats.interval([1.0, 2.0, 3.0, 4.0, 5.0])
+    half = 2.776 * np.sqrt(2.5) / np.sqrt(5)  # t(4) * sd / sqrt(n)
+    assert got["mean"] == 3.0 and got["n"] == 5 and got["sd"] == pytest.approx(np.sqrt(2.5))
+    assert got["lo"] == pytest.approx(3.0 - half) and got["hi"] == pytest.approx(3.0 + half)
+
+
+def test_paired_differences_and_verdicts():
+    from bench import stats
+
+    amap = {0: 85.0, 1: 86.0, 2: 84.5, 3: 85.5, 4: 86.5}
+    # Always 0.4-0.6 below AMAP, seed by seed, though the seeds themselves spread by 2 points:
+    # pairing sees it, an unpaired comparison of means would not.
+    worse = {s: v - d for (s, v), d in zip(amap.items(), (0.4, 0.5, 0.6, 0.5, 0.4), strict=True)}
+    d = stats.paired(worse, amap)
+    assert d["mean"] == pytest.approx(-0.48) and d["hi"] < 0 and d["verdict"] == "worse"
+    assert stats.paired(amap, worse)["verdict"] == "better"
+    noisy = {s: v + e for (s, v), e in zip(amap.items(), (0.5, -0.6, 0.3, -0.2, 0.1), strict=True)}
+    d = stats.paired(noisy, amap)
+    assert d["lo"] < 0 < d["hi"] and d["verdict"] == "no difference detected at n=5"
+    # Only seeds both have are paired.
+    assert stats.paired({0: 1.0, 1: 2.0, 9: 5.0}, {0: 0.0, 1: 0.5})["seeds"] == [0, 1]
+    assert stats.paired({0: 1.0}, {0: 0.0})["verdict"] == "too few seeds (n=1)"
+    assert stats.fmt(stats.paired(worse, amap)).startswith("-0.48 [")
+
+
+def test_within_a_margin_needs_the_whole_interval():
+    from bench import stats
+
+    assert stats.within({"mean": -0.1, "lo": -0.25, "hi": 0.05, "n": 5}, 0.3) == "shown"
+    assert stats.within({"mean": -0.1, "lo": -0.45, "hi": 0.25, "n": 5}, 0.3) == (
+        "not shown at n=5"
+    )
+    assert stats.within({"mean": -0.9, "lo": -1.2, "hi": -0.6, "n": 5}, 0.3) == "not within"
