@@ -89,6 +89,17 @@ def test_any_buckets_give_the_same_logits():
         assert float(np.abs(np.asarray(logits) - masked).max()) <= 1e-5, buckets
 
 
+@pytest.mark.parametrize("threshold,kept", [(-np.inf, 64), (np.inf, 0)], ids=["all", "none"])
+def test_infinite_thresholds_keep_every_token_or_the_class_token_alone(threshold, kept):
+    model, variables = _model()
+    gate = {"thresholds": np.full(len(POINTS), threshold, np.float32)}
+    variables = {"params": {**variables["params"], "token_gate": gate}}
+    images = random_images(model.arch, 3, 5)
+    logits, counts = tokens.predict(model, variables, images)
+    np.testing.assert_array_equal(np.asarray(counts), kept)
+    assert float(np.abs(np.asarray(logits) - _masked(model, variables, images)).max()) <= 1e-5
+
+
 def _custom_calls(text: str) -> list[str]:
     return re.findall(r"custom_call\s*@([\w.]+)", text)
 

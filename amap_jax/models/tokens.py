@@ -91,6 +91,8 @@ class TokenGate(nn.Module):
         else:
             thresholds = self.param("thresholds", nn.initializers.zeros, (self.num_points,))
             mask = (s > thresholds[k]).astype(s.dtype)
+        # Prefix tokens score +inf, but an infinite threshold must not drop them either.
+        mask = mask.at[:, : self.arch.num_prefix].set(1)
         mask = mask if keep is None else mask * keep
         self.sow(REPORTS, "keep", mask)
         return mask
