@@ -295,16 +295,20 @@ def finetune(
 def _export_gap(ctx: Context, masked_model, variables, p_arch, p_params, n: int = 8) -> float:
     """Max |logit| difference of the masked and the exported model on a few test images, in
     float32 whatever the compute dtype (bfloat16 rounding would hide an export bug): export is
-    exact, so this is float32 rounding (~1e-6)."""
+    exact, so this is float32 rounding (~1e-6). A model that drops tokens is compared with
+    its dropping forward too (`models.tokens.dropping`), on the batch and one image at a
+    time."""
     images = ctx.inputs(jnp.asarray(ctx.test.calibration_images(n)))
     masked_model = masked_model.clone(dtype=jnp.float32)
     masked = jax.jit(masked_model.apply)(variables, images)
     p_model = models.build(p_arch)  # float32
     gap = float(jnp.max(jnp.abs(masked - jax.jit(p_model.apply)({"params": p_params}, images))))
-    if getattr(p_arch, "token_points", ()):  # and with tokens really dropped, one at a time
-        for i in range(n):
-            dropped, _ = tokens.predict(p_model, {"params": p_params}, images[i : i + 1])
-            gap = max(gap, float(jnp.max(jnp.abs(masked[i : i + 1] - dropped))))
+    if getattr(p_arch, "token_points", ()):
+        dropped = tokens.compiled(p_model)
+        gap = max(gap, float(jnp.max(jnp.abs(masked - dropped({"params": p_params}, images)[0]))))
+        for i in range(len(images)):
+            alone, _ = dropped({"params": p_params}, images[i : i + 1])
+            gap = max(gap, float(jnp.max(jnp.abs(masked[i : i + 1] - alone))))
     return gap
 
 
@@ -391,8 +395,9 @@ def _report(
 
 def _token_report(ctx: Context, model, variables, top1: float, count_arch: Arch) -> dict:
     """A model that drops tokens: MACs are the mean over the test images, speed is measured on
-    test images (what is kept depends on the image), at batch 1 and at the bench batch with
-    token counts rounded up to a multiple of 8."""
+    test images (what is kept depends on the image), at batch 1 and at the bench batch, with
+    the dropping forward of the export (one compiled program over its `token_buckets`, as
+    forward.jax runs it)."""
     arch, bench = model.arch, ctx.config.eval
     batches = ctx.test.eval_batches(bench.batch_size, ctx.process_index, ctx.process_count)
     kept = evaluate_lib.kept_tokens(model, variables, batches, ctx.inputs, ctx.mesh)
@@ -401,9 +406,7 @@ def _token_report(ctx: Context, model, variables, top1: float, count_arch: Arch)
     )
     images = ctx.inputs(jnp.asarray(ctx.test.calibration_images(max(bench.bench_batch, 64))))
     speed = lambda b: round(  # noqa: E731
-        evaluate_lib.token_throughput(
-            model, variables, images, b, multiple=8, seconds=bench.bench_seconds
-        ),
+        evaluate_lib.token_throughput(model, variables, images, b, seconds=bench.bench_seconds),
         1,
     )
     return {

@@ -223,6 +223,7 @@ def test_benches_import_together_and_keep_their_own_timing_defaults():
         search_multiple,
         search_step,
         throughput,
+        token_speed,
         vs_timm,
         xla_flags,
     )
@@ -287,6 +288,42 @@ def test_throughput_bench_times_dense_and_exports_in_the_same_rounds():
     assert f"| {arch.name} | 0.5 |" in md and "default / default |" in md
     with pytest.raises(ValueError, match="unknown CPU kernel set"):
         throughput.measure(arch, [0.5], batch=2, seconds=0.01, rounds=1, kernels="fast")
+
+
+def test_token_speed_buckets_ideals_and_same_round_ratios():
+    from amap_jax.models.arch import vit_arch
+    from bench import token_speed
+
+    assert token_speed.bucket_set("x8", 197)[-3:] == (184, 192, 197)
+    assert token_speed.bucket_set("full", 197) == (197,)
+    geo = token_speed.bucket_set("g0.8", 197)
+    assert geo[-1] == 197 and min(geo) >= 8 and len(geo) == 15
+    # An artifact is compared with the dense artifact, the program with the dense program.
+    run = {
+        "images_per_s": {
+            "dense": [10.0, 20.0],
+            "dense artifact": [20.0, 20.0],
+            "asvit": [15.0, 40.0],
+            "asvit artifact": [30.0, 50.0],
+        }
+    }
+    assert token_speed.summary([run], "asvit") == {
+        "img_s": 27.5,
+        "speedup": 1.75,
+        "range": [1.5, 2.0],
+    }
+    assert token_speed.summary([run], "asvit artifact")["range"] == [1.5, 2.5]
+    # Ideal: dense MACs over the mean MACs of the images at their counts; at the buckets, each
+    # batch at the bucket of its largest count.
+    arch = vit_arch("mini", in_chans=1, num_classes=10, pattern="SSSS")  # 16 patches
+    pruned = arch.replace(token_points=(1, 2, 3))
+    full = np.full((4, 3), 16)
+    assert token_speed.ideal(arch, pruned, (1, 2, 3), full) == pytest.approx(1.0)
+    counts = np.array([[4, 4, 4], [12, 12, 12], [4, 4, 4], [4, 4, 4]])
+    exact = token_speed.ideal(arch, pruned, (1, 2, 3), counts)
+    one = token_speed.ideal(arch, pruned, (1, 2, 3), counts, (8, 16, 17), 1)
+    two = token_speed.ideal(arch, pruned, (1, 2, 3), counts, (8, 16, 17), 2)
+    assert exact > one > two > 1.0
 
 
 # ----------------------------------------------------------------------------------------------

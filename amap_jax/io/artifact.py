@@ -4,8 +4,9 @@ lowered for CPU, CUDA and TPU.
 
 Input: float32 NHWC images, normalised as `model.json`'s "input" says; output: logits.
 `scripts/run_exported.py` loads and runs it without importing amap_jax. A model that drops
-tokens is exported with its masked forward (the same logits; the dropping needs the host
-between segments, see `models.tokens.predict`). Its SHA-256 is in the export's manifest
+tokens is exported with its dropping forward (`models.tokens.dropping`): one program that picks,
+on the device, the segment compiled for each pruning point's kept count (its `token_buckets`),
+so the artifact alone gets the token speedup. Its SHA-256 is in the export's manifest
 (`io.pruned`), checked on every load.
 """
 
@@ -20,6 +21,7 @@ import numpy as np
 
 from amap_jax import models
 from amap_jax.io import paths
+from amap_jax.models import tokens
 from amap_jax.models.arch import Arch
 
 FILE = "forward.jax"
@@ -37,9 +39,16 @@ def check_available() -> None:
 
 
 def serialize(arch: Arch, params) -> bytes:
+    """The forward pass of `arch` with `params` as a jax.export artifact: the masked forward
+    of a model without token points, else the dropping one (`models.tokens.dropping` with the
+    architecture's buckets)."""
     model = models.build(arch)
     params = jax.tree.map(np.asarray, params)
-    forward = jax.jit(lambda images: model.apply({"params": params}, images))
+    if getattr(arch, "token_points", ()):
+        drop = tokens.dropping(model, tokens.buckets_of(arch))
+        forward = jax.jit(lambda images: drop({"params": params}, images)[0])
+    else:
+        forward = jax.jit(lambda images: model.apply({"params": params}, images))
     (batch,) = jax.export.symbolic_shape("batch")
     spec = jax.ShapeDtypeStruct(
         (batch, arch.image_size, arch.image_size, arch.in_chans), jnp.float32

@@ -18,6 +18,7 @@ import jax
 from amap_jax import models, xla_cpu
 from amap_jax.io import artifact as artifact_lib
 from amap_jax.io import hosts, paths, trees
+from amap_jax.models import tokens
 from amap_jax.models.arch import Arch, arch_from_dict
 
 FORMAT = 2  # 2: with `manifest`; 1 (read too): weights checksums only
@@ -161,7 +162,8 @@ def load_pruned(directory: str) -> tuple:
 
 def forward(directory: str):
     """The export's `images -> logits`: its `forward.jax` artifact when it has one (checked
-    against the manifest), else the model `load_pruned` gives, jitted with the CPU kernel set
+    against the manifest), else the model `load_pruned` gives (with tokens really dropped,
+    `models.tokens.dropping`, where it has pruning points), jitted with the CPU kernel set
     the export was measured fastest with (`model.json`'s `cpu_kernels`; the default set
     elsewhere)."""
     meta = read_meta(directory)
@@ -170,7 +172,11 @@ def forward(directory: str):
         fn = artifact_lib.load(directory, expected)
     else:
         model, variables = load_pruned(directory)
-        fn = functools.partial(model.apply, variables)
+        if getattr(model.arch, "token_points", ()):
+            drop = tokens.dropping(model)
+            fn = lambda images: drop(variables, images)[0]  # noqa: E731
+        else:
+            fn = functools.partial(model.apply, variables)
     return xla_cpu.jit(fn, kernels(directory))
 
 

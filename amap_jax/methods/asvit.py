@@ -65,9 +65,18 @@ class AsVit(Method):
     threshold_lr: float = 0.01
     budget_weight: float = 2.0
     calibration_batch: int = 256  # images on which the final thresholds meet the target
+    # Token counts the exported model's dropping forward is compiled for, one segment per
+    # bucket and point (models.tokens.dropping); (): multiples of 8 and the full count, which
+    # a list must hold.
+    buckets: tuple[int, ...] = ()
 
     def __post_init__(self):
         object.__setattr__(self, "points", tuple(int(p) for p in self.points))
+        object.__setattr__(self, "buckets", tuple(int(b) for b in self.buckets))
+        check(
+            all(b >= 1 for b in self.buckets),
+            f"asvit.buckets {self.buckets} must be positive token counts",
+        )
         check(self.temperature > 0, f"asvit.temperature must be > 0, got {self.temperature}")
         check(self.threshold_lr > 0, f"asvit.threshold_lr must be > 0, got {self.threshold_lr}")
         check(
@@ -90,11 +99,22 @@ class AsVit(Method):
             f"asvit cannot reach MACs ratio {self.target}: {floor:.3f} with every patch token "
             "dropped at the first point",
         )
+        self.token_buckets(arch)
 
     # -- model side -------------------------------------------------------------------------
 
     def token_points(self, arch) -> tuple[int, ...]:
         return tokens.check_points(arch, self.points or default_points(arch))
+
+    def token_buckets(self, arch) -> tuple[int, ...]:
+        """The buckets of the exported model (sorted, none above the full token count)."""
+        n = arch.num_tokens
+        check(
+            not self.buckets or max(self.buckets) >= n,
+            f"asvit.buckets {self.buckets} cannot hold all {n} tokens of a "
+            f"{arch.name or 'ViT'} image: add {n}",
+        )
+        return tokens.check_buckets(arch, self.buckets or tokens.default_buckets(arch))
 
     def token_mask(self, gate, k, score):
         theta = gate.variable(THRESHOLDS, f"point_{k}", jnp.full, (), self.threshold_init).value
@@ -170,9 +190,11 @@ def thresholds_of(variables) -> np.ndarray:
 
 
 def token_export(method, arch, p_arch, p_params, variables):
-    """The exported model drops tokens itself: its points and thresholds become architecture
-    and parameters."""
-    p_arch = p_arch.replace(token_points=method.token_points(arch))
+    """The exported model drops tokens itself: its points, buckets and thresholds become
+    architecture and parameters."""
+    p_arch = p_arch.replace(
+        token_points=method.token_points(arch), token_buckets=method.token_buckets(arch)
+    )
     return p_arch, {**p_params, "token_gate": {"thresholds": thresholds_of(variables)}}
 
 

@@ -73,6 +73,9 @@ class AmapAsVit(Method):
     def token_points(self, arch):
         return self.asvit.token_points(arch)
 
+    def token_buckets(self, arch):
+        return self.asvit.token_buckets(arch)
+
     def token_mask(self, gate, k, score):
         return self.asvit.token_mask(gate, k, score)
 

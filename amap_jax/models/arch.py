@@ -105,7 +105,7 @@ class _Arch:
         if d.pop("reweight", False):  # exports before methods owned the reweight scales
             raise ValueError("architectures with reweight scales are search-time only")
         d["blocks"] = tuple(_block_from_dict(b) for b in d["blocks"])
-        for key in ("mean", "std", "depths", "token_points"):
+        for key in ("mean", "std", "depths", "token_points", "token_buckets"):
             if key in d:
                 d[key] = tuple(d[key])
         return cls(**d)
@@ -132,7 +132,8 @@ class ViTArch(_Arch):
     """A ViT/DeiT (softmax) or FLatten-DeiT (focused linear attention per block).
 
     `distilled` adds DeiT's distillation token and head; the logits are the mean of both heads.
-    `token_points`: adaptive token dropping (an exported AS-ViT model).
+    `token_points`: adaptive token dropping (an exported AS-ViT model), with the token counts
+    its dropping forward is compiled for, `token_buckets`.
     """
 
     TYPE = "vit"
@@ -153,6 +154,9 @@ class ViTArch(_Arch):
     norm_eps: float = 1e-6
     # Blocks before which tokens under a learnt threshold are dropped (models.tokens).
     token_points: tuple[int, ...] = ()
+    # Token counts the segments after a point are compiled for (models.tokens.buckets_of;
+    # (): multiples of 8 and the full count).
+    token_buckets: tuple[int, ...] = ()
 
     def __post_init__(self):
         self._check_inputs()

@@ -4,7 +4,8 @@ Before a pruning point, every patch token gets a score: the class token's attent
 block before, summed over heads weighted by how much each head's output for that token counts
 (its norm, normalised over heads), times the number of patch tokens so that a uniform map scores
 1. Tokens at or below the point's threshold are dropped: masked out as keys of every later block
-while training (`ViT.__call__`), really removed at inference (`predict`). The class and
+while training (`ViT.__call__`), really removed at inference (`dropping`: one compiled program
+that picks, on the device, the segment compiled for the kept count's bucket). The class and
 distillation tokens are always kept, and every token still attends to itself, so the masked
 forward and the dropping forward compute the same logits.
 
@@ -14,7 +15,6 @@ points must come after the last linear block; a model without a class token (Swi
 
 from __future__ import annotations
 
-import math
 from typing import Protocol
 
 import flax.linen as nn
@@ -91,6 +91,8 @@ class TokenGate(nn.Module):
         else:
             thresholds = self.param("thresholds", nn.initializers.zeros, (self.num_points,))
             mask = (s > thresholds[k]).astype(s.dtype)
+        # Prefix tokens score +inf, but an infinite threshold must not drop them either.
+        mask = mask.at[:, : self.arch.num_prefix].set(1)
         mask = mask if keep is None else mask * keep
         self.sow(REPORTS, "keep", mask)
         return mask
@@ -100,64 +102,129 @@ def gate(arch, sites, pts) -> TokenGate:
     return TokenGate(arch, len(pts), sites if hasattr(sites, "token_mask") else None)
 
 
-def _bucket(count: int, multiple: int | None, limit: int) -> int:
-    if not multiple:
-        return count
-    return min(int(math.ceil(count / multiple) * multiple), limit)
+def default_buckets(arch: ViTArch) -> tuple[int, ...]:
+    """Multiples of 8 up to the full token count, which is always one."""
+    return multiples(arch, 8)
 
 
-def predict(model, variables, images, *, multiple: int | None = None):
-    """Logits with tokens really dropped, and the tokens each image kept per point.
+def multiples(arch: ViTArch, multiple: int) -> tuple[int, ...]:
+    n = arch.num_tokens
+    return (*range(multiple, n, multiple), n)
 
-    Each point keeps, for the whole batch, K = the largest count of kept tokens, rounded up to
-    `multiple` (None: exact; what batch-1 inference uses). Images with fewer keep their extra
-    tokens masked out as keys, so every image gets its batch-1 logits whatever the bucket.
-    Each segment between points is one compiled call per K; the host only reads the per-image
-    counts, to choose the next K.
+
+def check_buckets(arch: ViTArch, buckets) -> tuple[int, ...]:
+    """Token counts a segment after a pruning point is compiled for: sorted, without repeats,
+    none above the full count; a one-line ValueError for a list that cannot hold every count
+    (the full one needs a bucket too)."""
+    buckets = tuple(int(b) for b in buckets)
+    if any(b < 1 for b in buckets):
+        raise ValueError(f"token buckets {buckets} must be positive token counts")
+    n = arch.num_tokens
+    if not buckets or max(buckets) < n:
+        raise ValueError(
+            f"token buckets {buckets} cannot hold all {n} tokens of a "
+            f"{arch.name or 'ViT'} image: add {n}"
+        )
+    return tuple(sorted({min(b, n) for b in buckets}))
+
+
+def buckets_of(arch: ViTArch) -> tuple[int, ...]:
+    """The buckets an exported model drops tokens with: its own (`token_buckets`), else the
+    default."""
+    return check_buckets(arch, getattr(arch, "token_buckets", ()) or default_buckets(arch))
+
+
+def dropping(model, buckets=None):
+    """`(variables, images) -> (logits, kept patch tokens [B, points])`: tokens really dropped,
+    in one jittable function with no host round trip.
+
+    At each pruning point, on the device: the model's gate gives the keep mask; the tokens are
+    ordered kept first (each group in its original order, so prefix tokens stay first); the
+    batch's largest kept count picks a bucket K (the smallest of `buckets` that holds it,
+    `jnp.searchsorted`), and `jax.lax.switch` runs the branch compiled for K: the first K
+    tokens through the blocks up to the next point (or to the logits), padded back to the full
+    token count so that every branch has one output type. A program holds points x buckets
+    branches; only the taken one runs. Images that keep fewer than K tokens have the extra
+    ones masked out as keys (the keep mask), so every image gets its batch-1 logits.
+
+    Batch 1 runs at the image's own bucket; a batch at the bucket of its largest count, so one
+    image that keeps many tokens costs the whole batch. (A caller with a large batch could
+    sort it by count, or split it at bucket boundaries, and run each part at its own bucket;
+    inside one program the batch shape is fixed, so that takes a call per part.)
+    `buckets`: None, the architecture's (`buckets_of`).
     """
     arch = model.arch
     pts = points(arch, model.sites)
-    bounds = [0, *pts, len(arch.blocks)]
-    x, keep, size = images, None, None
-    counts = []
-    for k in range(len(pts)):
-        x, keep, kept = _segment(model, bounds[k], bounds[k + 1], size)(variables, x, keep)
-        kept = np.asarray(kept)
-        counts.append(kept - arch.num_prefix)
-        size = _bucket(int(kept.max()), multiple, size or keep.shape[1])  # never above the last K
-    logits = _segment(model, bounds[-2], bounds[-1], size)(variables, x, keep)
-    return logits, np.stack(counts, -1) if counts else None
+    if not pts:
+        raise ValueError(f"{arch.name or 'this model'} drops no tokens")
+    buckets = check_buckets(arch, buckets_of(arch) if buckets is None else buckets)
+    bounds = (*pts, len(arch.blocks))
+    n = arch.num_tokens
+
+    def first(m, images):
+        return m.run(m.embed(images), 0, pts[0], None, stats=True)
+
+    def gate(k):
+        return lambda m, stats, keep: m.token_gate(k, stats, keep)
+
+    def segment(k, size):
+        last = k == len(pts) - 1
+
+        def run(m, x, keep):
+            x, keep = x[:, :size], keep[:, :size]
+            x, stats = m.run(x, bounds[k], bounds[k + 1], keep, stats=not last)
+            if last:
+                return m.logits(x)
+            pad = lambda t: jnp.pad(t, [(0, 0)] * (t.ndim - 1) + [(0, n - size)])  # noqa: E731
+            return jnp.pad(x, ((0, 0), (0, n - size), (0, 0))), jax.tree.map(pad, stats)
+
+        # The variables are an operand of the switch, not a closure of each branch: the
+        # weights are then one value shared by every branch (one constant in an export).
+        return lambda v, x, keep: model.apply(v, x, keep, method=run)
+
+    sizes = np.asarray(buckets, np.int32)
+
+    def forward(variables, images):
+        x, stats = model.apply(variables, images, method=first)
+        keep, counts = None, []
+        for k in range(len(pts)):
+            mask = model.apply(variables, stats, keep, method=gate(k))
+            order = jnp.argsort(-mask, axis=-1, stable=True)
+            x = jnp.take_along_axis(x, order[..., None], axis=1)
+            keep = jnp.take_along_axis(mask, order, axis=-1)
+            kept = jnp.sum(keep, axis=-1).astype(jnp.int32)
+            counts.append(kept - arch.num_prefix)
+            index = jnp.minimum(jnp.searchsorted(sizes, jnp.max(kept)), len(buckets) - 1)
+            out = jax.lax.switch(index, [segment(k, size) for size in buckets], variables, x, keep)
+            if k < len(pts) - 1:
+                x, stats = out
+        return out, jnp.stack(counts, -1)
+
+    return forward
 
 
 _CACHE: dict = {}
 
 
-def _segment(model, start: int, stop: int, size: int | None):
-    """Blocks [start, stop) on the images (start 0) or on the first `size` tokens of the last
-    segment's output; returns the logits (stop = depth), or every token with the kept ones
-    first (each group in its original order), padded back to the full count so that the next
-    segment compiles once per `size`, with their mask and the kept count of each image."""
-    key = (model, start, stop, size)
-    if key in _CACHE:
-        return _CACHE[key]
-    k = points(model.arch, model.sites).index(stop) if stop < len(model.arch.blocks) else None
-
-    def segment(m, x, keep):
-        if start == 0:
-            x = m.embed(x)
-        else:
-            x, keep = x[:, :size], keep[:, :size]
-        x, stats = m.run(x, start, stop, keep, stats=k is not None)
-        if k is None:
-            return m.logits(x)
-        mask = m.token_gate(k, stats, keep)
-        order = jnp.argsort(-mask, axis=-1, stable=True)
-        pad = model.arch.num_tokens - x.shape[1]
-        return (
-            jnp.pad(jnp.take_along_axis(x, order[..., None], axis=1), ((0, 0), (0, pad), (0, 0))),
-            jnp.pad(jnp.take_along_axis(mask, order, axis=-1), ((0, 0), (0, pad))),
-            mask.sum(-1).astype(jnp.int32),
-        )
-
-    _CACHE[key] = jax.jit(lambda v, x, keep: model.apply(v, x, keep, method=segment))
+def compiled(model, buckets=None):
+    """`dropping(model, buckets)`, jitted once per (model, buckets)."""
+    buckets = check_buckets(model.arch, buckets_of(model.arch) if buckets is None else buckets)
+    key = (model, buckets)
+    if key not in _CACHE:
+        _CACHE[key] = jax.jit(dropping(model, buckets))
     return _CACHE[key]
+
+
+def predict(model, variables, images, *, multiple: int | None = None, buckets=None):
+    """Logits with tokens really dropped, and the patch tokens each image kept per point
+    ([B, points]; None for a model that drops none): `dropping`'s one compiled program.
+
+    `buckets`: the token counts it compiles for; else multiples of `multiple` (and the full
+    count); else the architecture's (`buckets_of`). Whatever the buckets, every image gets
+    its batch-1 logits.
+    """
+    if not points(model.arch, model.sites):
+        return jax.jit(model.apply)(variables, images), None
+    if buckets is None and multiple:
+        buckets = multiples(model.arch, multiple)
+    return compiled(model, buckets)(variables, images)
