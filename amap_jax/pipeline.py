@@ -215,7 +215,7 @@ def search(ctx: Context, arch: Arch, dense_params, method: Method):
     variables = parallel.broadcast(variables)  # host-computed: the same on every process
     trainable_names = ("params", *method.trainable)
     total, per_epoch = ctx.steps(cfg)
-    tx = _optimizer(cfg, total, per_epoch, method.optimizers(total))
+    tx = _optimizer(cfg, total, per_epoch, method.optimizers(total, arch))
     trainable = {k: variables[k] for k in trainable_names}
     extra = {k: v for k, v in variables.items() if k not in trainable_names}
     state = steps.create_state(trainable, tx, extra)

@@ -18,7 +18,7 @@ import shutil
 import tempfile
 import time
 
-from absl import app, flags
+from absl import app, flags, logging
 
 from amap_jax import logs, methods, pipeline
 from amap_jax.pruning import macs
@@ -32,14 +32,14 @@ CONFIGS = {
 }
 # The default, and what was tried on the way to it (each a set of overrides).
 VARIANTS = {
-    "default": {},
+    "default (projection)": {},
+    "lagrange (multiplier)": {"amap.budget": "lagrange"},
+    "penalty + ramp + scaled rate": {"amap.budget": "penalty"},
     "penalty, fixed rate (before)": {
         "amap.budget": "penalty",
         "amap.target_ramp": 0.0,
         "amap.indicator_lr": 0.05,
     },
-    "penalty + ramp + scaled rate": {"amap.budget": "penalty"},
-    "lagrange, fixed rate 0.05": {"amap.indicator_lr": 0.05},
 }
 
 _ROOT = flags.DEFINE_string("root", "workdirs/search_budget", "Dense models and scratch runs.")
@@ -72,6 +72,7 @@ def cell(name: str, variant: str, target: float, epochs: float, dense_cache: dic
     c = apply(load_config(name), VARIANTS[variant])
     c.search.target, c.search.epochs = target, epochs
     if name not in dense_cache:
+        os.makedirs(os.path.join(_ROOT.value, name), exist_ok=True)
         ctx, arch = pipeline.make_context(c, os.path.join(_ROOT.value, name))
         dense_cache[name] = (pipeline.train_dense(ctx, arch), ctx.evaluate)
     dense, evaluate = dense_cache[name]
@@ -128,6 +129,7 @@ def report(rows: list[dict]) -> str:
 
 def main(argv):
     del argv
+    logging.set_verbosity(logging.WARNING)  # as train.py: library INFO chatter off
     logs.setup()
     os.makedirs(_ROOT.value, exist_ok=True)
     rows, cache = [], {}

@@ -12,4 +12,8 @@ def get_config():
     c.model.patch_size = 4
     c.model.pattern = "SSSS"
     c.eval.bench_batch = 64
+    # A short search and fine-tuning: the regime where the channels chosen still show
+    # (bench/compare.py runs every method with this schedule).
+    c.search.epochs = 0.5
+    c.finetune.epochs = 2.0
     return c

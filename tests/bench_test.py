@@ -23,6 +23,7 @@ def _result(config, variant, target, seed, top1, achieved=None):
         "after 1 fine-tune epoch": top1 + 0.5,
         "end": top1 + 1.0,
         "wall_s": 60.0,
+        "epochs": {"train": 8.0, "search": 0.5, "finetune": 2.0},
     }
     if variant not in (compare.DENSE, compare.BUDGET):
         out["budget"] = {"achieved": achieved or target - 0.002, "fixup": 0.0}

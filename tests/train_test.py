@@ -147,6 +147,41 @@ def test_search_reaches_macs_target(digits):
     assert amap.hard_ratio(s_arch, {**variables, INDICATORS: fixed}, spec) <= target
 
 
+def test_budget_projection_holds_the_soft_ratio_on_the_aim_at_every_step():
+    """Whatever the updates do, after each one the soft MACs ratio is this step's aim (falling
+    from 1 to the target over the first half of a 10-step search), and the shift moves each
+    indicator in proportion to its channel's MACs cost."""
+    import optax
+
+    target, total = 0.4, 10
+    costs = amap.channel_costs(ARCH)
+    flat = np.concatenate([np.ravel(c) for c in jax.tree.leaves(costs)])
+    assert np.mean(flat) == pytest.approx(1.0, rel=1e-5) and flat.max() > 1.5 * flat.min()
+    tx = optax.chain(optax.adam(0.3), amap.budget_projection(ARCH, target, total, ramp=0.5))
+    ind = amap.constant_indicators(ARCH, 5.0)
+    trainable = {"params": {}, INDICATORS: ind}
+    state = tx.init(trainable)
+    rng = np.random.default_rng(0)
+    for step in range(1, total + 1):
+        grads = {"params": {}, INDICATORS: jax.tree.map(
+            lambda x: rng.normal(size=x.shape).astype(np.float32), ind)}  # fmt: skip
+        updates, state = tx.update(grads, state, trainable)
+        before = trainable[INDICATORS]
+        trainable = optax.apply_updates(trainable, updates)
+        aim = amap.scheduled_target(target, step, total, 0.5)
+        assert float(amap.soft_ratio(ARCH, trainable[INDICATORS])) == pytest.approx(
+            float(aim), abs=1e-4
+        )
+    assert float(aim) == pytest.approx(target)
+    # The projection's part of an update is delta x cost, the same delta for every indicator.
+    project = amap.budget_projection(ARCH, target, total, ramp=0.5)
+    raw = {"params": {}, INDICATORS: jax.tree.map(lambda x: 0.1 * x, before)}
+    moved, _ = project.update(raw, project.init(trainable), trainable)
+    ratio = jax.tree.map(lambda m, r, c: (m - r) / c, moved[INDICATORS], raw[INDICATORS], costs)
+    deltas = np.concatenate([np.ravel(x) for x in jax.tree.leaves(ratio)])
+    assert np.ptp(deltas) < 1e-4 * max(1.0, abs(deltas[0]))
+
+
 def test_finalize_meets_target_from_dense():
     params = ViT(ARCH).init(jax.random.key(0), dummy_input(ARCH))["params"]
     ind = amap.constant_indicators(ARCH, 5.0)

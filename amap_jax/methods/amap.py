@@ -6,11 +6,14 @@ Sites: `qk`, `v` and `hidden`. Collections: `indicators` (logits, trained with A
 weights, folded by export). The multiplier at a site is the head-balanced binary mask (straight-
 through gradients into the indicators) times the reweight scales.
 
-The search itself lands on the MACs target: the soft MACs ratio is held to an aim that falls
-from 1 to the target over the first `target_ramp` of the search, by a Lagrange multiplier
-(`budget` collection) that rises by dual ascent while the ratio is over the aim, plus a square
-term; Adam's indicator rate scales with the search's length (`indicator_lr=0`). What is left
-for `finalize` is trimming the last channels (`budget.fixup` in the summary).
+The search itself lands on the MACs target: after every update the indicators move along
+their channels' MACs costs until the soft MACs ratio is on an aim that falls from 1 to the
+target over the first `target_ramp` of the search (`budget_projection`); the classification
+loss, through the straight-through masks, decides which channels carry the budget. Adam's
+indicator rate scales with the search's length (`indicator_lr=0`). What is left for `finalize`
+is trimming the last channels (`budget.fixup` in the summary). The alternatives measured on the
+way (`bench/search_budget.py`): a Lagrange multiplier trained by dual ascent (`budget=lagrange`,
+which winds up and overshoots in short searches) and the plain penalty (`budget=penalty`).
 """
 
 from __future__ import annotations
@@ -217,6 +220,63 @@ def budget_optimizer(lr: float) -> optax.GradientTransformation:
     return optax.sgd(-lr)
 
 
+def channel_costs(arch: Arch, head_balanced: bool = True):
+    """Per indicator, the MACs its channel costs (d soft ratio / d keep-probability with every
+    channel kept), divided by the mean over all: the direction the projection shifts along."""
+    full = constant_indicators(arch, 0.0)
+    ones = jax.tree.map(jnp.ones_like, full)
+
+    def ratio_of_p(p):
+        logits = jax.tree.map(lambda x: jnp.log(x) - jnp.log1p(-x + 1e-7), p)
+        return soft_ratio(arch, logits, head_balanced)
+
+    grads = jax.grad(ratio_of_p)(jax.tree.map(lambda x: x * (1 - 1e-6), ones))
+    mean = jnp.mean(jnp.concatenate([jnp.ravel(g) for g in jax.tree.leaves(grads)]))
+    return jax.tree.map(lambda g: g / mean, grads)
+
+
+def budget_projection(
+    arch: Arch,
+    target: float,
+    total_steps: int,
+    ramp: float,
+    head_balanced: bool = True,
+    iterations: int = 40,
+) -> optax.GradientTransformation:
+    """Appended to the indicators' optimizer: after each update, every logit moves by
+    delta x its channel's MACs cost (`channel_costs`, mean 1), delta found by bisection so that
+    the soft MACs ratio equals this step's aim (`scheduled_target`). The budget then holds at
+    every step, however short the search, with no multiplier to wind up; what the
+    classification loss says only decides which channels carry the budget."""
+    costs = channel_costs(arch, head_balanced)
+
+    def init_fn(params):
+        del params
+        return {"count": jnp.zeros([], jnp.int32)}
+
+    def update_fn(updates, state, params=None):
+        count = state["count"] + 1
+        aim = scheduled_target(target, count, total_steps, ramp)
+        new = jax.tree.map(jnp.add, params[INDICATORS], updates[INDICATORS])
+
+        def ratio(delta):
+            moved = jax.tree.map(lambda x, c: x + delta * c, new, costs)
+            return soft_ratio(arch, moved, head_balanced)
+
+        def halve(_, bounds):
+            lo, hi = bounds
+            mid = (lo + hi) / 2
+            over = ratio(mid) > aim
+            return jnp.where(over, lo, mid), jnp.where(over, mid, hi)
+
+        lo, hi = jax.lax.fori_loop(0, iterations, halve, (jnp.float32(-60.0), jnp.float32(60.0)))
+        delta = (lo + hi) / 2
+        moved = jax.tree.map(lambda u, c: u + delta * c, updates[INDICATORS], costs)
+        return {**updates, INDICATORS: moved}, {"count": count}
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
 def hard_widths(arch: Arch, variables, spec: PruneSpec) -> list[tuple[int, int, int]]:
     """Per-head widths the masks keep now (the mean over heads without head balancing)."""
     ind = variables[INDICATORS]
@@ -281,10 +341,12 @@ class Amap(Method):
     # Adam's rate for the indicators; 0: INDICATOR_TRAVEL / search steps, so that a short
     # search moves them as far as a long one (and lands on its target too).
     indicator_lr: float = 0.0
-    # The MACs constraint: "lagrange" (a multiplier trained by dual ascent, plus the square
-    # term) lands the search's own masks on the target; "penalty": the square (or hinge) term
-    # alone, which settles wherever it balances the classification loss.
-    budget: str = "lagrange"
+    # The MACs constraint: "projection" (after each update the indicators move along their
+    # channels' MACs costs until the soft ratio is on the aim: the search's own masks land on
+    # the target, whatever its length), "lagrange" (a multiplier trained by dual ascent plus
+    # the square term; short searches overshoot as the multiplier winds up) or "penalty" (the
+    # square or hinge term alone, which settles wherever it balances the classification loss).
+    budget: str = "projection"
     budget_lr: float = 1.0  # dual ascent rate of the multiplier
     target_ramp: float = 0.5  # share of the search over which the aim falls from 1 to target
     macs_weight: float = 20.0
@@ -323,11 +385,11 @@ class Amap(Method):
             f"amap.macs_loss must be 'square' or 'hinge', got {c.macs_loss!r}",
         )
         check(
-            c.budget in ("lagrange", "penalty"),
-            f"amap.budget must be 'lagrange' or 'penalty', got {c.budget!r}",
+            c.budget in ("projection", "lagrange", "penalty"),
+            f"amap.budget must be 'projection', 'lagrange' or 'penalty', got {c.budget!r}",
         )
         check(
-            not (c.budget == "lagrange" and c.macs_loss == "hinge"),
+            not (c.budget != "penalty" and c.macs_loss == "hinge"),
             "amap.macs_loss=hinge is a penalty: use it with amap.budget=penalty",
         )
         check(0 <= c.target_ramp <= 1, f"amap.target_ramp must be in [0, 1], got {c.target_ramp}")
@@ -403,20 +465,32 @@ class Amap(Method):
     def trainable(self) -> tuple[str, ...]:
         return (INDICATORS, BUDGET) if self.budget == "lagrange" else (INDICATORS,)
 
+    def indicator_optimizer(self, total_steps: int, arch: Arch | None = None):
+        adam = optax.adam(self.indicator_rate(total_steps))
+        if self.budget != "projection":
+            return adam
+        if arch is None:
+            raise ValueError("amap.budget=projection needs the architecture")
+        project = budget_projection(
+            arch, self.target, total_steps, self.target_ramp, self.head_balanced
+        )
+        return optax.chain(adam, project)
+
     def indicator_rate(self, total_steps: int) -> float:
         return self.indicator_lr or INDICATOR_TRAVEL / max(total_steps, 1)
 
-    def optimizers(self, total_steps: int = 0):
-        out = {INDICATORS: optax.adam(self.indicator_rate(total_steps))}
+    def optimizers(self, total_steps: int = 0, arch: Arch | None = None):
+        out = {INDICATORS: self.indicator_optimizer(total_steps, arch)}
         if self.budget == "lagrange":
             out[BUDGET] = budget_optimizer(self.budget_lr)
         return out
 
     def loss(self, arch, total_steps: int = 0):
+        # With the projection the budget holds by construction: the term is there to report.
         return macs_regularizer(
             arch,
             self.target,
-            self.macs_weight,
+            0.0 if self.budget == "projection" else self.macs_weight,
             self.macs_loss,
             total_steps,
             self.target_ramp,

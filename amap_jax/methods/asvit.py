@@ -135,7 +135,7 @@ class AsVit(Method):
         init = {f"point_{k}": jnp.asarray(self.threshold_init, jnp.float32) for k in range(n)}
         return {"params": params, THRESHOLDS: {"token_gate": init}}
 
-    def optimizers(self, total_steps: int = 0):
+    def optimizers(self, total_steps: int = 0, arch=None):
         return {THRESHOLDS: optax.adam(self.threshold_lr)}
 
     def loss(self, arch, total_steps: int = 0):

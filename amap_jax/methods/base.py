@@ -102,9 +102,11 @@ class Method:
         """Every collection of the searchable model, starting from dense `params`."""
         raise NotImplementedError
 
-    def optimizers(self, total_steps: int = 0) -> dict[str, optax.GradientTransformation]:
+    def optimizers(
+        self, total_steps: int = 0, arch: Arch | None = None
+    ) -> dict[str, optax.GradientTransformation]:
         """One optimizer per collection in `trainable` (`params` is the stage's), for a search
-        of `total_steps`."""
+        of `total_steps` on `arch`."""
         return {}
 
     def loss(self, arch: Arch, total_steps: int = 0) -> Callable | None:

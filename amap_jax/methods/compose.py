@@ -48,7 +48,16 @@ class AmapAsVit(Method):
 
     @property
     def trainable(self) -> tuple[str, ...]:
-        return (*self.amap.trainable, THRESHOLDS)
+        return (*self.channels.trainable, THRESHOLDS)
+
+    @property
+    def channels(self) -> Amap:
+        """AMAP as the joint budget uses it: the kept tokens of each image enter the MACs, so a
+        projection of the indicators alone cannot hold it; the multiplier does (`lagrange`),
+        unless AMAP is set to the plain `penalty`."""
+        if self.amap.budget == "projection":
+            return dataclasses.replace(self.amap, budget="lagrange")
+        return self.amap
 
     @classmethod
     def sections(cls):
@@ -82,12 +91,12 @@ class AmapAsVit(Method):
     # -- search -----------------------------------------------------------------------------
 
     def initialize(self, arch, params, *, calibration, seed):
-        out = self.amap.initialize(arch, params, calibration=calibration, seed=seed)
+        out = self.channels.initialize(arch, params, calibration=calibration, seed=seed)
         t = self.asvit.initialize(arch, params, calibration=None, seed=seed)
         return {**out, THRESHOLDS: t[THRESHOLDS]}
 
-    def optimizers(self, total_steps: int = 0):
-        out = self.amap.optimizers(total_steps)
+    def optimizers(self, total_steps: int = 0, arch=None):
+        out = self.channels.optimizers(total_steps, arch)
         ind = out[INDICATORS]
         thr = self.asvit.optimizers(total_steps)[THRESHOLDS]
         if self.schedule == "channels_first":

@@ -77,7 +77,7 @@ class Vtp(Method):
         }
         return {"params": params, SCORES: scores}
 
-    def optimizers(self, total_steps: int = 0):
+    def optimizers(self, total_steps: int = 0, arch=None):
         return {SCORES: optax.adam(self.score_lr)}
 
     def loss(self, arch, total_steps: int = 0):
