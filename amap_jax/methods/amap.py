@@ -341,6 +341,9 @@ class Amap(Method):
     # Adam's rate for the indicators; 0: INDICATOR_TRAVEL / search steps, so that a short
     # search moves them as far as a long one (and lands on its target too).
     indicator_lr: float = 0.0
+    # "cosine": the rate falls to 0 by the end of the search, so the masks settle and the
+    # weights adapt to the last ones; "constant".
+    indicator_schedule: str = "cosine"
     # The MACs constraint: "projection" (after each update the indicators move along their
     # channels' MACs costs until the soft ratio is on the aim: the search's own masks land on
     # the target, whatever its length), "lagrange" (a multiplier trained by dual ascent plus
@@ -348,7 +351,7 @@ class Amap(Method):
     # square or hinge term alone, which settles wherever it balances the classification loss).
     budget: str = "projection"
     budget_lr: float = 1.0  # dual ascent rate of the multiplier
-    target_ramp: float = 0.5  # share of the search over which the aim falls from 1 to target
+    target_ramp: float = 0.25  # share of the search over which the aim falls from 1 to target
     macs_weight: float = 20.0
     macs_loss: str = "square"  # or "hinge" (penalty only)
     similarity: bool = True
@@ -394,6 +397,10 @@ class Amap(Method):
         )
         check(0 <= c.target_ramp <= 1, f"amap.target_ramp must be in [0, 1], got {c.target_ramp}")
         check(c.budget_lr > 0, f"amap.budget_lr must be > 0, got {c.budget_lr}")
+        check(
+            c.indicator_schedule in ("cosine", "constant"),
+            f"amap.indicator_schedule must be 'cosine' or 'constant', got {c.indicator_schedule!r}",
+        )
         check(c.min_keep >= 1 and c.multiple >= 1, "amap.min_keep and amap.multiple must be >= 1")
         check(
             0.0 <= c.min_keep_fraction <= 1.0,
@@ -466,7 +473,10 @@ class Amap(Method):
         return (INDICATORS, BUDGET) if self.budget == "lagrange" else (INDICATORS,)
 
     def indicator_optimizer(self, total_steps: int, arch: Arch | None = None):
-        adam = optax.adam(self.indicator_rate(total_steps))
+        rate = self.indicator_rate(total_steps)
+        if self.indicator_schedule == "cosine":  # twice the peak: the same travel in all
+            rate = optax.cosine_decay_schedule(2 * rate, max(total_steps, 1))
+        adam = optax.adam(rate)
         if self.budget != "projection":
             return adam
         if arch is None:
