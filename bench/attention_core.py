@@ -23,7 +23,7 @@ from absl import app, flags
 
 from amap_jax.models.arch import vit_arch
 from amap_jax.models.attention import Attention, _heads, _merge
-from amap_jax.train.evaluate import interleaved
+from amap_jax.timing import interleaved
 from bench import common
 
 _WIDTHS = flags.DEFINE_list("head_widths", ["64", "45", "33"], "Per-head q/k/v widths.")

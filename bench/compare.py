@@ -6,6 +6,7 @@ choice matters, with paired 95% intervals.
   python -m bench.compare --grid tokens    # AMAP, AS-ViT and AMAP+AS-ViT at matched MACs
   python -m bench.compare --quick          # a 10-minute version, to try it
   python -m bench.compare --report_only    # the report from the cells finished so far
+  python -m bench.compare --grid_configs vit --grid_targets 0.3,0.7  # part of a grid (the same cells)
 
 A seed fixes the dense model's initialisation and data order (one dense checkpoint per config
 and seed, shared by every method of that seed), the calibration images, the search and
@@ -114,6 +115,8 @@ _QUICK = flags.DEFINE_bool("quick", False, "Same as --grid=quick.")
 _ROOT = flags.DEFINE_string("root", "workdirs/compare", "Where the cells' work directories go.")
 _JOBS = flags.DEFINE_integer("jobs", 0, "Cells at once, one per core (0: every core).")
 _SEEDS = flags.DEFINE_list("seeds", None, "Seeds (default: the grid's).")
+_CONFIGS = flags.DEFINE_list("grid_configs", None, "Only these of the grid's configs (same cells).")
+_TARGETS = flags.DEFINE_list("grid_targets", None, "Only these of the grid's targets (same cells).")
 _SET = flags.DEFINE_list("set", [], "KEY=VALUE settings for every run of the grid, written down.")
 _REPORT_ONLY = flags.DEFINE_bool("report_only", False, "Only the report, from finished cells.")
 _CELL = flags.DEFINE_string("cell", None, "Run this one cell (JSON; used by the workers).")
@@ -141,6 +144,16 @@ def grid() -> Grid:
     g = GRIDS["quick" if _QUICK.value else _GRID.value]
     if _SEEDS.value:
         g = dataclasses.replace(g, seeds=tuple(int(s) for s in _SEEDS.value))
+    if _CONFIGS.value:
+        unknown = sorted(set(_CONFIGS.value) - set(g.configs))
+        if unknown:
+            raise app.UsageError(f"--grid_configs: {unknown} not in the grid's {list(g.configs)}")
+        g = dataclasses.replace(g, configs=tuple(c for c in g.configs if c in _CONFIGS.value))
+    if _TARGETS.value:
+        want = {float(t) for t in _TARGETS.value}
+        if not want <= set(g.targets):
+            raise app.UsageError(f"--grid_targets: the grid's targets are {list(g.targets)}")
+        g = dataclasses.replace(g, targets=tuple(t for t in g.targets if t in want))
     return g
 
 
@@ -643,6 +656,14 @@ def main(argv):
     notes = verdict_lines(rows, results, g)
     if _SET.value:
         notes.insert(0, f"every run with {', '.join(_SET.value)}")
+    full = GRIDS[_grid_name()]
+    if (g.configs, g.targets, g.seeds) != (full.configs, full.targets, full.seeds):
+        notes.insert(
+            0,
+            f"part of the grid: configs {list(g.configs)}, targets {list(g.targets)}, "
+            f"seeds {list(g.seeds)} (of {list(full.configs)}, {list(full.targets)}, "
+            f"{list(full.seeds)})",
+        )
     wall = sum(r["wall_s"] for r in results)
     name = _grid_name()
     md = markdown(rows, results, g, notes, wall, name)

@@ -21,8 +21,9 @@ from absl import app, flags
 from amap_jax import models
 from amap_jax.data.splits import open_split
 from amap_jax.io import pruned
+from amap_jax.timing import interleaved
 from amap_jax.train import parallel, steps
-from amap_jax.train.evaluate import evaluate, interleaved
+from amap_jax.train.evaluate import evaluate
 from bench import common, compare  # compare's --root: where its cells are
 
 _VIT_BATCH = flags.DEFINE_integer("vit_batch", 32, "Batch for ViT-S/16 at 224 px (0: skip).")

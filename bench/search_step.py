@@ -23,8 +23,8 @@ from amap_jax import models
 from amap_jax.methods import amap, similarity
 from amap_jax.methods.amap import INDICATORS, SIMILARITY, Amap
 from amap_jax.models import dummy_input
+from amap_jax.timing import interleaved
 from amap_jax.train import steps
-from amap_jax.train.evaluate import interleaved
 from bench import common
 
 

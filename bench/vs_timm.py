@@ -32,7 +32,7 @@ import numpy as np
 from absl import app, flags
 
 # common: --tag (it imports jax, which the torch worker never initialises); sides: shared flags
-from amap_jax.train.evaluate import interleaved
+from amap_jax.timing import interleaved
 from bench import common, sides
 
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")

@@ -24,7 +24,7 @@ import time
 import numpy as np
 from absl import app, flags
 
-from amap_jax.train.evaluate import interleaved
+from amap_jax.timing import interleaved
 from bench import common, sides
 
 _NO_YNN = "--xla_cpu_experimental_ynn_fusion_type="

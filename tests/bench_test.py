@@ -65,6 +65,28 @@ def test_grid_cells_start_with_the_dense_models_and_pair_by_seed():
     assert later.seed == 1 and later.variant == compare.BUDGET
 
 
+def test_part_of_a_grid_is_the_same_cells_and_bad_parts_are_refused():
+    from absl import app, flags
+    from absl.testing import flagsaver
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()  # the defaults, as a run without flags has them
+    full = compare.cells(compare.GRIDS["channels"])
+    with flagsaver.flagsaver(grid_configs=["vit"], grid_targets=["0.3", "0.7"]):
+        part = compare.cells(compare.grid())
+    assert set(part) < set(full)
+    assert {
+        (c.config, c.target) for c in part if c.variant not in (compare.DENSE, compare.BUDGET)
+    } == {
+        ("vit", 0.3),
+        ("vit", 0.7),
+    }
+    with flagsaver.flagsaver(grid_targets=["0.4"]), pytest.raises(app.UsageError, match="targets"):
+        compare.grid()
+    with flagsaver.flagsaver(grid_configs=["swin"]), pytest.raises(app.UsageError, match="swin"):
+        compare.grid()
+
+
 def test_summary_pairs_methods_by_seed_with_intervals():
     rows = compare.summarize(_results(), GRID)
     random = next(r for r in rows if r["variant"] == "random" and r["target"] == 0.3)

@@ -135,7 +135,7 @@ def test_measured_pads_to_the_fastest_whole_model_if_faster_than_unpadded(
         rounds.append(sorted(fns))
         return {"unpadded": [100.0] * n, **{k: [100.0 * g] * n for k, g in gains.items()}}
 
-    monkeypatch.setattr("amap_jax.train.evaluate.interleaved", timed)
+    monkeypatch.setattr("amap_jax.timing.interleaved", timed)
     cache = str(tmp_path / "padding.json")
     got, report = padding.measured(arch, params, 4, candidates=(1, 8), rounds=2, cache=cache)
     assert rounds == [["per layer", "unpadded", "x8"]]
@@ -154,7 +154,7 @@ def test_measured_does_not_time_per_layer_twice_when_it_is_one_multiple(monkeypa
     )
     seen = []
     monkeypatch.setattr(
-        "amap_jax.train.evaluate.interleaved",
+        "amap_jax.timing.interleaved",
         lambda fns, s, n, b: seen.append(sorted(fns)) or {k: [1.0] * n for k in fns},
     )
     assert padding.measured(arch, params, 4, candidates=(1, 8, 16), cache=None)[0] == 1

@@ -72,7 +72,7 @@ def test_fastest_kernels_keeps_the_fastest_set_and_caches_it(tmp_path, monkeypat
         rounds.append(sorted(fns))
         return {k: [120.0 if k == faster else 100.0] * n for k in fns}
 
-    monkeypatch.setattr("amap_jax.train.evaluate.interleaved", timed)
+    monkeypatch.setattr("amap_jax.timing.interleaved", timed)
     cache = str(tmp_path / "padding.json")
     name, gains = padding.fastest_kernels(arch, params, 4, rounds=2, cache=cache)
     assert rounds == [["default", "xla", "ynn_reduce"]]

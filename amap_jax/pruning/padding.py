@@ -26,10 +26,9 @@ import jax
 import numpy as np
 
 from amap_jax import models as models_pkg
-from amap_jax import xla_cpu
+from amap_jax import timing, xla_cpu
 from amap_jax.models.arch import LINEAR, Arch, BlockArch
 from amap_jax.pruning.export import PAD_SCALE
-from amap_jax.timing import interleaved
 
 CANDIDATES = (1, 8, 16, 32, 64)
 # One multiple for every width, or per block (attention: q/k, v, input; MLP: hidden, input).
@@ -241,7 +240,7 @@ def fastest_multiples(
                 }
                 median = {
                     m: float(np.median(v))
-                    for m, v in interleaved(fns, seconds, rounds, batch).items()
+                    for m, v in timing.interleaved(fns, seconds, rounds, batch).items()
                 }
                 stored[key] = {"multiple": max(median, key=median.get), "images_per_s": median}
                 if cache:
@@ -270,7 +269,7 @@ def rates(models: dict, batch: int, *, seconds: float, rounds: int) -> dict[str,
         fn = xla_cpu.jit(models_lib.build(a).apply, kernels)
         return lambda: jax.block_until_ready(fn({"params": p}, x))
 
-    return interleaved({k: forward(*m) for k, m in models.items()}, seconds, rounds, batch)
+    return timing.interleaved({k: forward(*m) for k, m in models.items()}, seconds, rounds, batch)
 
 
 def fastest_kernels(

@@ -11,7 +11,6 @@ import numpy as np
 
 from amap_jax import xla_cpu
 from amap_jax.models import tokens
-from amap_jax.timing import interleaved  # noqa: F401 (re-exported)
 from amap_jax.train import parallel
 from amap_jax.train.steps import Input, make_eval_step
 
