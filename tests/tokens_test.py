@@ -262,6 +262,19 @@ def test_amap_and_asvit_export_channels_and_tokens_exactly():
     assert np.mean(per_image) / macs.model_macs(ARCH) <= 0.5 + 1e-6
 
 
+def test_macs_of_kept_counts_do_not_overflow_at_deit_s_scale():
+    from amap_jax.models.arch import vit_arch
+
+    deit = vit_arch("S", image_size=224)
+    dense = macs.model_macs(deit)
+    for dtype in (np.int32, np.uint8, np.int64):
+        kept = [np.full(3, 137, dtype), np.full(3, 98, dtype), np.full(3, 68, dtype)]
+        per_image = macs.model_macs(deit, None, macs.token_counts(deit, (4, 7, 10), kept))
+        assert np.all(per_image > 0.3 * dense) and np.all(per_image < dense)
+        want = macs.model_macs(deit, None, macs.token_counts(deit, (4, 7, 10), [137, 98, 68]))
+        np.testing.assert_allclose(per_image, want)
+
+
 @pytest.mark.parametrize("method", ["asvit", "amap+asvit"])
 def test_token_pruning_runs_end_to_end(tmp_path, method):
     c = tiny_config()

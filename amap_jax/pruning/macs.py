@@ -11,6 +11,7 @@ import dataclasses
 from typing import NamedTuple
 
 import jax
+import numpy as np
 
 from amap_jax.models.arch import SOFTMAX, Arch, BlockArch, Geometry, SwinArch
 
@@ -95,6 +96,9 @@ def token_counts(arch, points, kept) -> list:
     for i in range(len(arch.blocks)):
         if i in points:
             n = kept[points.index(i)]
+            integer = hasattr(n, "dtype") and np.dtype(n.dtype).kind in "iu"
+            if integer and not isinstance(n, jax.core.Tracer):
+                n = np.asarray(n, np.int64)  # an image's MACs overflow int32 from DeiT-S up
         out.append(n)
     return out
 
