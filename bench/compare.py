@@ -6,7 +6,7 @@ choice matters, with paired 95% intervals.
   python -m bench.compare --grid tokens    # AMAP, AS-ViT and AMAP+AS-ViT at matched MACs
   python -m bench.compare --quick          # a 10-minute version, to try it
   python -m bench.compare --report_only    # the report from the cells finished so far
-  python -m bench.compare --grid_configs vit --grid_targets 0.3,0.7  # part of a grid (the same cells)
+  python -m bench.compare --grid_configs vit --grid_targets 0.3,0.7  # part of a grid
 
 A seed fixes the dense model's initialisation and data order (one dense checkpoint per config
 and seed, shared by every method of that seed), the calibration images, the search and

@@ -51,7 +51,21 @@ def _machine(meta: dict) -> str:
     return ", ".join(f"{k} {meta[k]}" for k in keys if k in meta)
 
 
-def section(stem: str, module: str) -> str | None:
+def results_of(stem: str, files: list[str]) -> list[str]:
+    """`stem` and its tagged runs (`stem_TAG`, from a bench's --tag), untagged first; a longer
+    stem of ORDER keeps its own."""
+    longer = [s for s, _ in ORDER if s != stem and s.startswith(stem)]
+    tagged = sorted(
+        f[: -len(".json")]
+        for f in files
+        if f.startswith(stem + "_")
+        and f.endswith(".json")
+        and not any(f == f"{s}.json" or f.startswith(s + "_") for s in longer)
+    )
+    return ([stem] if f"{stem}.json" in files else []) + tagged
+
+
+def section(stem: str, module: str, siblings: tuple[str, ...] = ()) -> str | None:
     path = os.path.join(common.RESULTS, f"{stem}.json")
     if not os.path.exists(path):
         return None
@@ -72,7 +86,11 @@ def section(stem: str, module: str) -> str | None:
     else:
         out += ["", _table(result.get("rows", []))]
     pngs = sorted(
-        p for p in os.listdir(common.RESULTS) if p.startswith(stem) and p.endswith(".png")
+        p
+        for p in os.listdir(common.RESULTS)
+        if p.startswith(stem)
+        and p.endswith(".png")
+        and not any(p.startswith(s) for s in siblings if s != stem and s.startswith(stem))
     )
     out += [""] + [f"![{p}](../bench/results/{p})" for p in pngs]
     return "\n".join(out).rstrip() + "\n"
@@ -88,10 +106,11 @@ def render() -> str:
         "comparison of methods pairs them by seed.",
         "",
     ]
+    files = os.listdir(common.RESULTS)
     for stem, module in ORDER:
-        text = section(stem, module)
-        if text:
-            parts += [text]
+        runs = tuple(results_of(stem, files))
+        for run in runs:
+            parts += [section(run, module, runs)]
     return "\n".join(parts)
 
 

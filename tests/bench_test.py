@@ -400,3 +400,24 @@ def test_within_a_margin_needs_the_whole_interval():
         "not shown at n=5"
     )
     assert stats.within({"mean": -0.9, "lo": -1.2, "hi": -0.6, "n": 5}, 0.3) == "not within"
+
+
+def test_docs_page_holds_every_current_result_and_its_tagged_runs(tmp_path, monkeypatch):
+    import json
+
+    from bench import common, docs
+
+    meta = {"meta": {"backend": "cpu", "cpus": 2}, "rows": [{"model": "S", "speedup": 1.5}]}
+    for stem in ("vs_timm_cpu", "vs_timm_cpu_ynn_reduce", "padding_cpu", "compare_channels"):
+        (tmp_path / f"{stem}.json").write_text(json.dumps(meta))
+    for png in ("vs_timm_cpu.png", "vs_timm_cpu_ynn_reduce.png", "compare_channels_top1.png"):
+        (tmp_path / png).write_bytes(b"")
+    monkeypatch.setattr(common, "RESULTS", str(tmp_path))
+    files = os.listdir(tmp_path)
+    assert docs.results_of("vs_timm_cpu", files) == ["vs_timm_cpu", "vs_timm_cpu_ynn_reduce"]
+    assert docs.results_of("compare_extras", files) == []
+    page = docs.render()
+    assert page.count("## vs_timm_cpu") == 2 and "## padding_cpu" in page
+    own = page.split("## vs_timm_cpu_ynn_reduce")[0].split("## vs_timm_cpu:")[1]
+    assert "vs_timm_cpu.png" in own and "ynn_reduce.png" not in own  # each run its own plot
+    assert "| S | 1.5 |" in page
