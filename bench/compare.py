@@ -405,12 +405,14 @@ def summarize(results: list[dict], g: Grid) -> list[dict]:
                 if not cell:
                     continue
                 achieved = [r["budget"]["achieved"] for r in cell]
+                ends = [r["budget"].get("search_end") for r in cell]
                 row = {
                     "config": config,
                     "target": target,
                     "variant": variant,
                     "seeds": sorted(r["seed"] for r in cell),
                     "achieved_macs": stats.interval(achieved),
+                    "search_end": stats.interval([e for e in ends if e is not None]),
                     "fixup": max((r["budget"].get("fixup") or 0.0) for r in cell),
                 }
                 for stage in STAGES:
@@ -480,22 +482,29 @@ def markdown(rows, results, g: Grid, notes: list[str], wall: float, name: str = 
     for config in g.configs:
         dense = by_seed(results, config, DENSE, 1.0, "end")
         budget = by_seed(results, config, BUDGET, 1.0, "end")
+        extra = epochs.get("search", 0) + epochs.get("finetune", 0)
         lines += [
             f"## {config}",
             "",
-            f"Dense model (8 epochs): {stats.fmt(stats.interval(list(dense.values())))}".replace(
-                "+", ""
-            )
-            + "; equal-budget dense (+"
-            f"{g.schedule.get('search.epochs', 0) + g.schedule.get('finetune.epochs', 0)} epochs): "
-            f"{stats.fmt(stats.interval(list(budget.values())))}".replace("+", ""),
+            f"Dense model ({epochs.get('train')} epochs): "
+            f"{stats.fmt(stats.interval(list(dense.values()))).replace('+', '')}; "
+            f"equal-budget dense (+{extra} epochs): "
+            f"{stats.fmt(stats.interval(list(budget.values()))).replace('+', '')}",
             "",
-            f"| MACs target | method | achieved MACs | after search | - {ref} | after 1 fine-tune "
-            f"epoch | - {ref} | end | - {ref} | - dense, equal budget |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            f"| MACs target | method | search end | fix-up (max) | achieved MACs | after search "
+            f"| - {ref} | after 1 fine-tune epoch | - {ref} | end | - {ref} | "
+            "- dense, equal budget |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for row in (r for r in rows if r["config"] == config):
-            cells_ = [f"{row['target']}", row["variant"], f"{row['achieved_macs']['mean']:.3f}"]
+            end = row.get("search_end", {"n": 0})
+            cells_ = [
+                f"{row['target']}",
+                row["variant"],
+                f"{end['mean']:.3f}" if end["n"] else "-",
+                f"{row['fixup']:.3f}",
+                f"{row['achieved_macs']['mean']:.3f}",
+            ]
             for stage in STAGES:
                 top = row[stage]["top1"]
                 cells_.append(f"{top['mean']:.2f}" if top["n"] else "")

@@ -27,6 +27,8 @@ def _result(config, variant, target, seed, top1, achieved=None):
     }
     if variant not in (compare.DENSE, compare.BUDGET):
         out["budget"] = {"achieved": achieved or target - 0.002, "fixup": 0.0}
+        if variant == "amap":
+            out["budget"]["search_end"] = target - 0.001
         out["pruned_blocks"] = [["S", 4, 12, 12, 100, 64, 64]] * 4
     return out
 
@@ -108,7 +110,8 @@ def test_summary_pairs_methods_by_seed_with_intervals():
     within = [n for n in notes if "within 0.3 points" in n]
     assert len(within) == 1 and within[0].endswith(": shown")
     table = compare.markdown(rows, _results(), GRID, notes, 3600.0)
-    assert "| 0.3 | random | 0.298 |" in table and "(-)" in table
+    assert "| 0.3 | random | - | 0.000 | 0.298 |" in table and "(-)" in table
+    assert "equal-budget dense (+2.5 epochs)" in table and "| 0.3 | amap | 0.299 |" in table
 
 
 def test_plots_draw_every_stage_and_the_widths(tmp_path, monkeypatch):
