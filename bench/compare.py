@@ -545,13 +545,16 @@ def plots(rows, results, g: Grid, name: str) -> list[str]:
                 pts = [r for r in rows if r["config"] == config and r["variant"] == variant]
                 if not pts:
                     continue
-                x = [r["achieved_macs"]["mean"] + 0.004 * (k - len(g.variants) / 2) for r in pts]
+                x = [r["achieved_macs"]["mean"] for r in pts]  # as achieved: no offsets
                 y = [r[stage]["top1"]["mean"] for r in pts]
                 err = [
                     [r[stage]["top1"]["mean"] - r[stage]["top1"]["lo"] for r in pts],
                     [r[stage]["top1"]["hi"] - r[stage]["top1"]["mean"] for r in pts],
                 ]
-                ax.errorbar(x, y, yerr=err, marker="o", ms=4, capsize=3, label=variant)
+                marker = "osD^vP*X"[k % 8]
+                ax.errorbar(
+                    x, y, yerr=err, marker=marker, ms=5, capsize=3, color=f"C{k}", label=variant
+                )
             budget = stats.interval(list(by_seed(results, config, BUDGET, 1.0, stage).values()))
             if budget["n"]:
                 ax.axhline(budget["mean"], color="k", lw=1, label=BUDGET)
@@ -561,7 +564,7 @@ def plots(rows, results, g: Grid, name: str) -> list[str]:
             ax.set_xlabel("achieved MACs ratio (pruned / dense)")
             ax.grid(alpha=0.3)
         ax_row[0].set_ylabel("test top-1 %, mean and 95% interval")
-    handles, labels = axes[0, 0].get_legend_handles_labels()
+    handles, labels = _legend(axes)
     fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), fontsize=9)
     fig.tight_layout(rect=(0, 0.06, 1, 1))
     paths.append(os.path.join(common.RESULTS, f"compare_{name}_top1.png"))
@@ -573,7 +576,8 @@ def plots(rows, results, g: Grid, name: str) -> list[str]:
     target = min(g.targets)
     fig, axes = plt.subplots(len(g.configs), 3, figsize=(13, 3.4 * len(g.configs)), squeeze=False)
     for ax_row, config in zip(axes, g.configs, strict=True):
-        for ax, (site, col) in zip(ax_row, (("q/k", 2), ("v", 3), ("MLP", 4)), strict=True):
+        sites = (("q/k per head", 2), ("v per head", 3), ("MLP units", 4))
+        for ax, (site, col) in zip(ax_row, sites, strict=True):
             variants = [
                 v
                 for v in g.variants
@@ -591,8 +595,8 @@ def plots(rows, results, g: Grid, name: str) -> list[str]:
                 ]
                 kept = np.mean([[b[col] for b in bl] for bl in blocks], axis=0)
                 x = np.arange(len(kept)) + (k - (len(variants) - 1) / 2) * width
-                ax.bar(x, kept, width, label=variant)
-            ax.set_title(f"{config}, MACs {target}: {site} kept (per head)")
+                ax.bar(x, kept, width, color=f"C{list(g.variants).index(variant)}", label=variant)
+            ax.set_title(f"{config}, MACs {target}: {site} kept (mean over seeds)")
             ax.set_xlabel("block")
             ax.set_xticks(range(len(kept)))
     axes[0, 0].legend(fontsize=8)
@@ -601,6 +605,15 @@ def plots(rows, results, g: Grid, name: str) -> list[str]:
     fig.savefig(paths[-1], dpi=100)
     plt.close(fig)
     return paths
+
+
+def _legend(axes):
+    """Every label drawn in any panel, once (a panel may lack a method that others have)."""
+    seen = {}
+    for ax in axes.flat:
+        for h, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            seen.setdefault(label, h)
+    return list(seen.values()), list(seen)
 
 
 def _diff_plot(rows, g: Grid, name: str, plt) -> str:
@@ -618,20 +631,37 @@ def _diff_plot(rows, g: Grid, name: str, plt) -> str:
     for ax_row, config in zip(axes, g.configs, strict=True):
         for ax, stage in zip(ax_row, STAGES, strict=True):
             for k, variant in enumerate(others):
-                pts = [r for r in rows if r["config"] == config and r["variant"] == variant]
-                d = [r[stage]["vs_" + ref] for r in pts if r[stage]["vs_" + ref]["n"] > 1]
-                if not d:
+                pts = [
+                    r
+                    for r in rows
+                    if r["config"] == config
+                    and r["variant"] == variant
+                    and r[stage]["vs_" + ref]["n"] > 1
+                ]
+                if not pts:
                     continue
-                x = np.arange(len(d)) + (k - (len(others) - 1) / 2) * 0.8 / max(len(others), 1)
+                d = [r[stage]["vs_" + ref] for r in pts]
+                # each target at its own tick, the methods side by side around it
+                shift = (k - (len(others) - 1) / 2) * 0.8 / max(len(others), 1)
+                x = [g.targets.index(r["target"]) + shift for r in pts]
                 y = [v["mean"] for v in d]
                 err = [[v["mean"] - v["lo"] for v in d], [v["hi"] - v["mean"] for v in d]]
-                ax.errorbar(x, y, yerr=err, fmt="o", ms=4, capsize=3, label=variant)
+                ax.errorbar(
+                    x,
+                    y,
+                    yerr=err,
+                    fmt="o",
+                    ms=4,
+                    capsize=3,
+                    color=f"C{list(g.variants).index(variant)}",
+                    label=variant,
+                )
             ax.axhline(0, color="k", lw=1)
             ax.set_xticks(range(len(g.targets)), [f"MACs {t}" for t in g.targets])
             ax.set_title(f"{config}: {stage}")
             ax.grid(alpha=0.3)
         ax_row[0].set_ylabel(f"top-1 minus {ref}'s, same seed (points)")
-    handles, labels = axes[0, 0].get_legend_handles_labels()
+    handles, labels = _legend(axes)
     fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), fontsize=9)
     fig.tight_layout(rect=(0, 0.07, 1, 1))
     path = os.path.join(common.RESULTS, f"compare_{name}_vs_{ref.replace('+', '_')}.png")
