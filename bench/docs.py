@@ -8,7 +8,7 @@ bench/results/.
 
 from __future__ import annotations
 
-import importlib
+import ast
 import json
 import os
 import sys
@@ -71,7 +71,9 @@ def section(stem: str, module: str, siblings: tuple[str, ...] = ()) -> str | Non
         return None
     with open(path) as f:
         result = json.load(f)
-    doc = (importlib.import_module(f"bench.{module}").__doc__ or "").strip()
+    # The docstring without importing the bench: benches define flags of the same names.
+    with open(os.path.join(os.path.dirname(__file__), f"{module}.py")) as f:
+        doc = (ast.get_docstring(ast.parse(f.read())) or "").strip()
     title, _, rest = doc.partition("\n")
     out = [f"## {stem}: {title}", "", rest.strip(), "", f"Measured on: {_machine(result['meta'])}."]
     md = os.path.join(common.RESULTS, f"{stem}.md")
@@ -80,7 +82,7 @@ def section(stem: str, module: str, siblings: tuple[str, ...] = ()) -> str | Non
             body = f.read().strip()
         # The bench's own headings sit below this page's.
         body = "\n".join(
-            ("#" + line if line.startswith("#") else line) for line in body.splitlines()
+            ("##" + line if line.startswith("#") else line) for line in body.splitlines()
         )
         out += ["", body]
     else:
