@@ -71,7 +71,7 @@ class Grid:
 
 METHODS = {m: (m, {}) for m in ("amap", "vtp", "magnitude", "random")}
 GRIDS = {
-    "channels": Grid(("vit", "flatten"), (0.7, 0.5, 0.3), METHODS, cost="about 4 hours on 2 cores"),
+    "channels": Grid(("vit", "flatten"), (0.7, 0.5, 0.3), METHODS, cost="4-4.5 hours on 2 cores"),
     "extras": Grid(
         ("flatten",),
         (0.3,),
