@@ -65,11 +65,10 @@ def results_of(stem: str, files: list[str]) -> list[str]:
     return ([stem] if f"{stem}.json" in files else []) + tagged
 
 
-def section(stem: str, module: str, siblings: tuple[str, ...] = ()) -> str | None:
-    path = os.path.join(common.RESULTS, f"{stem}.json")
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
+def section(stem: str, module: str, files: list[str], siblings: tuple[str, ...] = ()) -> str:
+    """One result (`stem`.json, which `results_of` found in `files`) with its markdown and plots;
+    `siblings` are the bench's other results, whose plots are theirs."""
+    with open(os.path.join(common.RESULTS, f"{stem}.json")) as f:
         result = json.load(f)
     # The docstring without importing the bench: benches define flags of the same names.
     with open(os.path.join(os.path.dirname(__file__), f"{module}.py")) as f:
@@ -89,7 +88,7 @@ def section(stem: str, module: str, siblings: tuple[str, ...] = ()) -> str | Non
         out += ["", _table(result.get("rows", []))]
     pngs = sorted(
         p
-        for p in os.listdir(common.RESULTS)
+        for p in files
         if p.startswith(stem)
         and p.endswith(".png")
         and not any(p.startswith(s) for s in siblings if s != stem and s.startswith(stem))
@@ -112,7 +111,7 @@ def render() -> str:
     for stem, module in ORDER:
         runs = tuple(results_of(stem, files))
         for run in runs:
-            parts += [section(run, module, runs)]
+            parts += [section(run, module, files, runs)]
     return "\n".join(parts)
 
 

@@ -273,6 +273,8 @@ def test_macs_of_kept_counts_do_not_overflow_at_deit_s_scale():
         assert np.all(per_image > 0.3 * dense) and np.all(per_image < dense)
         want = macs.model_macs(deit, None, macs.token_counts(deit, (4, 7, 10), [137, 98, 68]))
         np.testing.assert_allclose(per_image, want)
+        direct = macs.model_macs(deit, None, [np.full(3, 197, dtype)] * len(deit.blocks))
+        np.testing.assert_allclose(direct, dense)  # token counts passed without token_counts
 
 
 @pytest.mark.parametrize("method", ["asvit", "amap+asvit"])

@@ -49,6 +49,9 @@ def block_macs(
     count of a ViT block whose other tokens were dropped."""
     g = geometry
     if tokens is not None:
+        integer = hasattr(tokens, "dtype") and np.dtype(tokens.dtype).kind in "iu"
+        if integer and not isinstance(tokens, jax.core.Tracer):
+            tokens = np.asarray(tokens, np.int64)  # an image's MACs overflow int32 from DeiT-S up
         g = dataclasses.replace(g, tokens=tokens, window_tokens=tokens)
     if w is None:
         w = widths(block, g.dim)
@@ -96,9 +99,6 @@ def token_counts(arch, points, kept) -> list:
     for i in range(len(arch.blocks)):
         if i in points:
             n = kept[points.index(i)]
-            integer = hasattr(n, "dtype") and np.dtype(n.dtype).kind in "iu"
-            if integer and not isinstance(n, jax.core.Tracer):
-                n = np.asarray(n, np.int64)  # an image's MACs overflow int32 from DeiT-S up
         out.append(n)
     return out
 
