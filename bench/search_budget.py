@@ -33,6 +33,10 @@ CONFIGS = {
 # The default, and what was tried on the way to it (each a set of overrides).
 VARIANTS = {
     "default (projection)": {},
+    "projection, cost shift, per-channel Adam (before)": {
+        "amap.budget_shift": "cost",
+        "amap.indicator_moments": "per_channel",
+    },
     "lagrange (multiplier)": {"amap.budget": "lagrange"},
     "penalty + ramp + scaled rate": {"amap.budget": "penalty"},
     "penalty, fixed rate (before)": {

@@ -147,17 +147,19 @@ def test_search_reaches_macs_target(digits):
     assert amap.hard_ratio(s_arch, {**variables, INDICATORS: fixed}, spec) <= target
 
 
-def test_budget_projection_holds_the_soft_ratio_on_the_aim_at_every_step():
+@pytest.mark.parametrize("shift", ["uniform", "cost"])
+def test_budget_projection_holds_the_soft_ratio_on_the_aim_at_every_step(shift):
     """Whatever the updates do, after each one the soft MACs ratio is this step's aim (falling
-    from 1 to the target over the first half of a 10-step search), and the shift moves each
-    indicator in proportion to its channel's MACs cost."""
-    import optax
-
+    from 1 to the target over the first half of a 10-step search), and the shift moves every
+    indicator by the same delta ("uniform") or by delta x its channel's MACs cost ("cost")."""
     target, total = 0.4, 10
     costs = amap.channel_costs(ARCH)
     flat = np.concatenate([np.ravel(c) for c in jax.tree.leaves(costs)])
     assert np.mean(flat) == pytest.approx(1.0, rel=1e-5) and flat.max() > 1.5 * flat.min()
-    tx = optax.chain(optax.adam(0.3), amap.budget_projection(ARCH, target, total, ramp=0.5))
+    if shift == "uniform":
+        costs = jax.tree.map(np.ones_like, costs)
+    project = amap.budget_projection(ARCH, target, total, ramp=0.5, shift=shift)
+    tx = optax.chain(optax.adam(0.3), project)
     ind = amap.constant_indicators(ARCH, 5.0)
     trainable = {"params": {}, INDICATORS: ind}
     state = tx.init(trainable)
@@ -173,13 +175,30 @@ def test_budget_projection_holds_the_soft_ratio_on_the_aim_at_every_step():
             float(aim), abs=1e-4
         )
     assert float(aim) == pytest.approx(target)
-    # The projection's part of an update is delta x cost, the same delta for every indicator.
-    project = amap.budget_projection(ARCH, target, total, ramp=0.5)
+    # The projection's part of an update is delta x direction, one delta for every indicator.
     raw = {"params": {}, INDICATORS: jax.tree.map(lambda x: 0.1 * x, before)}
     moved, _ = project.update(raw, project.init(trainable), trainable)
     ratio = jax.tree.map(lambda m, r, c: (m - r) / c, moved[INDICATORS], raw[INDICATORS], costs)
     deltas = np.concatenate([np.ravel(x) for x in jax.tree.leaves(ratio)])
-    assert np.ptp(deltas) < 1e-4 * max(1.0, abs(deltas[0]))
+    assert abs(deltas[0]) > 0.01 and np.ptp(deltas) < 1e-4 * max(1.0, abs(deltas[0]))
+
+
+def test_shared_adam_keeps_relative_gradient_sizes():
+    """One second moment for the tree: a gradient 100x smaller moves its indicator 100x less
+    (per-indicator Adam moves both the same); a constant gradient gives steps of about 1."""
+    grads = {"a": jnp.full((3,), 1.0), "b": jnp.full((2, 2), 0.01)}
+    params = jax.tree.map(jnp.zeros_like, grads)
+    shared = amap.scale_by_shared_adam()
+    state = shared.init(params)
+    for _ in range(5):
+        steps_shared, state = shared.update(grads, state, params)
+    adam = optax.scale_by_adam()
+    per, _ = adam.update(grads, adam.init(params), params)
+    a, b = float(steps_shared["a"][0]), float(steps_shared["b"][0, 0])
+    assert a / b == pytest.approx(100.0, rel=1e-4)
+    rms = np.sqrt((3 * 1.0 + 4 * 1e-4) / 7)  # the shared scale: RMS over all 7 indicators
+    assert a == pytest.approx(1.0 / rms, rel=1e-3)
+    assert float(per["a"][0]) == pytest.approx(float(per["b"][0, 0]), rel=1e-3)
 
 
 def test_finalize_meets_target_from_dense():

@@ -19,7 +19,7 @@ which winds up and overshoots in short searches) and the plain penalty (`budget=
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -220,6 +220,41 @@ def budget_optimizer(lr: float) -> optax.GradientTransformation:
     return optax.sgd(-lr)
 
 
+class SharedAdamState(NamedTuple):
+    count: jax.Array
+    mu: optax.Updates
+    nu: jax.Array  # one second moment for the whole tree
+
+
+def scale_by_shared_adam(
+    b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8
+) -> optax.GradientTransformation:
+    """Adam with one second moment for all indicators (the mean square gradient) instead of one
+    per indicator. Per-indicator Adam moves every channel about as far, whatever the size of its
+    gradient: a channel the loss hardly sees (the q/k channels of linear attention, whose output
+    does not change when q is scaled) travels as far as one it depends on, in the direction its
+    noise points. With the shared moment a step keeps the size of its gradient relative to the
+    others."""
+
+    def init_fn(params):
+        mu = jax.tree.map(jnp.zeros_like, params)
+        return SharedAdamState(jnp.zeros([], jnp.int32), mu, jnp.zeros([], jnp.float32))
+
+    def update_fn(updates, state, params=None):
+        del params
+        count = optax.safe_increment(state.count)
+        mu = optax.tree.update_moment(updates, state.mu, b1, 1)
+        leaves = jax.tree.leaves(updates)
+        size = sum(x.size for x in leaves)
+        mean_square = sum(jnp.sum(jnp.square(x)) for x in leaves) / max(size, 1)
+        nu = b2 * state.nu + (1 - b2) * mean_square
+        mu_hat = optax.tree.bias_correction(mu, b1, count)
+        scale = jnp.sqrt(nu / (1 - b2**count)) + eps
+        return jax.tree.map(lambda m: m / scale, mu_hat), SharedAdamState(count, mu, nu)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
 def channel_costs(arch: Arch, head_balanced: bool = True):
     """Per indicator, the MACs its channel costs (d soft ratio / d keep-probability with every
     channel kept), divided by the mean over all: the direction the projection shifts along."""
@@ -242,13 +277,20 @@ def budget_projection(
     ramp: float,
     head_balanced: bool = True,
     iterations: int = 40,
+    shift: str = "uniform",
 ) -> optax.GradientTransformation:
-    """Appended to the indicators' optimizer: after each update, every logit moves by
-    delta x its channel's MACs cost (`channel_costs`, mean 1), delta found by bisection so that
-    the soft MACs ratio equals this step's aim (`scheduled_target`). The budget then holds at
-    every step, however short the search, with no multiplier to wind up; what the
-    classification loss says only decides which channels carry the budget."""
+    """Appended to the indicators' optimizer: after each update, every logit moves by the same
+    delta (`shift="uniform"`) or by delta x its channel's MACs cost (`"cost"`, `channel_costs`),
+    delta found by bisection so that the soft MACs ratio equals this step's aim
+    (`scheduled_target`). The budget then holds at every step, however short the search, with
+    no multiplier to wind up. With the uniform shift the logits alone (their start and what the
+    classification loss did to them) decide which channels carry the budget; the cost-weighted
+    shift empties the groups with the most MACs per channel first, whatever their importance
+    (on FLatten at 0.5 MACs it left 4-5 of 16 q/k channels in the linear blocks and lost 4
+    points of top-1 against the Lagrange multiplier: bench/search_budget.py)."""
     costs = channel_costs(arch, head_balanced)
+    if shift == "uniform":
+        costs = jax.tree.map(jnp.ones_like, costs)
 
     def init_fn(params):
         del params
@@ -350,6 +392,12 @@ class Amap(Method):
     # the square term; short searches overshoot as the multiplier winds up) or "penalty" (the
     # square or hinge term alone, which settles wherever it balances the classification loss).
     budget: str = "projection"
+    # How the projection moves the logits: all by the same amount ("uniform") or each in
+    # proportion to its channel's MACs cost ("cost").
+    budget_shift: str = "uniform"
+    # Adam's second moment for the indicators: one for all ("shared", `scale_by_shared_adam`:
+    # a channel's step keeps the size of its gradient) or one per indicator ("per_channel").
+    indicator_moments: str = "shared"
     budget_lr: float = 1.0  # dual ascent rate of the multiplier
     target_ramp: float = 0.25  # share of the search over which the aim falls from 1 to target
     macs_weight: float = 20.0
@@ -394,6 +442,15 @@ class Amap(Method):
         check(
             not (c.budget != "penalty" and c.macs_loss == "hinge"),
             "amap.macs_loss=hinge is a penalty: use it with amap.budget=penalty",
+        )
+        check(
+            c.budget_shift in ("uniform", "cost"),
+            f"amap.budget_shift must be 'uniform' or 'cost', got {c.budget_shift!r}",
+        )
+        check(
+            c.indicator_moments in ("shared", "per_channel"),
+            f"amap.indicator_moments must be 'shared' or 'per_channel', got "
+            f"{c.indicator_moments!r}",
         )
         check(0 <= c.target_ramp <= 1, f"amap.target_ramp must be in [0, 1], got {c.target_ramp}")
         check(c.budget_lr > 0, f"amap.budget_lr must be > 0, got {c.budget_lr}")
@@ -476,13 +533,21 @@ class Amap(Method):
         rate = self.indicator_rate(total_steps)
         if self.indicator_schedule == "cosine":  # twice the peak: the same travel in all
             rate = optax.cosine_decay_schedule(2 * rate, max(total_steps, 1))
-        adam = optax.adam(rate)
+        if self.indicator_moments == "shared":
+            adam = optax.chain(scale_by_shared_adam(), optax.scale_by_learning_rate(rate))
+        else:
+            adam = optax.adam(rate)
         if self.budget != "projection":
             return adam
         if arch is None:
             raise ValueError("amap.budget=projection needs the architecture")
         project = budget_projection(
-            arch, self.target, total_steps, self.target_ramp, self.head_balanced
+            arch,
+            self.target,
+            total_steps,
+            self.target_ramp,
+            self.head_balanced,
+            shift=self.budget_shift,
         )
         return optax.chain(adam, project)
 
