@@ -395,9 +395,9 @@ def _report(
 
 def _token_report(ctx: Context, model, variables, top1: float, count_arch: Arch) -> dict:
     """A model that drops tokens: MACs are the mean over the test images, speed is measured on
-    test images (what is kept depends on the image), at batch 1 and at the bench batch, with
-    the dropping forward of the export (one compiled program over its `token_buckets`, as
-    forward.jax runs it)."""
+    test images (what is kept depends on the image) at the bench batch, with the dropping
+    forward of the export (one compiled program over its `token_buckets`, as forward.jax runs
+    it); batch 1 is timed beside the dense model (`evaluate.batch1_speeds`)."""
     arch, bench = model.arch, ctx.config.eval
     batches = ctx.test.eval_batches(bench.batch_size, ctx.process_index, ctx.process_count)
     kept = evaluate_lib.kept_tokens(model, variables, batches, ctx.inputs, ctx.mesh)
@@ -405,16 +405,14 @@ def _token_report(ctx: Context, model, variables, top1: float, count_arch: Arch)
         arch, arch.token_points, [kept[:, k] + arch.num_prefix for k in range(kept.shape[1])]
     )
     images = ctx.inputs(jnp.asarray(ctx.test.calibration_images(max(bench.bench_batch, 64))))
-    speed = lambda b: round(  # noqa: E731
-        evaluate_lib.token_throughput(model, variables, images, b, seconds=bench.bench_seconds),
-        1,
+    speed = evaluate_lib.token_throughput(
+        model, variables, images, bench.bench_batch, seconds=bench.bench_seconds
     )
     return {
         "params": _count(variables["params"]),
         "macs": int(np.mean(macs.model_macs(count_arch, None, counts))),
         "top1": round(top1, 2),
-        "images_per_s": speed(bench.bench_batch),
-        "images_per_s_batch1": speed(1),
+        "images_per_s": round(speed, 1),
         "kept_tokens_mean": [round(float(x), 2) for x in kept.mean(0)],
         "kept_tokens_of": arch.grid**2,
     }
@@ -618,16 +616,19 @@ def _run(ctx: Context, arch: Arch, export_dir: str) -> dict:
         s["macs_ratio"] = round(s["pruned"]["macs"] / s["dense"]["macs"], 4)
         s["speedup"] = round(s["pruned"]["images_per_s"] / s["dense"]["images_per_s"], 3)
         s["ideal_speedup"] = round(s["dense"]["macs"] / s["pruned"]["macs"], 3)
-        if "images_per_s_batch1" in s["pruned"]:  # token pruning: batch 1 is where it pays most
-            dense_b1 = throughput(
+        if getattr(p_arch, "token_points", ()):  # token pruning: batch 1 is where it pays most
+            images = ctx.inputs(jnp.asarray(ctx.test.calibration_images(64)))
+            dense_b1, pruned_b1 = evaluate_lib.batch1_speeds(
                 ctx.build(arch),
                 {"params": dense_params},
-                arch,
-                1,
+                model,
+                loaded,
+                images,
                 seconds=config.eval.bench_seconds,
             )
             s["dense"]["images_per_s_batch1"] = round(dense_b1, 1)
-            s["speedup_batch1"] = round(s["pruned"]["images_per_s_batch1"] / dense_b1, 3)
+            s["pruned"]["images_per_s_batch1"] = round(pruned_b1, 1)
+            s["speedup_batch1"] = round(pruned_b1 / dense_b1, 3)
         s["budget"] = {
             **budget(
                 config.search,

@@ -33,7 +33,7 @@ CONFIGS = {
 # The default, and what was tried on the way to it (each a set of overrides).
 VARIANTS = {
     "default (projection)": {},
-    "projection, cost shift, per-channel Adam (before)": {
+    "projection: cost shift + per-channel Adam (before)": {
         "amap.budget_shift": "cost",
         "amap.indicator_moments": "per_channel",
     },

@@ -294,14 +294,16 @@ def test_token_pruning_runs_end_to_end(tmp_path, method):
         and b["met"]
         and b["achieved"] == pytest.approx(summary["macs_ratio"], abs=1e-4)
     )
-    assert b["search_end"] is not None and b["fixup"] == pytest.approx(
-        b["search_end"] - 0.8, abs=0.01
-    )
+    # the fix-up removes only what the search left above the target
+    assert b["search_end"] >= 0.8 - 0.02
+    assert b["fixup"] == pytest.approx(max(b["search_end"] - 0.8, 0.0), abs=0.01)
     p = summary["pruned"]
     assert 0 < p["kept_tokens_mean"][0] <= 16 and p["images_per_s_batch1"] > 0
     if method == "asvit":  # tokens alone must meet the target (with channels they may not)
         assert p["kept_tokens_mean"][0] < 16
-    assert summary["speedup_batch1"] > 0
+    # batch 1 timed interleaved with the dense model; the ratio is of the two speeds reported
+    b1 = p["images_per_s_batch1"] / summary["dense"]["images_per_s_batch1"]
+    assert summary["speedup_batch1"] == pytest.approx(b1, rel=2e-3)
     # bench/kept_tokens.py reads the same keep decisions back from the export
     arch, masks, shown, labels, logits = kept_tokens.collect(str(tmp_path / "w"), 4)
     np.testing.assert_allclose(masks.sum(-1).mean(0), p["kept_tokens_mean"], atol=0.01)

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from amap_jax import xla_cpu
+from amap_jax import timing, xla_cpu
 from amap_jax.models import tokens
 from amap_jax.train import parallel
 from amap_jax.train.steps import Input, make_eval_step
@@ -107,3 +107,30 @@ def token_throughput(
         times.append(time.perf_counter() - t)
         k += 1
     return batch_size / float(np.median(times))
+
+
+def batch1_speeds(
+    dense_model, dense_variables, model, variables, images, *, seconds: float, rounds: int = 3
+) -> tuple[float, float]:
+    """Images/s at batch 1 of a dense model and of a model that drops tokens
+    (`models.tokens.dropping`), interleaved round by round (`timing.interleaved`) on the same
+    images, one per call, already on the device; medians over the rounds. A latency ratio
+    taken from two separate timings would fold in whatever else the machine did between."""
+    dense = jax.jit(dense_model.apply)
+    drop = tokens.compiled(model)
+    singles = [images[i : i + 1] for i in range(min(len(images), 64))]
+
+    def cycle(fn):
+        calls = iter(range(1 << 62))
+        return lambda: jax.block_until_ready(fn(singles[next(calls) % len(singles)]))
+
+    speeds = timing.interleaved(
+        {
+            "dense": cycle(lambda x: dense(dense_variables, x)),
+            "pruned": cycle(lambda x: drop(variables, x)),
+        },
+        seconds / rounds,
+        rounds,
+        batch=1,
+    )
+    return float(np.median(speeds["dense"])), float(np.median(speeds["pruned"]))
