@@ -333,7 +333,7 @@ def test_method_setting_in_the_wrong_section_is_one_line(section, key, value, ho
         ("vtp", "rate", 1.5, r"vtp.rate must be in \[0, 1\)"),
         ("amap", "init", "zeros", "amap.init must be 'constant', 'attn_diff' or 'output_diff'"),
         ("amap", "budget_shift", "flops", "amap.budget_shift must be 'uniform' or 'cost'"),
-        ("amap", "indicator_moments", "x", "amap.indicator_moments must be 'shared' or"),
+        ("amap", "indicator_moments", "x", "amap.indicator_moments must be 'auto', 'shared' or"),
         ("magnitude", "min_keep", 0, "floor.min_keep must be >= 1"),
     ],
 )

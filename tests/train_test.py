@@ -437,3 +437,22 @@ def test_pmap_mode_gives_the_numbers_of_jit_mode(tmp_path):
     cp.parallel = "jit"  # the same work directory, the other mode: everything restores
     again = pipeline.run(cp, str(tmp_path / "pmap"))
     assert again["pruned"]["top1"] == sp["pruned"]["top1"]
+
+
+@pytest.mark.parametrize(
+    "budget,moments,shared",
+    [("projection", "auto", True), ("lagrange", "auto", False), ("penalty", "auto", False),
+     ("projection", "per_channel", False), ("lagrange", "shared", True)],
+)  # fmt: skip
+def test_indicator_moments_follow_the_budget_unless_set(budget, moments, shared):
+    """auto: one shared second moment under the projection; per channel where the MACs term
+    is in the gradient (lagrange, penalty)."""
+    method = Amap(target=0.5, budget=budget, indicator_moments=moments)
+    tx = method.indicator_optimizer(10, ARCH)
+    state = tx.init(amap.constant_indicators(ARCH, 5.0) if budget != "projection" else
+                    {INDICATORS: amap.constant_indicators(ARCH, 5.0)})  # fmt: skip
+    kinds = {
+        type(s).__name__ for s in jax.tree.leaves(state, is_leaf=lambda s: hasattr(s, "_fields"))
+    }
+    assert ("SharedAdamState" in kinds) == shared
+    assert ("ScaleByAdamState" in kinds) == (not shared)
