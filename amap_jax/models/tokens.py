@@ -72,7 +72,13 @@ def score(stats, arch: ViTArch) -> jax.Array:
     cls_attn, norms = stats
     weight = norms / (jnp.sum(norms, axis=1, keepdims=True) + 1e-12)
     s = jnp.sum(cls_attn * weight, axis=1) * arch.grid**2
-    return s.at[:, : arch.num_prefix].set(jnp.inf)
+    return jnp.where(is_prefix(s, arch), jnp.inf, s)
+
+
+def is_prefix(tokens: jax.Array, arch: ViTArch) -> jax.Array:
+    """[N]: which tokens are prefix (class, distillation) tokens. A select, not
+    `.at[].set()`: it fuses with its neighbours, a scatter is one more kernel launch."""
+    return jnp.arange(tokens.shape[-1]) < arch.num_prefix
 
 
 class TokenGate(nn.Module):
@@ -92,7 +98,7 @@ class TokenGate(nn.Module):
             thresholds = self.param("thresholds", nn.initializers.zeros, (self.num_points,))
             mask = (s > thresholds[k]).astype(s.dtype)
         # Prefix tokens score +inf, but an infinite threshold must not drop them either.
-        mask = mask.at[:, : self.arch.num_prefix].set(1)
+        mask = jnp.where(is_prefix(mask, self.arch), jnp.ones_like(mask), mask)
         mask = mask if keep is None else mask * keep
         self.sow(REPORTS, "keep", mask)
         return mask
@@ -189,12 +195,16 @@ def dropping(model, buckets=None):
         keep, counts = None, []
         for k in range(len(pts)):
             mask = model.apply(variables, stats, keep, method=gate(k))
-            order = jnp.argsort(-mask, axis=-1, stable=True)
+            # kept first, each group in its order: one stable sort gives the order and the
+            # sorted mask (an argsort and a gather of the mask would be two more launches)
+            iota = jax.lax.broadcasted_iota(jnp.int32, mask.shape, 1)
+            dropped, order = jax.lax.sort((-mask, iota), dimension=1, is_stable=True, num_keys=1)
             x = jnp.take_along_axis(x, order[..., None], axis=1)
-            keep = jnp.take_along_axis(mask, order, axis=-1)
+            keep = -dropped
             kept = jnp.sum(keep, axis=-1).astype(jnp.int32)
             counts.append(kept - arch.num_prefix)
-            index = jnp.minimum(jnp.searchsorted(sizes, jnp.max(kept)), len(buckets) - 1)
+            index = jnp.searchsorted(sizes, jnp.max(kept), method="compare_all")
+            index = jnp.minimum(index, len(buckets) - 1)
             out = jax.lax.switch(index, [segment(k, size) for size in buckets], variables, x, keep)
             if k < len(pts) - 1:
                 x, stats = out
