@@ -6,11 +6,12 @@ Sites: `qk`, `v` and `hidden`. Collections: `indicators` (logits, trained with A
 weights, folded by export). The multiplier at a site is the head-balanced binary mask (straight-
 through gradients into the indicators) times the reweight scales.
 
-The search itself lands on the MACs target: after every update the indicators move along
-their channels' MACs costs until the soft MACs ratio is on an aim that falls from 1 to the
-target over the first `target_ramp` of the search (`budget_projection`); the classification
-loss, through the straight-through masks, decides which channels carry the budget. Adam's
-indicator rate scales with the search's length (`indicator_lr=0`). What is left for `finalize`
+The search itself lands on the MACs target: after every update all indicators move by one
+shared delta until the soft MACs ratio is on an aim that falls from 1 to the target over the
+first `target_ramp` of the search (`budget_projection`); the classification loss, through the
+straight-through masks, decides which channels carry the budget. The indicators' Adam has one
+second moment for all of them (`scale_by_shared_adam`) and its rate scales with the search's
+length (`indicator_lr=0`). What is left for `finalize`
 is trimming the last channels (`budget.fixup` in the summary). The alternatives measured on the
 way (`bench/search_budget.py`): a Lagrange multiplier trained by dual ascent (`budget=lagrange`,
 which winds up and overshoots in short searches) and the plain penalty (`budget=penalty`).
