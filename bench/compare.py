@@ -159,13 +159,14 @@ def grid() -> Grid:
 
 def cells(g: Grid) -> list[Cell]:
     """Dense models first: every other cell of a (config, seed) starts from its checkpoint.
-    Then the lowest target first, where the choice of channels matters most."""
+    Then the lowest target first, where the choice of channels matters most; the dense models
+    trained as long as the pruned ones (the longest cells, needed only for the headline) last,
+    so that a grid stopped early has its comparisons."""
     out = [Cell(c, DENSE, 1.0, s) for c in g.configs for s in g.seeds]
-    out += [Cell(c, BUDGET, 1.0, s) for c in g.configs for s in g.seeds]
     for c in g.configs:
         for t in sorted(g.targets):
             out += [Cell(c, v, t, s) for v in g.variants for s in g.seeds]
-    return out
+    return out + [Cell(c, BUDGET, 1.0, s) for c in g.configs for s in g.seeds]
 
 
 def _literal(text: str):

@@ -64,7 +64,8 @@ def test_grid_cells_start_with_the_dense_models_and_pair_by_seed():
     first = compare._pending(cells, set(), set())
     assert first.variant == compare.DENSE and first.seed == 0
     later = compare._pending(cells, {dense[1]}, set(dense))
-    assert later.seed == 1 and later.variant == compare.BUDGET
+    assert later.seed == 1 and later.variant == "amap" and later.target == 0.3  # lowest first
+    assert {c.variant for c in cells[-5:]} == {compare.BUDGET}  # the longest cells last
 
 
 def test_part_of_a_grid_is_the_same_cells_and_bad_parts_are_refused():
