@@ -23,6 +23,7 @@ ORDER = (
     ("compare_tokens", "compare"),
     ("search_budget", "search_budget"),
     ("token_speed", "token_speed"),
+    ("batch1", "batch1"),
     ("throughput_cpu", "throughput"),
     ("vs_timm_cpu", "vs_timm"),
     ("search_step_cpu", "search_step"),

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -243,6 +245,7 @@ def test_benches_import_together_and_keep_their_own_timing_defaults():
 
     from bench import (  # noqa: F401  every bench in one process: no flag defined twice
         attention_core,
+        batch1,
         common,
         dense_profile,
         dtype,
@@ -425,3 +428,23 @@ def test_docs_page_holds_every_current_result_and_its_tagged_runs(tmp_path, monk
     own = page.split("## vs_timm_cpu_ynn_reduce")[0].split("## vs_timm_cpu:")[1]
     assert "vs_timm_cpu.png" in own and "ynn_reduce.png" not in own  # each run its own plot
     assert "| S | 1.5 |" in page
+
+
+def test_batch1_counts_the_launches_of_the_entry_and_of_one_branch():
+    """The dropping program's cost at batch 1 is its launches: the entry's operations and,
+    per pruning point, one branch of its switch."""
+    from bench import batch1
+
+    def two_branches(i, x):
+        y = jnp.tanh(x @ x.T)
+        z = jax.lax.switch(i, [lambda v: jnp.sin(v) @ v, lambda v: jnp.exp(jnp.cos(v) @ v.T)], y)
+        return jnp.sort(z, axis=-1)
+
+    x = jnp.ones((8, 8))
+    hlo = jax.jit(two_branches).lower(0, x).compile().as_text()
+    entry, branch = batch1.launches(hlo)
+    comps = batch1.computations(hlo)
+    assert any("conditional(" in line for line in comps["ENTRY"])
+    assert entry >= 3 and branch >= 1  # dot + conditional + sort at least; a dot per branch
+    plain = jax.jit(lambda x: jnp.tanh(x @ x.T)).lower(x).compile().as_text()
+    assert batch1.launches(plain)[1] == 0.0 and batch1.launches(plain)[0] < entry

@@ -1,0 +1,148 @@
+"""Batch 1 of a token-pruned run: its export against its dense model, and what bounds it.
+
+  python -m bench.batch1 --workdir W [--rounds 7] [--seconds 2] [--tag T]
+
+Reads W's finished export (AS-ViT or AMAP+AS-ViT) and dense model and times batch 1 on test
+images, one image per call, the two interleaved round by round (`evaluate.batch1_speeds`: what
+`speedup_batch1` in summary.json reports), with the ideal beside it (dense MACs over the mean
+MACs of the export at the counts those images keep). Beside it, the kernels each compiled
+program launches per image, counted in the optimised HLO (its top-level operations): on CPU at
+batch 1 a small model is bound by launches, not by MACs, and every pruning point adds some
+(score, sort, gather, bucket choice) that no block saves. Writes
+bench/results/batch1{_T}.{json,md}.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import app, flags, logging
+
+from amap_jax import logs, pipeline
+from amap_jax import workdir as workdir_lib
+from amap_jax.io import pruned
+from amap_jax.models import tokens
+from amap_jax.pruning import macs
+from amap_jax.train import checkpoint
+from amap_jax.train import evaluate as evaluate_lib
+from bench import common
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "A finished token-pruning run.")
+_IMAGES = flags.DEFINE_integer("images", 64, "Test images cycled through.")
+flags.mark_flags_as_required(["workdir"])
+
+_FREE = ("parameter", "constant", "get-tuple-element", "bitcast", "tuple")
+
+
+def computations(hlo: str) -> dict[str, list[str]]:
+    """Name -> the operations of each computation in optimised HLO text (ENTRY as 'ENTRY')."""
+    out, name = {}, None
+    for line in hlo.splitlines():
+        head = re.match(r"(ENTRY )?%?([\w.\-]+) .*\{$", line)
+        if head and not line.startswith(" "):
+            name = "ENTRY" if head.group(1) else head.group(2)
+            out[name] = []
+        elif name is not None:
+            op = re.match(r"\s+(?:ROOT )?%?\S+ = .*? ([a-z][\w\-]*)\(", line)
+            if op and op.group(1) not in _FREE:
+                out[name].append(line)
+    return out
+
+
+def launches(hlo: str) -> tuple[int, float]:
+    """(top-level operations of the entry computation, mean operations of a conditional's
+    branch: what one pruning point's segment launches)."""
+    comps = computations(hlo)
+    branches = []
+    for line in comps["ENTRY"]:
+        m = re.search(r"branch_computations=\{([^}]*)\}", line)
+        if m:
+            names = [n.strip().lstrip("%") for n in m.group(1).split(",")]
+            branches += [len(comps[n]) for n in names if n in comps]
+    return len(comps["ENTRY"]), float(np.mean(branches)) if branches else 0.0
+
+
+def main(argv):
+    del argv
+    logging.set_verbosity(logging.WARNING)
+    logs.setup()
+    workdir = _WORKDIR.value
+    config = ml_collections.ConfigDict(checkpoint.read_json(os.path.join(workdir, "config.json")))
+    ctx, arch = pipeline.make_context(config, workdir)
+    export = workdir_lib.export_location(workdir)
+    if export is None or not pruned.is_finished(export):
+        raise SystemExit(f"error: {workdir} has no finished export")
+    model, variables = pruned.load_pruned(export)
+    if not tokens.points(model.arch, None):
+        raise SystemExit(f"error: the export of {workdir} does not drop tokens")
+    dense_model, dense = ctx.build(arch), {"params": pipeline.train_dense(ctx, arch)}
+    images = ctx.inputs(jnp.asarray(ctx.test.calibration_images(_IMAGES.value)))
+    one = images[:1]
+
+    _, counts = tokens.predict(model, variables, images)
+    counts = np.asarray(counts) + model.arch.num_prefix
+    per_block = macs.token_counts(model.arch, model.arch.token_points, list(counts.T))
+    ideal = float(macs.model_macs(arch) / np.mean(macs.model_macs(model.arch, None, per_block)))
+    d_speed, p_speed = evaluate_lib.batch1_speeds(
+        dense_model,
+        dense,
+        model,
+        variables,
+        images,
+        seconds=common.SECONDS.value * common.ROUNDS.value,
+        rounds=common.ROUNDS.value,
+    )
+    dense_hlo = jax.jit(dense_model.apply).lower(dense, one).compile().as_text()
+    drop_hlo = jax.jit(tokens.dropping(model)).lower(variables, one).compile().as_text()
+    dense_ops, _ = launches(dense_hlo)
+    entry, segment = launches(drop_hlo)
+    points = len(model.arch.token_points)
+    row = {
+        "workdir": workdir,
+        "method": config.method,
+        "tokens": arch.num_tokens,
+        "kept_patch_tokens_mean": [
+            round(float(x), 2) for x in (counts - model.arch.num_prefix).mean(0)
+        ],
+        "dense_images_per_s": round(d_speed, 1),
+        "pruned_images_per_s": round(p_speed, 1),
+        "speedup": round(p_speed / d_speed, 3),
+        "ideal": round(ideal, 3),
+        "dense_launches": dense_ops,
+        "pruned_launches": round(entry + points * segment),
+        "pruned_launches_outside_segments": entry,
+        "pruned_launches_per_segment": round(segment, 1),
+        "blocks": len(arch.blocks),
+    }
+    md = "\n".join(
+        [
+            "# Batch 1 of a token-pruned export against its dense model",
+            "",
+            f"`python -m bench.batch1 --workdir {workdir}` ({common.cpus()} CPUs, float32, "
+            f"{common.ROUNDS.value} interleaved rounds, medians).",
+            "",
+            "| method | tokens | kept patch tokens per point | images/s dense | images/s "
+            "pruned | speedup | ideal | launches dense | launches pruned (outside segments + "
+            "points x segment) |",
+            "|---|---|---|---|---|---|---|---|---|",
+            f"| {row['method']} | {row['tokens']} | {row['kept_patch_tokens_mean']} | "
+            f"{row['dense_images_per_s']:.0f} | {row['pruned_images_per_s']:.0f} | "
+            f"{row['speedup']:.3f}x | {row['ideal']:.2f}x | {dense_ops} | "
+            f"{row['pruned_launches']} ({entry} + {points} x {segment:.0f}) |",
+            "",
+            "Launches: top-level operations of the optimised HLO that one image runs through "
+            "(the dropping program: outside its segments plus one segment per pruning point).",
+        ]
+    )
+    common.write("batch1" + common.suffix(), [row], {"workdir": workdir}, md + "\n")
+    print(md)
+
+
+if __name__ == "__main__":
+    common.defaults(rounds=7, seconds=2.0)
+    app.run(main)
