@@ -5,14 +5,18 @@ search (before fine-tuning).
 
   python -m bench.search_budget [--configs vit,flatten] [--targets 0.7,0.5,0.3]
       [--epochs 0.25,1] [--variants default,penalty,...] [--root workdirs/search_budget]
+      [--jobs 0]
 
 Each config's dense model is trained once (its own train stage, seed 0) under ROOT/<config> and
-shared by every cell. Writes bench/results/search_budget.{json,md}.
+shared by every cell; configs run in parallel processes (`--jobs`). Writes
+bench/results/search_budget.{json,md}.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import importlib.util
+import multiprocessing
 import os
 import shutil
 import tempfile
@@ -50,6 +54,9 @@ _ROOT = flags.DEFINE_string("root", "workdirs/search_budget", "Dense models and 
 _CONFIGS = flags.DEFINE_list("configs", ["vit", "flatten"], f"Configs ({', '.join(CONFIGS)}).")
 _EPOCHS = flags.DEFINE_list("epochs", ["0.25", "1"], "Search lengths (epochs).")
 _VARIANTS = flags.DEFINE_list("variants", list(VARIANTS), "Budget mechanisms.")
+_JOBS = flags.DEFINE_integer(
+    "jobs", 0, "Configs searched at once, one process each (0: a CPU each)."
+)
 
 
 def load_config(name: str):
@@ -71,16 +78,18 @@ def apply(config, overrides: dict):
     return c
 
 
-def cell(name: str, variant: str, target: float, epochs: float, dense_cache: dict) -> dict:
+def cell(
+    name: str, variant: str, target: float, epochs: float, dense_cache: dict, root: str
+) -> dict:
     """One search on the config's shared dense model."""
     c = apply(load_config(name), VARIANTS[variant])
     c.search.target, c.search.epochs = target, epochs
     if name not in dense_cache:
-        os.makedirs(os.path.join(_ROOT.value, name), exist_ok=True)
-        ctx, arch = pipeline.make_context(c, os.path.join(_ROOT.value, name))
+        os.makedirs(os.path.join(root, name), exist_ok=True)
+        ctx, arch = pipeline.make_context(c, os.path.join(root, name))
         dense_cache[name] = (pipeline.train_dense(ctx, arch), ctx.evaluate)
     dense, evaluate = dense_cache[name]
-    scratch = tempfile.mkdtemp(dir=_ROOT.value)
+    scratch = tempfile.mkdtemp(dir=root)
     ctx, arch = pipeline.make_context(c, scratch)
     method = methods.from_config(c)
     t = time.perf_counter()
@@ -131,18 +140,33 @@ def report(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def config_rows(name: str, variants: list, epochs: list, targets: list, root: str) -> list:
+    """Every cell of one config, in order (one process: the config's dense model is shared)."""
+    logging.set_verbosity(logging.WARNING)  # as train.py: library INFO chatter off
+    rows, cache = [], {}
+    for variant in variants:
+        for e in epochs:
+            for target in targets:
+                rows.append(cell(name, variant, target, e, cache, root))
+                print(common.table(rows[-1:], list(rows[-1])), flush=True)
+    return rows
+
+
 def main(argv):
     del argv
-    logging.set_verbosity(logging.WARNING)  # as train.py: library INFO chatter off
+    logging.set_verbosity(logging.WARNING)
     logs.setup()
     os.makedirs(_ROOT.value, exist_ok=True)
-    rows, cache = [], {}
-    for name in _CONFIGS.value:
-        for variant in _VARIANTS.value:
-            for epochs in map(float, _EPOCHS.value):
-                for target in map(float, common.TARGETS.value):
-                    rows.append(cell(name, variant, target, epochs, cache))
-                    print(common.table(rows[-1:], list(rows[-1])), flush=True)
+    epochs, targets = list(map(float, _EPOCHS.value)), list(map(float, common.TARGETS.value))
+    args = [(n, _VARIANTS.value, epochs, targets, _ROOT.value) for n in _CONFIGS.value]
+    jobs = min(_JOBS.value or common.cpus(), len(args))
+    if jobs > 1:  # one process per config; spawned, as a forked JAX process is not safe
+        ctx = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=ctx) as pool:
+            per_config = list(pool.map(config_rows, *zip(*args, strict=True)))
+    else:
+        per_config = [config_rows(*a) for a in args]
+    rows = [r for rs in per_config for r in rs]
     meta = {"configs": _CONFIGS.value, "epochs": _EPOCHS.value, "targets": common.TARGETS.value}
     common.write("search_budget" + common.suffix(), rows, meta, report(rows))
     print(report(rows))
