@@ -491,7 +491,11 @@ def markdown(rows, results, g: Grid, notes: list[str], wall: float, name: str = 
             f"Dense model ({epochs.get('train')} epochs): "
             f"{stats.fmt(stats.interval(list(dense.values()))).replace('+', '')}; "
             f"equal-budget dense (+{extra} epochs): "
-            f"{stats.fmt(stats.interval(list(budget.values()))).replace('+', '')}",
+            + (
+                stats.fmt(stats.interval(list(budget.values()))).replace("+", "")
+                if budget
+                else "not run yet"
+            ),
             "",
             f"| MACs target | method | search end | fix-up (max) | achieved MACs | after search "
             f"| - {ref} | after 1 fine-tune epoch | - {ref} | end | - {ref} | "
@@ -563,6 +567,8 @@ def plots(rows, results, g: Grid, name: str) -> list[str]:
                     ax.axhspan(budget["lo"], budget["hi"], color="k", alpha=0.08)
             ax.set_title(f"{config}: {stage}")
             ax.set_xlabel("achieved MACs ratio (pruned / dense)")
+            # every config on the grid's MACs range, whatever part of it has run
+            ax.set_xlim(min(g.targets) - 0.05, max(g.targets) + 0.05)
             ax.grid(alpha=0.3)
         ax_row[0].set_ylabel("test top-1 %, mean and 95% interval")
     handles, labels = _legend(axes)
@@ -597,10 +603,11 @@ def plots(rows, results, g: Grid, name: str) -> list[str]:
                 kept = np.mean([[b[col] for b in bl] for bl in blocks], axis=0)
                 x = np.arange(len(kept)) + (k - (len(variants) - 1) / 2) * width
                 ax.bar(x, kept, width, color=f"C{list(g.variants).index(variant)}", label=variant)
-            ax.set_title(f"{config}, MACs {target}: {site} kept (mean over seeds)")
+            ax.set_title(f"{config}, MACs {target}: {site}", fontsize=10)
             ax.set_xlabel("block")
             ax.set_xticks(range(len(kept)))
     axes[0, 0].legend(fontsize=8)
+    fig.suptitle("channels kept per block, mean over seeds", fontsize=11)
     fig.tight_layout()
     paths.append(os.path.join(common.RESULTS, f"compare_{name}_widths.png"))
     fig.savefig(paths[-1], dpi=100)
