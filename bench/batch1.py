@@ -14,27 +14,20 @@ bench/results/batch1{_T}.{json,md}.
 
 from __future__ import annotations
 
-import os
 import re
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from absl import app, flags, logging
 
 from amap_jax import logs, pipeline
-from amap_jax import workdir as workdir_lib
-from amap_jax.io import pruned
 from amap_jax.models import tokens
 from amap_jax.pruning import macs
-from amap_jax.train import checkpoint
 from amap_jax.train import evaluate as evaluate_lib
 from bench import common
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "A finished token-pruning run.")
-_IMAGES = flags.DEFINE_integer("images", 64, "Test images cycled through.")
-flags.mark_flags_as_required(["workdir"])
+_IMAGES = flags.DEFINE_integer("batch1_images", 64, "Test images cycled through.")
 
 _FREE = ("parameter", "constant", "get-tuple-element", "bitcast", "tuple")
 
@@ -71,15 +64,8 @@ def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)
     logs.setup()
-    workdir = _WORKDIR.value
-    config = ml_collections.ConfigDict(checkpoint.read_json(os.path.join(workdir, "config.json")))
-    ctx, arch = pipeline.make_context(config, workdir)
-    export = workdir_lib.export_location(workdir)
-    if export is None or not pruned.is_finished(export):
-        raise SystemExit(f"error: {workdir} has no finished export")
-    model, variables = pruned.load_pruned(export)
-    if not tokens.points(model.arch, None):
-        raise SystemExit(f"error: the export of {workdir} does not drop tokens")
+    workdir = common.WORKDIR.value
+    config, ctx, arch, model, variables = common.token_run(workdir)
     dense_model, dense = ctx.build(arch), {"params": pipeline.train_dense(ctx, arch)}
     images = ctx.inputs(jnp.asarray(ctx.test.calibration_images(_IMAGES.value)))
     one = images[:1]
@@ -144,5 +130,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    flags.mark_flags_as_required(["workdir"])
     common.defaults(rounds=7, seconds=2.0)
     app.run(main)

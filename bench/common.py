@@ -9,6 +9,7 @@ import platform
 import time
 
 import jax
+import ml_collections
 import numpy as np
 from absl import flags
 
@@ -30,6 +31,7 @@ MODELS = flags.DEFINE_list(
     "Published names (e.g. flatten_swin_tiny_patch4_224) or ViT variant[:pattern].",
 )
 TARGETS = flags.DEFINE_list("targets", ["0.7", "0.5"], "MACs targets.")
+WORKDIR = flags.DEFINE_string("workdir", None, "A finished run (benches that read one).")
 KERNELS = flags.DEFINE_string(
     "kernels",
     "measure",
@@ -146,3 +148,22 @@ def table(rows: list[dict], cols: list[str]) -> str:
 
 def _fmt(v) -> str:
     return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+
+def token_run(workdir: str):
+    """(config, context, dense arch, exported model, its variables) of a finished token-pruning
+    run; one-line exits for a run without an export or whose export drops no tokens."""
+    from amap_jax import pipeline
+    from amap_jax import workdir as workdir_lib
+    from amap_jax.io import pruned
+    from amap_jax.train import checkpoint
+
+    config = ml_collections.ConfigDict(checkpoint.read_json(os.path.join(workdir, "config.json")))
+    ctx, arch = pipeline.make_context(config, workdir)
+    export = workdir_lib.export_location(workdir)
+    if export is None or not pruned.is_finished(export):
+        raise SystemExit(f"error: {workdir} has no finished export")
+    model, variables = pruned.load_pruned(export)
+    if not model.arch.token_points:
+        raise SystemExit(f"error: the export of {workdir} does not drop tokens")
+    return config, ctx, arch, model, variables

@@ -15,22 +15,15 @@ import os
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from absl import app, flags, logging
 
-from amap_jax import logs, pipeline
-from amap_jax import workdir as workdir_lib
-from amap_jax.io import pruned
+from amap_jax import logs
 from amap_jax.models import tokens
-from amap_jax.train import checkpoint
 from bench import common
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "A finished token-pruning run.")
 _IMAGES = flags.DEFINE_integer("images", 8, "Test images in the picture.")
 DROPPED_COLOUR = np.array([0.35, 0.55, 0.95])
-
-flags.mark_flags_as_required(["workdir"])
 
 
 def keep_masks(model, inputs):
@@ -49,14 +42,7 @@ def keep_masks(model, inputs):
 def collect(workdir: str, n_images: int = 8):
     """(arch, [images, points, tokens] masks over the test split, the first test images, their
     masks, labels, logits)."""
-    config = ml_collections.ConfigDict(checkpoint.read_json(os.path.join(workdir, "config.json")))
-    ctx, _ = pipeline.make_context(config, workdir)
-    export = workdir_lib.export_location(workdir)
-    if export is None or not pruned.is_finished(export):
-        raise SystemExit(f"error: {workdir} has no finished export")
-    model, variables = pruned.load_pruned(export)
-    if not model.arch.token_points:
-        raise SystemExit(f"error: the export of {workdir} does not drop tokens")
+    config, ctx, _, model, variables = common.token_run(workdir)
     masks = keep_masks(model, ctx.inputs)
     out = []
     for batch in ctx.test.eval_batches(config.eval.batch_size):
@@ -146,10 +132,12 @@ def plot(arch, masks, shown, labels, logits, rows, out: str, suffix: str = "") -
 def main(_):
     logging.set_verbosity(logging.WARNING)
     logs.setup()
-    arch, masks, shown, labels, logits = collect(os.path.abspath(_WORKDIR.value), _IMAGES.value)
+    arch, masks, shown, labels, logits = collect(
+        os.path.abspath(common.WORKDIR.value), _IMAGES.value
+    )
     rows = summarize(arch, masks)
     suffix = common.suffix()
-    path = common.write(f"kept_tokens{suffix}", rows, {"workdir": _WORKDIR.value})
+    path = common.write(f"kept_tokens{suffix}", rows, {"workdir": common.WORKDIR.value})
     pngs = plot(arch, masks, shown, labels, logits, rows, common.RESULTS, suffix)
     for r in rows:
         print(
@@ -160,4 +148,5 @@ def main(_):
 
 
 if __name__ == "__main__":
+    flags.mark_flags_as_required(["workdir"])
     app.run(main)
