@@ -1,6 +1,6 @@
 """Batch 1 of a token-pruned run: its export against its dense model, and what bounds it.
 
-  python -m bench.batch1 --workdir W [--rounds 7] [--seconds 2] [--tag T]
+  python -m bench.batch1 --workdir W [--rounds 7] [--seconds 2] [--batch1_images 64] [--tag T]
 
 Reads W's finished export (AS-ViT or AMAP+AS-ViT) and dense model and times batch 1 on test
 images, one image per call, the two interleaved round by round (`evaluate.batch1_speeds`: what
