@@ -117,6 +117,9 @@ _JOBS = flags.DEFINE_integer("jobs", 0, "Cells at once, one per core (0: every c
 _SEEDS = flags.DEFINE_list("seeds", None, "Seeds (default: the grid's).")
 _CONFIGS = flags.DEFINE_list("grid_configs", None, "Only these of the grid's configs (same cells).")
 _TARGETS = flags.DEFINE_list("grid_targets", None, "Only these of the grid's targets (same cells).")
+_VARIANTS = flags.DEFINE_list(
+    "grid_variants", None, "Only these of the grid's methods and variants (same cells)."
+)
 _SET = flags.DEFINE_list("set", [], "KEY=VALUE settings for every run of the grid, written down.")
 _REPORT_ONLY = flags.DEFINE_bool("report_only", False, "Only the report, from finished cells.")
 _CELL = flags.DEFINE_string("cell", None, "Run this one cell (JSON; used by the workers).")
@@ -154,6 +157,14 @@ def grid() -> Grid:
         if not want <= set(g.targets):
             raise app.UsageError(f"--grid_targets: the grid's targets are {list(g.targets)}")
         g = dataclasses.replace(g, targets=tuple(t for t in g.targets if t in want))
+    if _VARIANTS.value:
+        unknown = sorted(set(_VARIANTS.value) - set(g.variants))
+        if unknown:
+            raise app.UsageError(f"--grid_variants: {unknown} not in the grid's {list(g.variants)}")
+        keep = {
+            v: spec for v, spec in g.variants.items() if v in _VARIANTS.value or v == g.reference
+        }
+        g = dataclasses.replace(g, variants=keep)
     return g
 
 

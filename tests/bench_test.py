@@ -86,6 +86,11 @@ def test_part_of_a_grid_is_the_same_cells_and_bad_parts_are_refused():
         ("vit", 0.3),
         ("vit", 0.7),
     }
+    with flagsaver.flagsaver(grid="extras", grid_variants=["vtp: l1 1e-3"]):
+        part = compare.cells(compare.grid())  # the reference (amap) stays: cells pair with it
+    assert {c.variant for c in part} == {compare.DENSE, compare.BUDGET, "amap", "vtp: l1 1e-3"}
+    with flagsaver.flagsaver(grid_variants=["vtp: l1 2"]), pytest.raises(app.UsageError):
+        compare.grid()
     with flagsaver.flagsaver(grid_targets=["0.4"]), pytest.raises(app.UsageError, match="targets"):
         compare.grid()
     with flagsaver.flagsaver(grid_configs=["swin"]), pytest.raises(app.UsageError, match="swin"):
