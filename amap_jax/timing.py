@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import itertools
 import time
 
 import numpy as np
@@ -23,3 +24,12 @@ def interleaved(fns: dict, seconds: float, rounds: int, batch: int) -> dict[str,
                 times.append(time.perf_counter() - t)
             out[name].append(batch / float(np.median(times)))
     return out
+
+
+def cycling(fn, inputs: list):
+    """A no-argument call for `interleaved`: runs `fn` on the next of `inputs` (in turn, so the
+    work varies as it would) and waits for it."""
+    import jax
+
+    calls = itertools.count()
+    return lambda: jax.block_until_ready(fn(inputs[next(calls) % len(inputs)]))

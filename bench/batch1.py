@@ -23,9 +23,8 @@ from absl import app, flags, logging
 
 from amap_jax import logs, pipeline
 from amap_jax.models import tokens
-from amap_jax.pruning import macs
 from amap_jax.train import evaluate as evaluate_lib
-from bench import common
+from bench import common, token_speed
 
 _IMAGES = flags.DEFINE_integer("batch1_images", 64, "Test images cycled through.")
 
@@ -70,10 +69,8 @@ def main(argv):
     images = ctx.inputs(jnp.asarray(ctx.test.calibration_images(_IMAGES.value)))
     one = images[:1]
 
-    _, counts = tokens.predict(model, variables, images)
-    counts = np.asarray(counts) + model.arch.num_prefix
-    per_block = macs.token_counts(model.arch, model.arch.token_points, list(counts.T))
-    ideal = float(macs.model_macs(arch) / np.mean(macs.model_macs(model.arch, None, per_block)))
+    counts = np.asarray(tokens.predict(model, variables, images)[1])  # patch tokens kept
+    ideal = token_speed.ideal(arch, model.arch, model.arch.token_points, counts)
     d_speed, p_speed = evaluate_lib.batch1_speeds(
         dense_model,
         dense,
@@ -92,9 +89,7 @@ def main(argv):
         "workdir": workdir,
         "method": config.method,
         "tokens": arch.num_tokens,
-        "kept_patch_tokens_mean": [
-            round(float(x), 2) for x in (counts - model.arch.num_prefix).mean(0)
-        ],
+        "kept_patch_tokens_mean": [round(float(x), 2) for x in counts.mean(0)],
         "dense_images_per_s": round(d_speed, 1),
         "pruned_images_per_s": round(p_speed, 1),
         "speedup": round(p_speed / d_speed, 3),

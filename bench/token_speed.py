@@ -42,7 +42,7 @@ import time
 import numpy as np
 from absl import app, flags
 
-from amap_jax.timing import interleaved
+from amap_jax.timing import cycling, interleaved
 from bench import common, sides
 
 _BATCHES = flags.DEFINE_list("token_batches", ["1", "64"], "Batch sizes timed.")
@@ -195,19 +195,6 @@ def _batches(images, b: int):
     return [jax.device_put(images[i : i + b]) for i in range(0, len(images) // b * b, b)]
 
 
-def _cycling(fn, batches):
-    """A no-argument call that runs `fn` on the next batch and waits for it."""
-    import jax
-
-    state = {"k": 0}
-
-    def run():
-        jax.block_until_ready(fn(batches[state["k"] % len(batches)]))
-        state["k"] += 1
-
-    return run
-
-
 def setup():
     """The dense and both token-dropping models, the images and their kept counts."""
     import jax
@@ -313,7 +300,7 @@ def jax_functions(built) -> tuple[dict, dict]:
             t = time.perf_counter()
             jax.block_until_ready(call(batches[0]))
             costs[f"{name} b{b} compile_s"] = round(time.perf_counter() - t, 2)
-            fns[b][name] = _cycling(call, batches)
+            fns[b][name] = cycling(call, batches)
     return fns, costs
 
 

@@ -119,15 +119,10 @@ def batch1_speeds(
     dense = jax.jit(dense_model.apply)
     drop = tokens.compiled(model)
     singles = [images[i : i + 1] for i in range(min(len(images), 64))]
-
-    def cycle(fn):
-        calls = iter(range(1 << 62))
-        return lambda: jax.block_until_ready(fn(singles[next(calls) % len(singles)]))
-
     speeds = timing.interleaved(
         {
-            "dense": cycle(lambda x: dense(dense_variables, x)),
-            "pruned": cycle(lambda x: drop(variables, x)),
+            "dense": timing.cycling(lambda x: dense(dense_variables, x), singles),
+            "pruned": timing.cycling(lambda x: drop(variables, x), singles),
         },
         seconds / rounds,
         rounds,
