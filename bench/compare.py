@@ -180,6 +180,23 @@ def cells(g: Grid) -> list[Cell]:
     return out + [Cell(c, BUDGET, 1.0, s) for c in g.configs for s in g.seeds]
 
 
+def not_run(g: Grid, done) -> list[str]:
+    """What a report lacks, per config and target: `done` is the cells with results. The
+    equal-budget dense models are named apart (the report already says "not run yet" where
+    they are missing)."""
+    missing: dict[tuple[str, float], list[str]] = {}
+    for c in cells(g):
+        if c not in done and c.variant != BUDGET:
+            names = missing.setdefault((c.config, c.target), [])
+            names += [] if c.variant in names else [c.variant]
+    return [
+        f"not run yet: {config}"
+        + ("" if variants == [DENSE] else f" at {target}")
+        + f" ({', '.join(variants)})"
+        for (config, target), variants in missing.items()
+    ]
+
+
 def _literal(text: str):
     try:
         return ast.literal_eval(text)
@@ -582,9 +599,7 @@ def plots(rows, results, g: Grid, name: str) -> list[str]:
             ax.set_xlim(min(g.targets) - 0.05, max(g.targets) + 0.05)
             ax.grid(alpha=0.3)
         ax_row[0].set_ylabel("test top-1 %, mean and 95% interval")
-    handles, labels = _legend(axes)
-    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), fontsize=9)
-    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    _figure_legend(fig, axes)
     paths.append(os.path.join(common.RESULTS, f"compare_{name}_top1.png"))
     fig.savefig(paths[-1], dpi=100)
     plt.close(fig)
@@ -624,6 +639,14 @@ def plots(rows, results, g: Grid, name: str) -> list[str]:
     fig.savefig(paths[-1], dpi=100)
     plt.close(fig)
     return paths
+
+
+def _figure_legend(fig, axes):
+    """One legend under the panels, with room for as many rows as it takes."""
+    handles, labels = _legend(axes)
+    rows = -(-len(labels) // 6)
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), fontsize=9)
+    fig.tight_layout(rect=(0, (0.3 + 0.25 * rows) / fig.get_figheight(), 1, 1))
 
 
 def _legend(axes):
@@ -680,9 +703,7 @@ def _diff_plot(rows, g: Grid, name: str, plt) -> str:
             ax.set_title(f"{config}: {stage}")
             ax.grid(alpha=0.3)
         ax_row[0].set_ylabel(f"top-1 minus {ref}'s, same seed (points)")
-    handles, labels = _legend(axes)
-    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), fontsize=9)
-    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    _figure_legend(fig, axes)
     path = os.path.join(common.RESULTS, f"compare_{name}_vs_{ref.replace('+', '_')}.png")
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -713,6 +734,7 @@ def main(argv):
         results = run_all(g, root, _JOBS.value)
     rows = summarize(results, g)
     notes = verdict_lines(rows, results, g)
+    notes += not_run(g, {Cell(r["config"], r["variant"], r["target"], r["seed"]) for r in results})
     if _SET.value:
         notes.insert(0, f"every run with {', '.join(_SET.value)}")
     full = GRIDS[_grid_name()]

@@ -97,6 +97,17 @@ def test_part_of_a_grid_is_the_same_cells_and_bad_parts_are_refused():
         compare.grid()
 
 
+def test_a_report_names_the_cells_it_lacks():
+    cells = compare.cells(GRID)
+    assert compare.not_run(GRID, set(cells)) == []
+    done = {c for c in cells if not (c.target == 0.3 and c.variant != "amap")}
+    assert compare.not_run(GRID, done) == ["not run yet: vit at 0.3 (random, vtp)"]
+    # a missing equal-budget model is not listed (its column says "not run yet")
+    assert compare.not_run(GRID, {c for c in cells if c.variant != compare.BUDGET}) == []
+    dense = {c for c in cells if c.variant == compare.DENSE}
+    assert compare.not_run(GRID, set(cells) - dense)[0] == "not run yet: vit (dense)"
+
+
 def test_summary_pairs_methods_by_seed_with_intervals():
     rows = compare.summarize(_results(), GRID)
     random = next(r for r in rows if r["variant"] == "random" and r["target"] == 0.3)
