@@ -184,14 +184,13 @@ def not_run(g: Grid, done) -> list[str]:
     """What a report lacks, per config and target: `done` is the cells with results. The
     equal-budget dense models are named apart (the report already says "not run yet" where
     they are missing)."""
-    missing: dict[tuple[str, float], list[str]] = {}
+    missing: dict[tuple[str, float], dict[str, None]] = {}  # an ordered set of variants
     for c in cells(g):
         if c not in done and c.variant != BUDGET:
-            names = missing.setdefault((c.config, c.target), [])
-            names += [] if c.variant in names else [c.variant]
+            missing.setdefault((c.config, c.target), {})[c.variant] = None
     return [
         f"not run yet: {config}"
-        + ("" if variants == [DENSE] else f" at {target}")
+        + ("" if list(variants) == [DENSE] else f" at {target}")
         + f" ({', '.join(variants)})"
         for (config, target), variants in missing.items()
     ]
@@ -644,8 +643,9 @@ def plots(rows, results, g: Grid, name: str) -> list[str]:
 def _figure_legend(fig, axes):
     """One legend under the panels, with room for as many rows as it takes."""
     handles, labels = _legend(axes)
-    rows = -(-len(labels) // 6)
-    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), fontsize=9)
+    ncol = min(len(labels), 6)
+    rows = -(-len(labels) // ncol)
+    fig.legend(handles, labels, loc="lower center", ncol=ncol, fontsize=9)
     fig.tight_layout(rect=(0, (0.3 + 0.25 * rows) / fig.get_figheight(), 1, 1))
 
 
