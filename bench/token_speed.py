@@ -19,9 +19,13 @@ forward.jax artifact loaded with jax alone (`jax.export.deserialize(...).call`, 
 as constants) against the dense model's artifact: XLA compiles constant weights differently (at
 batch 1 on CPU they run faster), so each is compared with its like. The same rows for
 AMAP+AS-ViT (AMAP's widths at `--token_amap_target` MACs, `bench.common.dense_and_pruned`, x
-tokens at the same shares). Every call takes the next batch of the benchmark images, so the
-kept counts vary as they would. Rounds interleave the models (`amap_jax.timing.interleaved`);
-a speedup is the median of the same-round ratios, with their range.
+tokens at the same shares). As the pipeline exports a model: AMAP's widths padded as
+`export_pad` pads them (`--token_pad`; 0: measured, `padding.measured`; the ideal counts the
+unpadded widths) and each model compiled with its CPU kernel set (`--kernels`; measure: its
+fastest, `padding.fastest_kernels` on its channels with every token kept). Every call takes
+the next batch of the benchmark images, so the kept counts vary as they would. Rounds
+interleave the models (`amap_jax.timing.interleaved`); a speedup is the median of the
+same-round ratios, with their range.
 
 Beside it, in its own process (alternated with the jax rounds, `--alternations`): timm's DeiT-S
 dense, and with the same kept counts per image by the gather a PyTorch user would write (in the
@@ -56,6 +60,12 @@ _BUCKETS = flags.DEFINE_list(
     "token_buckets",
     ["x8", "x16", "g0.8"],
     "Bucket sets compared (xM, gR, full); the first is timed.",
+)
+_PAD = flags.DEFINE_integer(
+    "token_pad",
+    0,
+    "AMAP's widths padded as export_pad pads them: 0 measured (padding.measured, at the "
+    "largest timed batch), 1 unpadded, M a multiple of M.",
 )
 _COUNTS = flags.DEFINE_string("token_counts", None, "Internal: the torch worker's kept counts.")
 
@@ -210,12 +220,49 @@ def setup():
     images = images.astype(np.float32)
     shapes = jax.eval_shape(models.build(dense).init, jax.random.key(0), models.dummy_input(dense))
     dense_params = _random_params(shapes["params"], 0)
-    _, _, p_arch, _ = common.dense_and_pruned(dense, _AMAP_TARGET.value)
-    out = {"dense": (dense, dense_params), "images": images, "points": points}
-    for name, arch, seed in (("asvit", dense, 1), ("amap+asvit", p_arch, 2)):
+    _, _, p_arch, p_params = common.dense_and_pruned(dense, _AMAP_TARGET.value)
+    padded = pad_widths(p_arch, p_params)
+    out = {"dense": (dense, dense_params), "images": images, "points": points, "pad": padded}
+    # the MACs counter counts the widths AMAP chose, not the pads (as an export's `macs`)
+    out["counted"] = {
+        name: a.replace(token_points=points)
+        for name, a in (("asvit", dense), ("amap+asvit", p_arch))
+    }
+    for name, arch, seed in (("asvit", dense, 1), ("amap+asvit", padded["arch"], 2)):
         model, params = token_model(arch, points, images, fractions, seed)
         out[name] = (model, params, kept(model, params, images))
+    out["kernels"] = {
+        name: common.kernel_set(*untokened(out[name]), max(_batch_sizes()), common.KERNELS.value)
+        for name in ("dense", "asvit", "amap+asvit")
+    }
     return out
+
+
+def _batch_sizes() -> list[int]:
+    return [int(v) for v in _BATCHES.value]
+
+
+def pad_widths(arch, params) -> dict:
+    """AMAP's widths as the pipeline exports them (`export_pad`, `--token_pad`): {"arch": the
+    padded architecture, "choice": what was chosen, "gains": the measured options}."""
+    from amap_jax.pruning import padding
+
+    report = {"choice": f"x{_PAD.value}" if _PAD.value > 1 else "unpadded", "gains": {}}
+    multiple = _PAD.value
+    if multiple == 0:
+        multiple, report = padding.measured(arch, params, max(_batch_sizes()))
+    padded, _ = padding.pad(arch, params, multiple)
+    return {"arch": padded, "choice": report["choice"], "gains": report["gains"]}
+
+
+def untokened(entry):
+    """(arch, params) of a model's channels alone, all tokens kept: what its CPU kernel set is
+    measured on (`common.kernel_set`), as the pipeline measures an export's."""
+    model_or_arch, params = entry[0], entry[1]
+    arch = getattr(model_or_arch, "arch", model_or_arch)
+    if not getattr(arch, "token_points", ()):
+        return arch, params
+    return arch.replace(token_points=()), {k: v for k, v in params.items() if k != "token_gate"}
 
 
 def bucket_costs(model, params, counts, dense_arch) -> list[dict]:
@@ -266,18 +313,19 @@ def jax_functions(built) -> tuple[dict, dict]:
     """{batch: {name: call}} of every jax model, and the compile and export times."""
     import jax
 
-    from amap_jax import models
+    from amap_jax import models, xla_cpu
     from amap_jax.io import artifact
     from amap_jax.models import tokens
 
     dense, dense_params = built["dense"]
-    dense_model = models.build(dense)
-    forward = jax.jit(dense_model.apply)
+    sets = built["kernels"]
+    forward = xla_cpu.jit(models.build(dense).apply, sets["dense"])
     on_device = jax.device_put({"params": dense_params})  # not copied in at every call
     calls = {
         "dense": lambda x: forward(on_device, x),
-        "dense artifact": jax.jit(
-            jax.export.deserialize(bytearray(artifact.serialize(dense, dense_params))).call
+        "dense artifact": xla_cpu.jit(
+            jax.export.deserialize(bytearray(artifact.serialize(dense, dense_params))).call,
+            sets["dense"],
         ),
     }
     costs = {}
@@ -285,13 +333,16 @@ def jax_functions(built) -> tuple[dict, dict]:
         model, params, _ = built[name]
         arch = model.arch.replace(token_buckets=bucket_set(_BUCKETS.value[0], dense.num_tokens))
         model = model.clone(arch=arch)
-        drop, variables = tokens.compiled(model), jax.device_put({"params": params})
+        drop = xla_cpu.jit(tokens.dropping(model), sets[name])
+        variables = jax.device_put({"params": params})
         calls[name] = lambda x, drop=drop, v=variables: drop(v, x)[0]
         t = time.perf_counter()
         data = artifact.serialize(arch, params)
         costs[f"{name} export_s"] = round(time.perf_counter() - t, 2)
         costs[f"{name} artifact_mb"] = round(len(data) / 2**20, 2)
-        calls[f"{name} artifact"] = jax.jit(jax.export.deserialize(bytearray(data)).call)
+        calls[f"{name} artifact"] = xla_cpu.jit(
+            jax.export.deserialize(bytearray(data)).call, sets[name]
+        )
     fns = {}
     for b in (int(v) for v in _BATCHES.value):
         batches = _batches(built["images"], b)
@@ -388,7 +439,10 @@ def markdown(meta: dict, rows: list[dict], buckets: list[dict]) -> str:
         f"amap+asvit {meta['kept']['amap+asvit']}; {meta['alternations']} alternations x "
         f"{meta['rounds']} rounds ({meta['device']}, {meta['cpus']} CPUs). Speedups are over "
         "the dense model run the same way: the program's over `model.apply`, the artifact's "
-        "over the dense artifact, timm's over timm's dense.",
+        "over the dense artifact, timm's over timm's dense. AMAP's widths padded: "
+        f"{meta['amap_padding']['choice']}; CPU kernel sets: "
+        + ", ".join(f"{k} {v}" for k, v in meta["cpu_kernels"].items())
+        + ".",
         "",
         "| batch | model | img/s | speedup over dense (range) | ideal | ideal at buckets "
         "| speedup / ideal | over timm asvit |",
@@ -465,16 +519,17 @@ def main(_):
     ideals, kept_mean = {}, {}
     first = bucket_set(_BUCKETS.value[0], dense.num_tokens)
     for name in ("asvit", "amap+asvit"):
-        model, _, counts = built[name]
+        counts, arch = built[name][2], built["counted"][name]
         kept_mean[name] = [round(float(c), 1) for c in counts.mean(0)]
         ideals[name] = {
-            "ideal": round(ideal(dense, model.arch, points, counts), 3),
+            "ideal": round(ideal(dense, arch, points, counts), 3),
             "at_buckets": {
-                b: round(ideal(dense, model.arch, points, counts, first, b), 3)
+                b: round(ideal(dense, arch, points, counts, first, b), 3)
                 for b in (int(v) for v in _BATCHES.value)
             },
         }
         print(f"{name}: kept {kept_mean[name]} of {dense.grid**2}, ideal {ideals[name]}")
+    print(f"AMAP widths padded: {built['pad']['choice']}; CPU kernels: {built['kernels']}")
     model, params, counts = built["asvit"]
     buckets = bucket_costs(model, params, counts, dense)
     fns, costs = jax_functions(built)
@@ -501,6 +556,8 @@ def main(_):
         "kept": kept_mean,
         "images": _IMAGES.value,
         "timed_buckets": _BUCKETS.value[0],
+        "amap_padding": {k: built["pad"][k] for k in ("choice", "gains")},
+        "cpu_kernels": built["kernels"],
         "rounds": common.ROUNDS.value,
         "alternations": sides.ALTERNATIONS.value,
         "seconds": common.SECONDS.value,

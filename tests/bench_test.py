@@ -372,6 +372,34 @@ def test_token_speed_buckets_ideals_and_same_round_ratios():
     assert exact > one > two > 1.0
 
 
+def test_token_speed_pads_amap_widths_as_an_export_and_counts_the_unpadded_ones():
+    from absl import flags
+    from absl.testing import flagsaver
+
+    from amap_jax.models.arch import vit_arch
+    from bench import common, token_speed
+
+    arch = vit_arch("mini", in_chans=1, num_classes=10, pattern="SSSS")
+    _, _, p_arch, p_params = common.dense_and_pruned(arch, 0.5)
+    assert any(b.mlp_dim % 8 for b in p_arch.blocks)  # something to pad
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+    with flagsaver.flagsaver(token_pad=8):
+        padded = token_speed.pad_widths(p_arch, p_params)
+    assert padded["choice"] == "x8"
+    assert all(b.mlp_dim % 8 == 0 and b.qk_dim % 8 == 0 for b in padded["arch"].blocks)
+    assert all(
+        p.mlp_dim >= u.mlp_dim for p, u in zip(padded["arch"].blocks, p_arch.blocks, strict=True)
+    )
+    with flagsaver.flagsaver(token_pad=1):
+        assert token_speed.pad_widths(p_arch, p_params)["arch"] == p_arch
+    # A token model's CPU kernel set is measured on its channels with every token kept.
+    tokened = p_arch.replace(token_points=(1, 2))
+    params = {**p_params, "token_gate": {"thresholds": np.zeros(2, np.float32)}}
+    a, p = token_speed.untokened((tokened, params))
+    assert a == p_arch and "token_gate" not in p and set(p) == set(p_params)
+
+
 # ----------------------------------------------------------------------------------------------
 # Paired statistics of bench/compare.py, on fixed numbers
 
