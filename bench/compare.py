@@ -93,7 +93,8 @@ GRIDS = {
         ("tokens",),
         (0.5,),
         {m: (m, {}) for m in ("amap", "asvit", "amap+asvit")},
-        cost="see the report",
+        # the one-seed run: a dense model ~50 min on one core, a cell ~12 min
+        cost="about 3.5-4 hours on 2 cores",
     ),
     "quick": Grid(
         ("vit",),

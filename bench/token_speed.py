@@ -2,7 +2,8 @@
 
   python -m bench.token_speed [--model S] [--token_batches 1,64] [--token_points 4,7,10]
       [--token_fractions 0.7,0.5,0.35] [--token_images 128] [--token_amap_target 0.7]
-      [--token_buckets x8,x16,g0.8] [--rounds 5] [--seconds 4] [--alternations 2] [--tag T]
+      [--token_buckets x8,x16,g0.8] [--token_pad 0] [--kernels measure] [--rounds 5]
+      [--seconds 4] [--alternations 2] [--tag T]
 
 Random weights (speed does not depend on them) and random images. Pruning points before blocks
 4, 7 and 10; each point's threshold is the quantile of its scores (measured on the benchmark
