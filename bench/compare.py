@@ -632,9 +632,8 @@ def plots(rows, results, g: Grid, name: str) -> list[str]:
             ax.set_title(f"{config}, MACs {target}: {site}", fontsize=10)
             ax.set_xlabel("block")
             ax.set_xticks(range(len(kept)))
-    axes[0, 0].legend(fontsize=8)
     fig.suptitle("channels kept per block, mean over seeds", fontsize=11)
-    fig.tight_layout()
+    _figure_legend(fig, axes)  # under the panels: in one it covered the bars
     paths.append(os.path.join(common.RESULTS, f"compare_{name}_widths.png"))
     fig.savefig(paths[-1], dpi=100)
     plt.close(fig)
