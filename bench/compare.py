@@ -71,7 +71,7 @@ class Grid:
 
 METHODS = {m: (m, {}) for m in ("amap", "vtp", "magnitude", "random")}
 GRIDS = {
-    "channels": Grid(("vit", "flatten"), (0.7, 0.5, 0.3), METHODS, cost="4-4.5 hours on 2 cores"),
+    "channels": Grid(("vit", "flatten"), (0.7, 0.5, 0.3), METHODS, cost="about 4 hours on 2 cores"),
     "extras": Grid(
         ("flatten",),
         (0.3,),
@@ -93,8 +93,8 @@ GRIDS = {
         ("tokens",),
         (0.5,),
         {m: (m, {}) for m in ("amap", "asvit", "amap+asvit")},
-        # the one-seed run: a dense model ~50 min on one core, a cell ~12 min
-        cost="about 3.5-4 hours on 2 cores",
+        # the one-seed run: a dense model ~50 min on one core, its equal-budget twin ~15, a cell ~12
+        cost="about 4-4.5 hours on 2 cores",
     ),
     "quick": Grid(
         ("vit",),
