@@ -384,22 +384,25 @@ def run_all(g: Grid, root: str, jobs: int) -> list[dict]:
             kind = "dense" if c.variant == DENSE else "cell"
             walls.setdefault(kind, []).append(time.time() - started)
             left = [x for x in todo if x not in results]
-            eta = _eta(left, walls, jobs)
+            eta, guess = _eta(left, walls, jobs)
             print(
                 f"[{len(results)}/{len(todo)}] {c.config} {c.variant} t={c.target} "
                 f"s={c.seed}: {time.time() - started:.0f} s; {(time.time() - t0) / 60:.0f} min "
-                f"so far, about {eta / 60:.0f} min left",
+                f"so far, about {eta / 60:.0f} min left"
+                + (" (a guess until a cell of each kind has finished)" if guess else ""),
                 flush=True,
             )
     return [results[c] for c in todo]
 
 
-def _eta(left: list[Cell], walls: dict, jobs: int) -> float:
-    mean = {k: float(np.mean(v)) for k, v in walls.items()}
-    each = [
-        mean.get("dense" if c.variant == DENSE else "cell", mean.get("cell", 0.0)) for c in left
-    ]
-    return sum(each) / max(jobs, 1)
+def _eta(left: list[Cell], walls: dict, jobs: int) -> tuple[float, bool]:
+    """Seconds left, each cell at the mean wall time of its kind (dense model or cell) so far,
+    and whether that was a guess: a kind not timed yet costs what the other kind did."""
+    mean = {k: float(np.mean(v)) for k, v in walls.items()}  # called once a cell has finished
+    kinds = ["dense" if c.variant == DENSE else "cell" for c in left]
+    fallback = float(np.mean(list(mean.values())))
+    seconds = sum(mean.get(k, fallback) for k in kinds) / max(jobs, 1)
+    return seconds, any(k not in mean for k in kinds)
 
 
 def _grid_name() -> str:

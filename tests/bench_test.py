@@ -108,6 +108,16 @@ def test_a_report_names_the_cells_it_lacks():
     assert compare.not_run(GRID, set(cells) - dense)[0] == "not run yet: vit (dense)"
 
 
+def test_remaining_time_counts_each_kind_and_says_when_it_guesses():
+    dense = compare.Cell("tokens", compare.DENSE, 1.0, 2)
+    cell = compare.Cell("tokens", "asvit", 0.5, 2)
+    # only dense models timed: the cells left cost what a dense model did, and it is a guess
+    assert compare._eta([dense, cell, cell], {"dense": [1200.0, 1300.0]}, 2) == (1875.0, True)
+    walls = {"dense": [1200.0], "cell": [500.0, 700.0]}
+    assert compare._eta([dense, cell, cell], walls, 2) == (1200.0, False)
+    assert compare._eta([], walls, 2) == (0.0, False)
+
+
 def test_summary_pairs_methods_by_seed_with_intervals():
     rows = compare.summarize(_results(), GRID)
     random = next(r for r in rows if r["variant"] == "random" and r["target"] == 0.3)
