@@ -93,8 +93,8 @@ GRIDS = {
         ("tokens",),
         (0.5,),
         {m: (m, {}) for m in ("amap", "asvit", "amap+asvit")},
-        # the one-seed run: a dense model ~50 min on one core, its equal-budget twin ~15, a cell ~12
-        cost="about 4-4.5 hours on 2 cores",
+        # measured: a dense model 22 min on one core, an AMAP cell 7; the others taken as long
+        cost="about 2-2.5 hours on 2 cores",
     ),
     "quick": Grid(
         ("vit",),
