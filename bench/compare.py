@@ -93,7 +93,7 @@ GRIDS = {
         ("tokens",),
         (0.5,),
         {m: (m, {}) for m in ("amap", "asvit", "amap+asvit")},
-        # measured: a dense model 22 min on one core, an AMAP cell 7; the others taken as long
+        # measured: a dense model 22 min on one core, an AMAP cell 7, an AS-ViT cell 10
         cost="about 2-2.5 hours on 2 cores",
     ),
     "quick": Grid(
