@@ -232,9 +232,12 @@ def setup():
     for name, arch, seed in (("asvit", dense, 1), ("amap+asvit", padded["arch"], 2)):
         model, params = token_model(arch, points, images, fractions, seed)
         out[name] = (model, params, kept(model, params, images))
+    channels = {"dense": out["dense"]} | {
+        name: (out[name][0].arch, out[name][1]) for name in ("asvit", "amap+asvit")
+    }
     out["kernels"] = {
-        name: common.kernel_set(*untokened(out[name]), max(_batch_sizes()), common.KERNELS.value)
-        for name in ("dense", "asvit", "amap+asvit")
+        name: common.kernel_set(*untokened(*c), max(_batch_sizes()), common.KERNELS.value)
+        for name, c in channels.items()
     }
     return out
 
@@ -256,12 +259,10 @@ def pad_widths(arch, params) -> dict:
     return {"arch": padded, "choice": report["choice"], "gains": report["gains"]}
 
 
-def untokened(entry):
+def untokened(arch, params):
     """(arch, params) of a model's channels alone, all tokens kept: what its CPU kernel set is
     measured on (`common.kernel_set`), as the pipeline measures an export's."""
-    model_or_arch, params = entry[0], entry[1]
-    arch = getattr(model_or_arch, "arch", model_or_arch)
-    if not getattr(arch, "token_points", ()):
+    if not arch.token_points:
         return arch, params
     return arch.replace(token_points=()), {k: v for k, v in params.items() if k != "token_gate"}
 
@@ -294,7 +295,7 @@ def bucket_costs(model, params, counts, dense_arch) -> list[dict]:
                 "export_s": round(export_s, 2),
                 "ideal_at_buckets": {
                     b: round(ideal(dense_arch, arch, arch.token_points, counts, buckets, b), 3)
-                    for b in (int(v) for v in _BATCHES.value)
+                    for b in _batch_sizes()
                 },
             }
         )
@@ -345,7 +346,7 @@ def jax_functions(built) -> tuple[dict, dict]:
             jax.export.deserialize(bytearray(data)).call, sets[name]
         )
     fns = {}
-    for b in (int(v) for v in _BATCHES.value):
+    for b in _batch_sizes():
         batches = _batches(built["images"], b)
         fns[b] = {}
         for name, call in calls.items():
@@ -399,7 +400,7 @@ def torch_worker() -> dict:
 
     gen = torch.Generator().manual_seed(0)
     out = {"torch": torch.__version__, "timm": timm.__version__, "per_batch": {}}
-    for b in (int(v) for v in _BATCHES.value):
+    for b in _batch_sizes():
         n = len(counts) // b
         xs = [torch.randn(b, 3, size, size, generator=gen) for _ in range(n)]
         ks = [counts[i * b : (i + 1) * b].max(0) for i in range(n)]
@@ -482,7 +483,7 @@ def rows_of(runs: dict, ideals: dict) -> list[dict]:
     """One row per (batch, model): median img/s, speedup over the same framework's dense in
     the same round (median, range), the ideal beside it."""
     rows = []
-    for b in (int(v) for v in _BATCHES.value):
+    for b in _batch_sizes():
         for side in ("jax", "torch"):
             per = [r["per_batch"][str(b)] for r in runs[side]]
             if not per:
@@ -497,7 +498,7 @@ def rows_of(runs: dict, ideals: dict) -> list[dict]:
                     if side == "jax":
                         row["ideal_at_buckets"] = ideals[kind]["at_buckets"][b]
                 rows.append(row)
-    for b in (int(v) for v in _BATCHES.value):  # ours over timm at the same kept tokens
+    for b in _batch_sizes():  # ours over timm at the same kept tokens
         ours = [r for r in rows if r["batch"] == b and r["model"] in ("asvit", "asvit artifact")]
         timm = [r for r in rows if r["batch"] == b and r["model"] == "timm asvit"]
         for r in ours:
@@ -525,8 +526,7 @@ def main(_):
         ideals[name] = {
             "ideal": round(ideal(dense, arch, points, counts), 3),
             "at_buckets": {
-                b: round(ideal(dense, arch, points, counts, first, b), 3)
-                for b in (int(v) for v in _BATCHES.value)
+                b: round(ideal(dense, arch, points, counts, first, b), 3) for b in _batch_sizes()
             },
         }
         print(f"{name}: kept {kept_mean[name]} of {dense.grid**2}, ideal {ideals[name]}")

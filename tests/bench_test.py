@@ -406,7 +406,7 @@ def test_token_speed_pads_amap_widths_as_an_export_and_counts_the_unpadded_ones(
     # A token model's CPU kernel set is measured on its channels with every token kept.
     tokened = p_arch.replace(token_points=(1, 2))
     params = {**p_params, "token_gate": {"thresholds": np.zeros(2, np.float32)}}
-    a, p = token_speed.untokened((tokened, params))
+    a, p = token_speed.untokened(tokened, params)
     assert a == p_arch and "token_gate" not in p and set(p) == set(p_params)
 
 
