@@ -11,7 +11,9 @@ from __future__ import annotations
 import ast
 import json
 import os
+import re
 import sys
+import textwrap
 
 from bench import common
 
@@ -66,16 +68,44 @@ def results_of(stem: str, files: list[str]) -> list[str]:
     return ([stem] if f"{stem}.json" in files else []) + tagged
 
 
-def section(stem: str, module: str, files: list[str], siblings: tuple[str, ...] = ()) -> str:
-    """One result (`stem`.json, which `results_of` found in `files`) with its markdown and plots;
-    `siblings` are the bench's other results, whose plots are theirs."""
-    with open(os.path.join(common.RESULTS, f"{stem}.json")) as f:
-        result = json.load(f)
+def described(module: str) -> tuple[str, str]:
+    """(title, the rest) of a bench's docstring: its first sentence on one line (a docstring's
+    first line may end mid-sentence), and the text after it."""
     # The docstring without importing the bench: benches define flags of the same names.
     with open(os.path.join(os.path.dirname(__file__), f"{module}.py")) as f:
         doc = (ast.get_docstring(ast.parse(f.read())) or "").strip()
-    title, _, rest = doc.partition("\n")
-    out = [f"## {stem}: {title}", "", rest.strip(), "", f"Measured on: {_machine(result['meta'])}."]
+    first, _, rest = doc.partition("\n\n")
+    title, *more = re.split(r"(?<=[.?!])\s+(?=[A-Z`(])", " ".join(first.split()), maxsplit=1)
+    return title, "\n\n".join(p for p in (" ".join(more), _fenced(rest.strip("\n"))) if p)
+
+
+def _fenced(text: str) -> str:
+    """A docstring's indented lines (its commands) in code fences: markdown would run them
+    together into one paragraph."""
+    out, block = [], []
+    for line in [*text.rstrip().splitlines(), ""]:
+        if line.startswith("  "):
+            block.append(line)
+            continue
+        if block:
+            out += ["```", *textwrap.dedent("\n".join(block)).splitlines(), "```"]
+            block = []
+        out.append(line)
+    return "\n".join(out).strip()
+
+
+def section(
+    stem: str, module: str, files: list[str], siblings: tuple[str, ...] = (), told: str = ""
+) -> str:
+    """One result (`stem`.json, which `results_of` found in `files`) with its markdown and plots;
+    `siblings` are the bench's other results, whose plots are theirs. `told`: the result whose
+    section already holds the bench's description (a bench's text is on the page once)."""
+    with open(os.path.join(common.RESULTS, f"{stem}.json")) as f:
+        result = json.load(f)
+    title, rest = described(module)
+    if told:
+        rest = f"How `bench.{module}` works and how to run it: under {told} above."
+    out = [f"## {stem}: {title}", "", rest, "", f"Measured on: {_machine(result['meta'])}."]
     md = os.path.join(common.RESULTS, f"{stem}.md")
     if os.path.exists(md):
         with open(md) as f:
@@ -109,10 +139,12 @@ def render() -> str:
         "",
     ]
     files = os.listdir(common.RESULTS)
+    told: dict[str, str] = {}  # bench module -> the result that described it
     for stem, module in ORDER:
         runs = tuple(results_of(stem, files))
         for run in runs:
-            parts += [section(run, module, files, runs)]
+            parts += [section(run, module, files, runs, told.get(module, ""))]
+            told.setdefault(module, run)
     return "\n".join(parts)
 
 
