@@ -489,6 +489,20 @@ def test_docs_page_holds_every_current_result_and_its_tagged_runs(tmp_path, monk
     assert rest.startswith("```\npython -m bench.vs_timm")  # its command fenced, not run together
 
 
+def test_batch1_option_sets_compile_here_and_reach_both_programs():
+    """Every option set `bench.batch1 --options` offers is one this jaxlib accepts (an option
+    it dropped would fail the bench after its first rows), and the set reaches the program."""
+    from bench import batch1
+
+    x = jnp.ones((4, 8))
+    for name, options in batch1.OPTIONS.items():
+        hlo = batch1.optimised_hlo(lambda v, y: jnp.tanh(y @ v.T), x, x, options or None)
+        assert "tanh" in hlo, name
+    # the `xla` set keeps the product out of YNNPACK: the two programs differ
+    default = batch1.optimised_hlo(lambda v, y: y @ v.T, x, x)
+    assert batch1.optimised_hlo(lambda v, y: y @ v.T, x, x, batch1.OPTIONS["xla"]) != default
+
+
 def test_batch1_counts_the_launches_of_the_entry_and_of_one_branch():
     """The dropping program's cost at batch 1 is its launches: the entry's operations and,
     per pruning point, one branch of its switch."""

@@ -110,14 +110,26 @@ def token_throughput(
 
 
 def batch1_speeds(
-    dense_model, dense_variables, model, variables, images, *, seconds: float, rounds: int = 3
+    dense_model,
+    dense_variables,
+    model,
+    variables,
+    images,
+    *,
+    seconds: float,
+    rounds: int = 3,
+    compiler_options: dict | None = None,
 ) -> tuple[float, float]:
     """Images/s at batch 1 of a dense model and of a model that drops tokens
     (`models.tokens.dropping`), interleaved round by round (`timing.interleaved`) on the same
     images, one per call, already on the device; medians over the rounds. A latency ratio
-    taken from two separate timings would fold in whatever else the machine did between."""
-    dense = jax.jit(dense_model.apply)
-    drop = tokens.compiled(model)
+    taken from two separate timings would fold in whatever else the machine did between.
+    `compiler_options`: XLA's, for both programs."""
+    if compiler_options:
+        dense = jax.jit(dense_model.apply, compiler_options=compiler_options)
+        drop = jax.jit(tokens.dropping(model), compiler_options=compiler_options)
+    else:
+        dense, drop = jax.jit(dense_model.apply), tokens.compiled(model)
     singles = [images[i : i + 1] for i in range(min(len(images), 64))]
     speeds = timing.interleaved(
         {
