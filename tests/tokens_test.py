@@ -262,6 +262,30 @@ def test_amap_and_asvit_export_channels_and_tokens_exactly():
     assert np.mean(per_image) / macs.model_macs(ARCH) <= 0.5 + 1e-6
 
 
+@pytest.mark.parametrize("target, trimmed", [(0.5, False), (0.08, True)])
+def test_amap_and_asvit_meet_the_rest_of_the_budget_with_tokens_before_channels(target, trimmed):
+    """The search's channel masks stay when one shift of the thresholds meets the target on the
+    calibration batch; channels are trimmed only for what the tokens cannot do alone."""
+    method = AmapAsVit(
+        target=target,
+        amap=methods.Amap(target=target, init="constant"),
+        asvit=AsVit(target=target, threshold_init=0.0),
+    )
+    params = random_params(param_shapes(models.build(ARCH))["params"], 4)
+    images = jnp.asarray(random_images(ARCH, 16, 6))
+    variables = method.initialize(ARCH, params, calibration=calibration_of(images), seed=0)
+    rng = np.random.default_rng(1)
+    variables["indicators"] = jax.tree.map(
+        lambda x: rng.normal(1.5, 2.0, x.shape).astype(np.float32), variables["indicators"]
+    )
+    searched = method.channel_widths(ARCH, variables)
+    final = method.finalize(ARCH, variables, calibration=calibration_of(images))
+    widths = method.channel_widths(ARCH, final)
+    assert (widths != searched) == trimmed
+    assert np.all(np.asarray(widths) <= np.asarray(searched))
+    assert asvit.search_ratio(method, ARCH, final, calibration_of(images)) <= target + 1e-6
+
+
 def test_macs_of_kept_counts_do_not_overflow_at_deit_s_scale():
     from amap_jax.models.arch import vit_arch
 
