@@ -482,7 +482,7 @@ def test_docs_page_holds_every_current_result_and_its_tagged_runs(tmp_path, monk
     own = page.split("## vs_timm_cpu_ynn_reduce")[0].split("## vs_timm_cpu:")[1]
     assert "vs_timm_cpu.png" in own and "ynn_reduce.png" not in own  # each run its own plot
     assert "| S | 1.5 |" in page
-    # a heading is the bench's whole first paragraph; its description is on the page once
+    # a heading is the bench's first sentence, on one line; its description is on the page once
     title, rest = docs.described("vs_timm")
     assert page.count(f"## vs_timm_cpu_ynn_reduce: {title}\n") == 1 and "\n" not in title
     assert page.count(rest) == 1 and "under vs_timm_cpu above" in page

@@ -234,11 +234,13 @@ def test_recalibration_of_an_export_lands_on_the_target():
         assert 0.58 < ratio <= 0.6, start
 
 
-def test_amap_and_asvit_export_channels_and_tokens_exactly():
+def _searched_amap_asvit(target: float, threshold_init: float):
+    """(method, calibration images, variables) of AMAP+AS-ViT with indicators as a search
+    might leave them: random logits around keep."""
     method = AmapAsVit(
-        target=0.5,
-        amap=methods.Amap(target=0.5, init="constant"),
-        asvit=AsVit(target=0.5, threshold_init=0.8),
+        target=target,
+        amap=methods.Amap(target=target, init="constant"),
+        asvit=AsVit(target=target, threshold_init=threshold_init),
     )
     params = random_params(param_shapes(models.build(ARCH))["params"], 4)
     images = jnp.asarray(random_images(ARCH, 16, 6))
@@ -247,6 +249,11 @@ def test_amap_and_asvit_export_channels_and_tokens_exactly():
     variables["indicators"] = jax.tree.map(
         lambda x: rng.normal(1.5, 2.0, x.shape).astype(np.float32), variables["indicators"]
     )
+    return method, images, variables
+
+
+def test_amap_and_asvit_export_channels_and_tokens_exactly():
+    method, images, variables = _searched_amap_asvit(0.5, threshold_init=0.8)
     final = method.finalize(ARCH, variables, calibration=calibration_of(images))
     masked, keeps = _masked(method, final, images)
     small_arch, small_params = method.export(ARCH, final)
@@ -266,18 +273,7 @@ def test_amap_and_asvit_export_channels_and_tokens_exactly():
 def test_amap_and_asvit_meet_the_rest_of_the_budget_with_tokens_before_channels(target, trimmed):
     """The search's channel masks stay when one shift of the thresholds meets the target on the
     calibration batch; channels are trimmed only for what the tokens cannot do alone."""
-    method = AmapAsVit(
-        target=target,
-        amap=methods.Amap(target=target, init="constant"),
-        asvit=AsVit(target=target, threshold_init=0.0),
-    )
-    params = random_params(param_shapes(models.build(ARCH))["params"], 4)
-    images = jnp.asarray(random_images(ARCH, 16, 6))
-    variables = method.initialize(ARCH, params, calibration=calibration_of(images), seed=0)
-    rng = np.random.default_rng(1)
-    variables["indicators"] = jax.tree.map(
-        lambda x: rng.normal(1.5, 2.0, x.shape).astype(np.float32), variables["indicators"]
-    )
+    method, images, variables = _searched_amap_asvit(target, threshold_init=0.0)
     searched = method.channel_widths(ARCH, variables)
     final = method.finalize(ARCH, variables, calibration=calibration_of(images))
     widths = method.channel_widths(ARCH, final)

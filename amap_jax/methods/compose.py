@@ -130,31 +130,31 @@ class AmapAsVit(Method):
         return amap_lib.hard_widths(arch, variables, self.amap.spec)
 
     def finalize(self, arch, variables, calibration=None):
-        if calibration is not None:  # the rest of the budget from the tokens, if they can
-            kept = {
-                **variables,
-                INDICATORS: amap_lib.finalize_indicators(arch, variables, self.amap.spec, 1.0),
-            }
-            kept[THRESHOLDS] = asvit_lib.calibrate(self, arch, kept, calibration)
-            if asvit_lib.search_ratio(self, arch, kept, calibration) <= self.target + 1e-6:
-                return kept
-        mean_tokens = None
-        if calibration is not None:  # the tokens the channels will see
-            images = calibration(self.asvit.calibration_batch).images
-            model = models.build(arch, sites=self)
-            _, reports = jax.jit(lambda v, x: model.apply(v, x, mutable=[tokens.REPORTS]))(
-                variables, images
-            )
-            keeps = reports[tokens.REPORTS]["token_gate"]["keep"]
-            kept = [float(jnp.mean(jnp.sum(k, axis=-1))) for k in keeps]
-            mean_tokens = macs.token_counts(arch, self.token_points(arch), kept)
-        fixed = amap_lib.finalize_indicators(
-            arch, variables, self.amap.spec, self.target, tokens=mean_tokens
-        )
-        variables = {**variables, INDICATORS: fixed}
+        spec = self.amap.spec
         if calibration is None:
-            return variables
-        return {**variables, THRESHOLDS: asvit_lib.calibrate(self, arch, variables, calibration)}
+            fixed = amap_lib.finalize_indicators(arch, variables, spec, self.target)
+            return {**variables, INDICATORS: fixed}
+        # The search's channel masks (a ratio of 1.0 trims none), the rest of the budget from
+        # one shift of the thresholds ...
+        untrimmed = {
+            **variables,
+            INDICATORS: amap_lib.finalize_indicators(arch, variables, spec, 1.0),
+        }
+        untrimmed[THRESHOLDS] = asvit_lib.calibrate(self, arch, untrimmed, calibration)
+        if asvit_lib.search_ratio(self, arch, untrimmed, calibration) <= self.target + 1e-6:
+            return untrimmed
+        # ... unless the tokens cannot pay it alone: channels trimmed for the tokens they see.
+        images = calibration(self.asvit.calibration_batch).images
+        model = models.build(arch, sites=self)
+        _, reports = jax.jit(lambda v, x: model.apply(v, x, mutable=[tokens.REPORTS]))(
+            variables, images
+        )
+        keeps = reports[tokens.REPORTS]["token_gate"]["keep"]
+        kept = [float(jnp.mean(jnp.sum(k, axis=-1))) for k in keeps]
+        mean_tokens = macs.token_counts(arch, self.token_points(arch), kept)
+        fixed = amap_lib.finalize_indicators(arch, variables, spec, self.target, tokens=mean_tokens)
+        trimmed = {**variables, INDICATORS: fixed}
+        return {**trimmed, THRESHOLDS: asvit_lib.calibrate(self, arch, trimmed, calibration)}
 
     def search_ratio(self, arch, variables, calibration=None):
         return asvit_lib.search_ratio(self, arch, variables, calibration)

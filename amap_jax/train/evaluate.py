@@ -125,11 +125,12 @@ def batch1_speeds(
     images, one per call, already on the device; medians over the rounds. A latency ratio
     taken from two separate timings would fold in whatever else the machine did between.
     `compiler_options`: XLA's, for both programs."""
-    if compiler_options:
-        dense = jax.jit(dense_model.apply, compiler_options=compiler_options)
-        drop = jax.jit(tokens.dropping(model), compiler_options=compiler_options)
-    else:
-        dense, drop = jax.jit(dense_model.apply), tokens.compiled(model)
+    dense = jax.jit(dense_model.apply, compiler_options=compiler_options or None)
+    drop = (  # the cached program where the options are the default
+        jax.jit(tokens.dropping(model), compiler_options=compiler_options)
+        if compiler_options
+        else tokens.compiled(model)
+    )
     singles = [images[i : i + 1] for i in range(min(len(images), 64))]
     speeds = timing.interleaved(
         {
