@@ -357,6 +357,30 @@ def _kernels(ctx: Context, arch: Arch, params) -> str:
     return names[int(parallel.broadcast(np.asarray(names.index(name))))]
 
 
+def _groups(ctx: Context, arch: Arch, params) -> Arch:
+    """`arch` with the parts its dropping forward runs a batch in: 0 (`asvit.groups`) becomes
+    1 or `tokens.GROUPS`, whichever runs faster here at the bench batch, chosen by process 0
+    for all."""
+    if getattr(arch, "token_groups", 1) != 0:
+        return arch
+    bench, model = ctx.config.eval, ctx.build(arch)
+    images = ctx.inputs(jnp.asarray(ctx.test.calibration_images(max(bench.bench_batch, 64))))
+    rates = {
+        g: evaluate_lib.token_throughput(
+            model, {"params": params}, images, bench.bench_batch, groups=g, seconds=1.0
+        )
+        for g in (1, tokens.GROUPS)
+    }
+    choice = int(parallel.broadcast(np.asarray(max(rates, key=rates.get))))
+    logging.info(
+        "token groups at batch %d: %s; chose %d",
+        bench.bench_batch,
+        ", ".join(f"{g}: {r:.0f} images/s" for g, r in rates.items()),
+        choice,
+    )
+    return arch.replace(token_groups=choice)
+
+
 def _report(
     ctx: Context,
     arch: Arch,
@@ -415,6 +439,7 @@ def _token_report(ctx: Context, model, variables, top1: float, count_arch: Arch)
         "images_per_s": round(speed, 1),
         "kept_tokens_mean": [round(float(x), 2) for x in kept.mean(0)],
         "kept_tokens_of": arch.grid**2,
+        "token_groups": tokens.groups_of(arch),
     }
 
 
@@ -562,6 +587,7 @@ def _run(ctx: Context, arch: Arch, export_dir: str) -> dict:
                 workdir_lib.mark_export(workdir, export_dir)  # ours before it is finished
             padded_arch, padded_params, multiple = _pad(ctx, p_arch, p_params)
             kernels = _kernels(ctx, padded_arch, padded_params)
+            padded_arch = _groups(ctx, padded_arch, padded_params)
             stop.check()
             pruned.save_pruned(
                 export_dir,

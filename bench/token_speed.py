@@ -2,16 +2,18 @@
 
   python -m bench.token_speed [--model S] [--token_batches 1,64] [--token_points 4,7,10]
       [--token_fractions 0.7,0.5,0.35] [--token_images 128] [--token_amap_target 0.7]
-      [--token_buckets x8,x16,g0.8] [--token_pad 0] [--kernels measure] [--rounds 5]
-      [--seconds 4] [--alternations 2] [--tag T]
+      [--token_buckets x8,x16,g0.8] [--token_groups 4] [--token_pad 0] [--kernels measure]
+      [--rounds 5] [--seconds 4] [--alternations 2] [--tag T]
 
 Random weights (speed does not depend on them) and random images. Pruning points before blocks
 4, 7 and 10; each point's threshold is the quantile of its scores (measured on the benchmark
 images with the masked forward, point by point) at which the kept shares of the patch tokens
 are about 0.7 / 0.5 / 0.35. The kept counts and the ideal speedup (dense MACs / the mean MACs
 of the images at their own counts, `amap_jax.pruning.macs`) are printed beside each measured
-one, and the ideal at the counts the program runs (the buckets: the batch's largest count
-rounded up) beside that.
+one, and the ideal at the counts the program runs beside that: the buckets, each the largest
+count of its part of the batch rounded up (a batch runs in `--token_groups` parts sorted by
+kept count, `ViTArch.token_groups`; rows "1 part" time the same model with the whole batch at
+its largest count, as before parts).
 
 Timed against the dense model, float32, at each batch size: the AS-ViT model through
 `models.tokens.dropping` (one compiled program, `tokens.predict`'s, weights as arguments)
@@ -67,6 +69,9 @@ _PAD = flags.DEFINE_integer(
     0,
     "AMAP's widths padded as export_pad pads them: 0 measured (padding.measured, at the "
     "largest timed batch), 1 unpadded, M a multiple of M.",
+)
+_GROUPS = flags.DEFINE_integer(
+    "token_groups", 4, "Parts a batch runs in after each point (models.tokens.GROUPS)."
 )
 _COUNTS = flags.DEFINE_string("token_counts", None, "Internal: the torch worker's kept counts.")
 
@@ -187,14 +192,23 @@ def kept(model, params, images) -> np.ndarray:
     )
 
 
-def ideal(dense_arch, arch, points, counts: np.ndarray, buckets=None, batch: int = 1) -> float:
+def ideal(
+    dense_arch, arch, points, counts: np.ndarray, buckets=None, batch: int = 1, groups: int = 1
+) -> float:
     """Dense MACs / mean MACs of an image: at its own counts, or (`buckets`) at the bucket of
-    its batch's largest count (batches of `batch` in order)."""
+    the largest count of its part of its batch (batches of `batch` in order, each sorted by
+    count at each point into `groups` parts of ceil(batch / groups) images, as
+    `models.tokens.dropping` runs them)."""
     from amap_jax.pruning import macs
 
     n = counts + arch.num_prefix
     if buckets is not None:
-        n = n[: len(n) // batch * batch].reshape(-1, batch, n.shape[1]).max(1)
+        per = -(-batch // groups)
+        n = n[: len(n) // batch * batch].reshape(-1, batch, n.shape[1])
+        n = -np.sort(-n, axis=1)  # each batch's counts, largest first, per point
+        for start in range(0, batch, per):
+            n[:, start : start + per] = n[:, start : start + 1]  # a part's largest count
+        n = n.reshape(-1, n.shape[-1])
         n = np.asarray(buckets)[np.searchsorted(buckets, n)]
     per_image = macs.model_macs(arch, None, macs.token_counts(arch, points, list(n.T)))
     return float(macs.model_macs(dense_arch) / np.mean(per_image))
@@ -294,7 +308,12 @@ def bucket_costs(model, params, counts, dense_arch) -> list[dict]:
                 "artifact_mb": round(len(data) / 2**20, 2),
                 "export_s": round(export_s, 2),
                 "ideal_at_buckets": {
-                    b: round(ideal(dense_arch, arch, arch.token_points, counts, buckets, b), 3)
+                    b: round(
+                        ideal(
+                            dense_arch, arch, arch.token_points, counts, buckets, b, _GROUPS.value
+                        ),
+                        3,
+                    )
                     for b in _batch_sizes()
                 },
             }
@@ -333,11 +352,17 @@ def jax_functions(built) -> tuple[dict, dict]:
     costs = {}
     for name in ("asvit", "amap+asvit"):
         model, params, _ = built[name]
-        arch = model.arch.replace(token_buckets=bucket_set(_BUCKETS.value[0], dense.num_tokens))
+        arch = model.arch.replace(
+            token_buckets=bucket_set(_BUCKETS.value[0], dense.num_tokens),
+            token_groups=_GROUPS.value,
+        )
         model = model.clone(arch=arch)
-        drop = xla_cpu.jit(tokens.dropping(model), sets[name])
         variables = jax.device_put({"params": params})
+        drop = xla_cpu.jit(tokens.dropping(model), sets[name])
         calls[name] = lambda x, drop=drop, v=variables: drop(v, x)[0]
+        if _GROUPS.value > 1:  # the same model with the whole batch at its largest count
+            whole = xla_cpu.jit(tokens.dropping(model, groups=1), sets[name])
+            calls[f"{name} 1 part"] = lambda x, drop=whole, v=variables: drop(v, x)[0]
         t = time.perf_counter()
         data = artifact.serialize(arch, params)
         costs[f"{name} export_s"] = round(time.perf_counter() - t, 2)
@@ -350,6 +375,8 @@ def jax_functions(built) -> tuple[dict, dict]:
         batches = _batches(built["images"], b)
         fns[b] = {}
         for name, call in calls.items():
+            if b == 1 and name.endswith(" 1 part"):  # batch 1 is never in parts
+                continue
             t = time.perf_counter()
             jax.block_until_ready(call(batches[0]))
             costs[f"{name} b{b} compile_s"] = round(time.perf_counter() - t, 2)
@@ -441,7 +468,9 @@ def markdown(meta: dict, rows: list[dict], buckets: list[dict]) -> str:
         f"amap+asvit {meta['kept']['amap+asvit']}; {meta['alternations']} alternations x "
         f"{meta['rounds']} rounds ({meta['device']}, {meta['cpus']} CPUs). Speedups are over "
         "the dense model run the same way: the program's over `model.apply`, the artifact's "
-        "over the dense artifact, timm's over timm's dense. AMAP's widths padded: "
+        "over the dense artifact, timm's over timm's dense. A batch runs in "
+        f"{meta['token_groups']} parts sorted by kept count, each at its own bucket ('1 part': "
+        "the whole batch at its largest count). AMAP's widths padded: "
         f"{meta['amap_padding']['choice']}; CPU kernel sets: "
         + ", ".join(f"{k} {v}" for k, v in meta["cpu_kernels"].items())
         + ".",
@@ -491,12 +520,13 @@ def rows_of(runs: dict, ideals: dict) -> list[dict]:
             for name in per[0]["images_per_s"]:
                 label = name if side == "jax" else f"timm {name}"
                 row = {"batch": b, "model": label, **summary(per, name)}
-                kind = name.removesuffix(" artifact")
+                kind = name.removesuffix(" artifact").removesuffix(" 1 part")
                 if kind in ideals:
                     row["ideal"] = ideals[kind]["ideal"]
                     row["efficiency"] = round(row["speedup"] / row["ideal"], 3)
                     if side == "jax":
-                        row["ideal_at_buckets"] = ideals[kind]["at_buckets"][b]
+                        whole = name.endswith(" 1 part")
+                        row["ideal_at_buckets"] = ideals[kind]["at_buckets" + whole * "_1"][b]
                 rows.append(row)
     for b in _batch_sizes():  # ours over timm at the same kept tokens
         ours = [r for r in rows if r["batch"] == b and r["model"] in ("asvit", "asvit artifact")]
@@ -526,6 +556,10 @@ def main(_):
         ideals[name] = {
             "ideal": round(ideal(dense, arch, points, counts), 3),
             "at_buckets": {
+                b: round(ideal(dense, arch, points, counts, first, b, _GROUPS.value), 3)
+                for b in _batch_sizes()
+            },
+            "at_buckets_1": {
                 b: round(ideal(dense, arch, points, counts, first, b), 3) for b in _batch_sizes()
             },
         }
@@ -557,6 +591,7 @@ def main(_):
         "kept": kept_mean,
         "images": _IMAGES.value,
         "timed_buckets": _BUCKETS.value[0],
+        "token_groups": _GROUPS.value,
         "amap_padding": {k: built["pad"][k] for k in ("choice", "gains")},
         "cpu_kernels": built["kernels"],
         "rounds": common.ROUNDS.value,

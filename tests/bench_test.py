@@ -380,6 +380,15 @@ def test_token_speed_buckets_ideals_and_same_round_ratios():
     one = token_speed.ideal(arch, pruned, (1, 2, 3), counts, (8, 16, 17), 1)
     two = token_speed.ideal(arch, pruned, (1, 2, 3), counts, (8, 16, 17), 2)
     assert exact > one > two > 1.0
+    # A batch in parts sorted by count: each part at its own largest count. 4 parts of 4
+    # images are each image alone; 2 parts put the 12 with one 4, the other two 4s alone.
+    whole = token_speed.ideal(arch, pruned, (1, 2, 3), counts, (8, 16, 17), 4)
+    halves = token_speed.ideal(arch, pruned, (1, 2, 3), counts, (8, 16, 17), 4, groups=2)
+    quarters = token_speed.ideal(arch, pruned, (1, 2, 3), counts, (8, 16, 17), 4, groups=4)
+    assert quarters == pytest.approx(one) and one > halves > whole
+    assert halves == pytest.approx(
+        token_speed.ideal(arch, pruned, (1, 2, 3), np.array([[15] * 3] * 2 + [[7] * 3] * 2))
+    )
 
 
 def test_token_speed_pads_amap_widths_as_an_export_and_counts_the_unpadded_ones():

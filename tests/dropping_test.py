@@ -25,7 +25,8 @@ POINTS = (1, 2, 3)
 
 
 def _arch(distilled=False):
-    """65 tokens (66 distilled): 64 patches of 2x2 pixels on 16x16 images; buckets of 4."""
+    """65 tokens (66 distilled): 64 patches of 2x2 pixels on 16x16 images; buckets of 4; a
+    batch in 4 parts (the artifact's symbolic batch too: 1 and 5 images leave parts empty)."""
     arch = vit_arch(
         "mini",
         in_chans=1,
@@ -35,7 +36,9 @@ def _arch(distilled=False):
         patch_size=2,
         distilled=distilled,
     )
-    return arch.replace(token_points=POINTS, token_buckets=tokens.multiples(arch, 4))
+    return arch.replace(
+        token_points=POINTS, token_buckets=tokens.multiples(arch, 4), token_groups=tokens.GROUPS
+    )
 
 
 @functools.cache
@@ -67,6 +70,12 @@ def test_one_program_equals_the_masked_forward_and_each_image_alone(distilled):
     forward = jax.jit(tokens.dropping(model))
     logits, counts = forward(variables, images)
     assert float(np.abs(np.asarray(logits) - masked).max()) <= 1e-5
+    # The batch in parts sorted by count, padded parts included (4 parts of 6 images: 2, 2,
+    # 2 and 0): the same logits and each image's counts in its own row.
+    for groups in (1, 2, 4, 8):
+        logits_g, counts_g = jax.jit(tokens.dropping(model, groups=groups))(variables, images)
+        assert float(np.abs(np.asarray(logits_g) - masked).max()) <= 1e-5, groups
+        np.testing.assert_array_equal(np.asarray(counts_g), np.asarray(counts))
     buckets = tokens.buckets_of(arch)
     own = []
     for i in range(len(images)):
@@ -74,7 +83,7 @@ def test_one_program_equals_the_masked_forward_and_each_image_alone(distilled):
         assert float(np.abs(np.asarray(alone) - masked[i : i + 1]).max()) <= 1e-5
         np.testing.assert_array_equal(np.asarray(count[0]), np.asarray(counts[i]))
         own.append([_bucket(buckets, c + arch.num_prefix) for c in np.asarray(count[0])])
-    # At every point the images alone take different buckets; in the batch they share one.
+    # At every point the images alone take different buckets (so do the parts of the batch).
     own = np.asarray(own)
     assert all(len(set(own[:, k])) > 1 for k in range(len(POINTS))), own
     assert np.asarray(counts).max() < arch.grid**2  # tokens were dropped
@@ -106,15 +115,19 @@ def _custom_calls(text: str) -> list[str]:
 
 def test_the_program_has_a_conditional_and_no_host_callback():
     model, variables = _model()
-    images = random_images(model.arch, 2, 0)
-    text = jax.jit(tokens.dropping(model)).lower(variables, images).as_text()
-    assert text.count("stablehlo.case") == len(POINTS)  # one switch per point
-    calls = _custom_calls(text)
-    assert not [c for c in calls if "callback" in c.lower() or "host" in c.lower()], calls
-    assert "callback" not in text.lower()
+    for batch in (1, 2):
+        images = random_images(model.arch, batch, 0)
+        text = jax.jit(tokens.dropping(model)).lower(variables, images).as_text()
+        assert text.count("stablehlo.case") == len(POINTS)  # one switch per point
+        calls = _custom_calls(text)
+        assert not [c for c in calls if "callback" in c.lower() or "host" in c.lower()], calls
+        assert "callback" not in text.lower()
     # Batch 1 is bound by kernel launches: the bucket is picked without a loop (a binary search
-    # is a while loop of launches) and the prefix tokens are set without a scatter.
-    assert "stablehlo.while" not in text and "scatter" not in text, "a loop or scatter is back"
+    # is a while loop of launches) and the prefix tokens are set without a scatter. A batch
+    # runs its parts in one loop per point.
+    assert text.count("stablehlo.while") == len(POINTS)
+    one = jax.jit(tokens.dropping(model)).lower(variables, images[:1]).as_text()
+    assert "stablehlo.while" not in one and "scatter" not in one, "a loop or scatter is back"
     # The check sees a host callback where there is one.
 
     def with_callback(x):
@@ -132,6 +145,7 @@ def test_artifact_holds_the_dropping_forward_at_any_batch():
     assert not isinstance(exported.in_avals[0].shape[0], int)  # the batch stays symbolic
     text = exported.mlir_module()
     assert "stablehlo.case" in text and "callback" not in text.lower()
+    assert "stablehlo.while" in text  # the batch in parts
     call = jax.jit(exported.call)
     for batch in (1, 5):
         images = random_images(arch, batch, 3)
@@ -151,6 +165,7 @@ def test_an_export_with_tokens_runs_them_dropped_on_every_load_path(tmp_path):
     pruned.add_artifact(export)
     loaded, loaded_vars = pruned.load_pruned(export)
     assert loaded.arch.token_buckets == (16, 32, 48, 65)
+    assert loaded.arch.token_groups == tokens.GROUPS
     spec = importlib.util.spec_from_file_location(
         "run_exported", os.path.join(ROOT, "scripts", "run_exported.py")
     )
@@ -193,6 +208,8 @@ def test_buckets_that_cannot_hold_every_count_are_one_line(method):
 def test_non_positive_buckets_are_refused_on_construction():
     with pytest.raises(methods.SettingError, match=r"asvit.buckets \(0, 101\) must be positive"):
         AsVit(buckets=(0, 101))
+    with pytest.raises(methods.SettingError, match=r"asvit.groups must be >= 0 \(0: measured\)"):
+        AsVit(groups=-1)
 
 
 def test_default_buckets_are_multiples_of_8_and_the_full_count():

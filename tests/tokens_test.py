@@ -326,6 +326,8 @@ def test_token_pruning_runs_end_to_end(tmp_path, method):
     assert summary["speedup_batch1"] == pytest.approx(b1, rel=2e-3)
     # bench/kept_tokens.py reads the same keep decisions back from the export
     arch, masks, shown, labels, logits = kept_tokens.collect(str(tmp_path / "w"), 4)
+    # asvit.groups 0: the export measured the parts a batch runs in
+    assert arch.token_groups == p["token_groups"] and p["token_groups"] in (1, tokens.GROUPS)
     np.testing.assert_allclose(masks.sum(-1).mean(0), p["kept_tokens_mean"], atol=0.01)
     rows = kept_tokens.summarize(arch, masks)
     assert [r["point"] for r in rows] == list(arch.token_points)

@@ -69,6 +69,9 @@ class AsVit(Method):
     # bucket and point (models.tokens.dropping); (): multiples of 8 and the full count, which
     # a list must hold.
     buckets: tuple[int, ...] = ()
+    # Parts a batch runs in after each point, sorted by kept count, each at its own bucket
+    # (models.tokens.dropping); 0: 1 or 4, whichever the export runs faster at the bench batch.
+    groups: int = 0
 
     def __post_init__(self):
         object.__setattr__(self, "points", tuple(int(p) for p in self.points))
@@ -83,6 +86,7 @@ class AsVit(Method):
             self.budget_weight >= 0, f"asvit.budget_weight must be >= 0, got {self.budget_weight}"
         )
         check(self.calibration_batch >= 1, "asvit.calibration_batch must be >= 1")
+        check(self.groups >= 0, f"asvit.groups must be >= 0 (0: measured), got {self.groups}")
 
     def check(self, arch):
         try:
@@ -115,6 +119,9 @@ class AsVit(Method):
             f"{arch.name or 'ViT'} image: add {n}",
         )
         return tokens.check_buckets(arch, self.buckets or tokens.default_buckets(arch))
+
+    def token_groups(self) -> int:
+        return self.groups
 
     def token_mask(self, gate, k, score):
         theta = gate.variable(THRESHOLDS, f"point_{k}", jnp.full, (), self.threshold_init).value
@@ -190,10 +197,12 @@ def thresholds_of(variables) -> np.ndarray:
 
 
 def token_export(method, arch, p_arch, p_params, variables):
-    """The exported model drops tokens itself: its points, buckets and thresholds become
-    architecture and parameters."""
+    """The exported model drops tokens itself: its points, buckets, parts (0: measured by the
+    pipeline's export) and thresholds become architecture and parameters."""
     p_arch = p_arch.replace(
-        token_points=method.token_points(arch), token_buckets=method.token_buckets(arch)
+        token_points=method.token_points(arch),
+        token_buckets=method.token_buckets(arch),
+        token_groups=method.token_groups(),
     )
     return p_arch, {**p_params, "token_gate": {"thresholds": thresholds_of(variables)}}
 

@@ -88,6 +88,9 @@ class AmapAsVit(Method):
     def token_buckets(self, arch):
         return self.asvit.token_buckets(arch)
 
+    def token_groups(self):
+        return self.asvit.token_groups()
+
     def token_mask(self, gate, k, score):
         return self.asvit.token_mask(gate, k, score)
 

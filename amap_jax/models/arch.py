@@ -133,7 +133,8 @@ class ViTArch(_Arch):
 
     `distilled` adds DeiT's distillation token and head; the logits are the mean of both heads.
     `token_points`: adaptive token dropping (an exported AS-ViT model), with the token counts
-    its dropping forward is compiled for, `token_buckets`.
+    its dropping forward is compiled for, `token_buckets`, and the parts a batch runs in,
+    `token_groups`.
     """
 
     TYPE = "vit"
@@ -157,6 +158,9 @@ class ViTArch(_Arch):
     # Token counts the segments after a point are compiled for (models.tokens.buckets_of;
     # (): multiples of 8 and the full count).
     token_buckets: tuple[int, ...] = ()
+    # Parts a batch runs in after each point, sorted by kept count (models.tokens.dropping;
+    # 0 until an export measures it, then as 1).
+    token_groups: int = 1
 
     def __post_init__(self):
         self._check_inputs()

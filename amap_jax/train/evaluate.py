@@ -89,12 +89,12 @@ def kept_tokens(model, variables, batches, inputs: Input, mesh) -> np.ndarray:
 
 
 def token_throughput(
-    model, variables, images, batch_size: int, *, buckets=None, seconds: float = 3.0
+    model, variables, images, batch_size: int, *, buckets=None, groups=None, seconds: float = 3.0
 ) -> float:
     """Images per second of inference that really drops tokens on real images (what is kept
     depends on the image), cycling through `images`: `models.tokens.dropping`, one compiled
-    program (`buckets`: None, the architecture's)."""
-    forward = tokens.compiled(model, buckets)
+    program (`buckets`, `groups`: None, the architecture's)."""
+    forward = tokens.compiled(model, buckets, groups)
     n = len(images) // batch_size * batch_size
     batches = [images[i : i + batch_size] for i in range(0, n, batch_size)]
     jax.block_until_ready(forward(variables, batches[0]))  # timing excludes compilation
