@@ -12,7 +12,11 @@ batch 1 a small model is bound by launches, not by MACs, and every pruning point
 (score, sort, gather, bucket choice) that no block saves. `--options` repeats it under other
 XLA:CPU compiler options, both programs alike: the kernel sets an export can carry
 (`amap_jax.xla_cpu`) and ones aimed at per-kernel overhead at batch 1 (no Eigen thread pool,
-XNNPACK, no concurrency-optimised scheduler). Writes bench/results/batch1{_T}.{json,md}.
+XNNPACK, no concurrency-optimised scheduler). Beside them, a ladder that builds the program
+up part by part at static token counts (the mean kept counts), timed against the dense model
+in the same rounds: the blocks alone (the bound: no dropping program runs faster), + the
+statistics the scores need, + the scores and masks, + the sort, gather and key mask, and the
+program itself (+ buckets and switch). Writes bench/results/batch1{_T}.{json,md}.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 
-from amap_jax import logs, pipeline, xla_cpu
+from amap_jax import logs, pipeline, timing, xla_cpu
 from amap_jax.models import tokens
 from amap_jax.train import evaluate as evaluate_lib
 from bench import common, token_speed
@@ -41,6 +45,14 @@ _OPTIONS = flags.DEFINE_list(
     "options", ["default"], f"XLA:CPU option sets, one row each: {', '.join(OPTIONS)}."
 )
 
+STEP_TEXT = {
+    "dense": "the dense model",
+    "blocks": "the blocks at the kept counts, first tokens kept (the bound)",
+    "stats": "class attention and head norms before each point",
+    "gate": "scores and keep masks",
+    "sort": "kept-first sort, gather, key mask",
+    "program": "buckets and switch: the dropping program",
+}
 _FREE = ("parameter", "constant", "get-tuple-element", "bitcast", "tuple")
 
 
@@ -70,6 +82,79 @@ def launches(hlo: str) -> tuple[int, float]:
             names = [n.strip().lstrip("%") for n in m.group(1).split(",")]
             branches += [len(comps[n]) for n in names if n in comps]
     return len(comps["ENTRY"]), float(np.mean(branches)) if branches else 0.0
+
+
+STEPS = ("blocks", "stats", "gate", "sort")  # the ladder: what each adds of the program
+
+
+def cut(model, sizes, step: str = "blocks"):
+    """`(variables, images) -> logits` with `sizes[k]` tokens (prefix first) from the k-th
+    pruning point on, static sizes (no bucket, no switch), adding the dropping program's parts
+    up to `step`: "blocks" the blocks alone, the first tokens kept (a bound: nothing that
+    drops tokens runs faster); "stats" + the class attention and head norms of the block
+    before each point; "gate" + the scores and keep masks; "sort" + the kept-first sort, the
+    gather of the kept tokens and the key mask of the later blocks."""
+    arch, level = model.arch, STEPS.index(step)
+    bounds = (0, *arch.token_points, len(arch.blocks))
+
+    def fn(m, images):
+        x, keep, stats, extra = m.embed(images), None, None, 0.0
+        for k in range(1, len(bounds)):
+            size = sizes[k - 2] if k > 1 else None
+            if size and level == 3:
+                mask = m.token_gate(k - 2, stats, keep)
+                iota = jax.lax.broadcasted_iota(jnp.int32, mask.shape, 1)
+                dropped, slots = jax.lax.sort((-mask, iota), num_keys=1, is_stable=True)
+                x = jnp.take_along_axis(x, slots[:, :size, None], 1, mode="promise_in_bounds")
+                keep = -dropped[:, :size]
+            elif size:
+                if level == 2:
+                    extra = extra + jnp.sum(m.token_gate(k - 2, stats, None))
+                elif level == 1:
+                    extra = extra + sum(jnp.sum(t) for t in stats)
+                x = x[:, :size]
+            last = k == len(bounds) - 1
+            x, stats = m.run(x, bounds[k - 1], bounds[k], keep, stats=level >= 1 and not last)
+        return m.logits(x) + 0.0 * extra  # keeps what `extra` sums in the program
+
+    return lambda variables, images: model.apply(variables, images, method=fn)
+
+
+def ladder(dense_model, dense, model, variables, images, sizes) -> list[dict]:
+    """Batch 1 of each `cut` step and of the dropping program against the dense model, all
+    interleaved (medians of the same-round ratios), with their launches."""
+    fns = {"dense": (jax.jit(dense_model.apply), dense)}
+    fns |= {step: (jax.jit(cut(model, sizes, step)), variables) for step in STEPS}
+    fns["program"] = (tokens.compiled(model), variables)
+    singles = [images[i : i + 1] for i in range(min(len(images), 64))]
+    speeds = timing.interleaved(
+        {
+            name: timing.cycling(lambda x, f=f, v=v: f(v, x), singles)
+            for name, (f, v) in fns.items()
+        },
+        common.SECONDS.value,
+        common.ROUNDS.value,
+        batch=1,
+    )
+    rows = []
+    for name, (f, v) in fns.items():
+        if name == "dense":
+            continue
+        hlo = optimised_hlo(lambda v, x, f=f: f(v, x), v, singles[0])
+        entry, segment = launches(hlo)
+        points = len(model.arch.token_points) if name == "program" else 0
+        ratios = np.asarray(speeds[name]) / np.asarray(speeds["dense"])
+        rows.append(
+            {
+                "step": name,
+                "images_per_s": round(float(np.median(speeds[name])), 1),
+                "us_per_image": round(1e6 / float(np.median(speeds[name])), 1),
+                "speedup": round(float(np.median(ratios)), 3),
+                "launches": round(entry + points * segment),
+            }
+        )
+    dense_us = 1e6 / float(np.median(speeds["dense"]))
+    return [{"step": "dense", "us_per_image": round(dense_us, 1), "speedup": 1.0}, *rows]
 
 
 def optimised_hlo(fn, variables, x, options=None) -> str:
@@ -127,6 +212,9 @@ def main(argv):
             }
         )
         logging.warning("%s: speedup %.3fx", name, rows[-1]["speedup"])
+    sizes = [arch.num_prefix + int(np.ceil(c)) for c in counts.mean(0)]
+    steps = ladder(dense_model, dense, model, variables, images, sizes)
+    logging.warning("ladder: %s", steps)
     md = "\n".join(
         [
             "# Batch 1 of a token-pruned export against its dense model",
@@ -150,9 +238,24 @@ def main(argv):
             "Launches: top-level operations of the optimised HLO that one image runs through "
             "(the dropping program: outside its segments plus one segment per pruning point). "
             "Options: " + "; ".join(f"{n} {OPTIONS[n] or '(none)'}" for n in _OPTIONS.value) + ".",
+            "",
+            f"Where batch 1 goes (default options): the program built up part by part at "
+            f"static token counts, {sizes} tokens from each point on (the mean kept counts "
+            "rounded up, no bucket, no switch), against the dense model, interleaved:",
+            "",
+            "| step | adds | us per image | speedup | launches |",
+            "|---|---|---|---|---|",
+            *(
+                f"| {r['step']} | {STEP_TEXT[r['step']]} | {r['us_per_image']:.0f} | "
+                f"{r['speedup']:.3f}x | {r.get('launches', '-')} |"
+                for r in steps
+            ),
+            "",
+            "The blocks alone at the kept counts bound every dropping program from above.",
         ]
     )
-    common.write("batch1" + common.suffix(), rows, {"workdir": workdir}, md + "\n")
+    meta = {"workdir": workdir, "ladder": steps}
+    common.write("batch1" + common.suffix(), rows, meta, md + "\n")
     print(md)
 
 

@@ -530,3 +530,31 @@ def test_batch1_counts_the_launches_of_the_entry_and_of_one_branch():
     assert entry >= 3 and branch >= 1  # dot + conditional + sort at least; a dot per branch
     plain = jax.jit(lambda x: jnp.tanh(x @ x.T)).lower(x).compile().as_text()
     assert batch1.launches(plain)[1] == 0.0 and batch1.launches(plain)[0] < entry
+
+
+def test_batch1_ladder_builds_the_program_up_and_starts_at_the_blocks_alone():
+    """`bench.batch1`'s ladder: every step with every token kept is the model itself; its
+    first step (the bound) keeps the first tokens by a static slice, with no sort or switch
+    and fewer launches than the dropping program."""
+    from conftest import param_shapes, random_images, random_params
+
+    from amap_jax import models
+    from amap_jax.models import tokens
+    from amap_jax.models.arch import vit_arch
+    from bench import batch1
+
+    arch = vit_arch("mini", in_chans=1, num_classes=10, pattern="SSSS", image_size=16, patch_size=4)
+    model = models.build(arch.replace(token_points=(1, 2, 3)))
+    params = random_params(param_shapes(model)["params"], 0)
+    params["token_gate"]["thresholds"] = np.full(3, -np.inf, np.float32)  # keep every token
+    variables, images = {"params": params}, random_images(model.arch, 2, 0)
+    masked = jax.jit(model.apply)(variables, images)
+    for step in batch1.STEPS:
+        every = jax.jit(batch1.cut(model, [arch.num_tokens] * 3, step))(variables, images)
+        np.testing.assert_allclose(np.asarray(every), np.asarray(masked), atol=1e-5)
+    hlo = batch1.optimised_hlo(batch1.cut(model, (9, 5, 3)), variables, images[:1])
+    assert " sort(" not in hlo and " conditional(" not in hlo
+    entry, segment = batch1.launches(
+        batch1.optimised_hlo(tokens.dropping(model), variables, images[:1])
+    )
+    assert batch1.launches(hlo)[0] < entry + 3 * segment

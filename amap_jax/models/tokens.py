@@ -191,9 +191,11 @@ def dropping(model, buckets=None, groups: int | None = None):
     def segment(k, size):
         last = k == len(pts) - 1
 
-        def run(m, x, keep):
-            x, keep = x[:, :size], keep[:, :size]
-            x, stats = m.run(x, bounds[k], bounds[k + 1], keep, stats=not last)
+        def run(m, x, slots, dropped):
+            # the first `size` tokens in kept-first order: one gather (sorting all of x
+            # outside and slicing here would be two launches)
+            x = jnp.take_along_axis(x, slots[:, :size, None], axis=1, mode="promise_in_bounds")
+            x, stats = m.run(x, bounds[k], bounds[k + 1], -dropped[:, :size], stats=not last)
             if last:
                 return m.logits(x)
             pad = lambda t: jnp.pad(t, [(0, 0)] * (t.ndim - 1) + [(0, n - size)])  # noqa: E731
@@ -201,23 +203,26 @@ def dropping(model, buckets=None, groups: int | None = None):
 
         # The variables are an operand of the switch, not a closure of each branch: the
         # weights are then one value shared by every branch (one constant in an export).
-        return lambda v, x, keep: model.apply(v, x, keep, method=run)
+        return lambda v, *args: model.apply(v, *args, method=run)
 
-    sizes = np.asarray(buckets, np.int32)
+    inner = np.asarray(buckets[:-1], np.int32)  # the full count holds every image
 
-    def bucket(kept):
-        index = jnp.searchsorted(sizes, jnp.max(kept), method="compare_all")
-        return jnp.minimum(index, len(buckets) - 1)
+    def bucket(dropped):
+        """The smallest bucket that holds every row's kept count, read off the sorted masks:
+        a count is above bucket s when slot s (from 0) is kept, so no sum and no search."""
+        if not len(inner):
+            return jnp.int32(0)
+        return jnp.sum(jnp.any(dropped[:, inner] < 0, axis=0), dtype=jnp.int32)
 
-    def in_parts(k, variables, x, keep, kept):
+    def in_parts(k, variables, x, slots, dropped):
         """The segment after point k on a batch sorted by kept count (largest first), in
         `groups` parts of ceil(B / groups) images (the batch padded with its last image)."""
         b = x.shape[0]
         per = (b + groups - 1) // groups
         branches = [segment(k, size) for size in buckets]
 
-        def nothing(v, x, keep):
-            shapes = jax.eval_shape(branches[-1], v, x, keep)
+        def nothing(v, *args):
+            shapes = jax.eval_shape(branches[-1], v, *args)
             return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
         def split(t):
@@ -225,12 +230,12 @@ def dropping(model, buckets=None, groups: int | None = None):
             return t.reshape(groups, per, *t.shape[1:])
 
         def part(args):
-            x, keep, kept, real = args
-            index = jnp.where(real, bucket(kept), len(buckets))
-            return jax.lax.switch(index, [*branches, nothing], variables, x, keep)
+            x, slots, dropped, real = args
+            index = jnp.where(real, bucket(dropped), len(buckets))
+            return jax.lax.switch(index, [*branches, nothing], variables, x, slots, dropped)
 
         real = jnp.arange(groups) * per < b
-        out = jax.lax.map(part, (split(x), split(keep), split(kept), real))
+        out = jax.lax.map(part, (split(x), split(slots), split(dropped), real))
         return jax.tree.map(lambda t: t.reshape(groups * per, *t.shape[2:])[:b], out)
 
     def forward(variables, images):
@@ -238,33 +243,36 @@ def dropping(model, buckets=None, groups: int | None = None):
         b = x.shape[0]
         parts = groups > 1 and not (isinstance(b, int) and b == 1)
         order = jnp.arange(b)  # the image each row holds
-        keep, counts = None, []
+        keep, drops = None, []
         for k in range(len(pts)):
             mask = model.apply(variables, stats, keep, method=gate(k))
-            # kept first, each group in its order: one stable sort gives the order and the
-            # sorted mask (an argsort and a gather of the mask would be two more launches)
-            iota = jax.lax.broadcasted_iota(jnp.int32, mask.shape, 1)
+            # Kept first, each group in its order: one stable sort gives the order and the
+            # sorted mask, negated (-1 kept, 0 dropped). The negation is left to the sort's
+            # consumers, where it fuses; a batch of known size sorts a constant iota.
+            if isinstance(b, int):
+                iota = np.broadcast_to(np.arange(mask.shape[1], dtype=np.int32), mask.shape)
+            else:
+                iota = jax.lax.broadcasted_iota(jnp.int32, mask.shape, 1)
             dropped, slots = jax.lax.sort((-mask, iota), dimension=1, is_stable=True, num_keys=1)
-            x = jnp.take_along_axis(x, slots[..., None], axis=1)
-            keep = -dropped
-            kept = jnp.sum(keep, axis=-1).astype(jnp.int32)
             if parts:
-                rows = jnp.argsort(-kept, stable=True)
-                x, keep, kept, order = x[rows], keep[rows], kept[rows], order[rows]
-                out = in_parts(k, variables, x, keep, kept)
+                rows = jnp.argsort(jnp.sum(dropped, axis=-1), stable=True)  # most kept first
+                x, slots, dropped, order = x[rows], slots[rows], dropped[rows], order[rows]
+                out = in_parts(k, variables, x, slots, dropped)
             else:
                 branches = [segment(k, size) for size in buckets]
-                out = jax.lax.switch(bucket(kept), branches, variables, x, keep)
-            counts.append((kept - arch.num_prefix, order))
+                out = jax.lax.switch(bucket(dropped), branches, variables, x, slots, dropped)
+            keep = -dropped
+            drops.append((dropped, order))
             if k < len(pts) - 1:
                 x, stats = out
+
+        # patch tokens kept [B, points], summed in one reduction after the last point
+        kept = jnp.sum(jnp.stack([d for d, _ in drops], 1), axis=-1).astype(jnp.int32)
+        kept = -kept - arch.num_prefix
         if not parts:
-            return out, jnp.stack([c for c, _ in counts], -1)
-
-        def back(t, rows):  # each image's row back in its place
-            return t[jnp.argsort(rows)]
-
-        return back(out, order), jnp.stack([back(c, rows) for c, rows in counts], -1)
+            return out, kept
+        back = [kept[:, k][jnp.argsort(rows)] for k, (_, rows) in enumerate(drops)]
+        return out[jnp.argsort(order)], jnp.stack(back, -1)  # each image in its own row
 
     return forward
 
