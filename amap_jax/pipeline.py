@@ -357,6 +357,12 @@ def _kernels(ctx: Context, arch: Arch, params) -> str:
     return names[int(parallel.broadcast(np.asarray(names.index(name))))]
 
 
+def _bench_images(ctx: Context):
+    """Test images a token export is timed on: what is kept depends on the image."""
+    n = max(ctx.config.eval.bench_batch, 64)
+    return ctx.inputs(jnp.asarray(ctx.test.calibration_images(n)))
+
+
 def _groups(ctx: Context, arch: Arch, params) -> Arch:
     """`arch` with the parts its dropping forward runs a batch in: 0 (`asvit.groups`) becomes
     1 or `tokens.GROUPS`, whichever runs faster here at the bench batch, chosen by process 0
@@ -364,7 +370,7 @@ def _groups(ctx: Context, arch: Arch, params) -> Arch:
     if getattr(arch, "token_groups", 1) != 0:
         return arch
     bench, model = ctx.config.eval, ctx.build(arch)
-    images = ctx.inputs(jnp.asarray(ctx.test.calibration_images(max(bench.bench_batch, 64))))
+    images = _bench_images(ctx)
     rates = {
         g: evaluate_lib.token_throughput(
             model, {"params": params}, images, bench.bench_batch, groups=g, seconds=1.0
@@ -428,7 +434,7 @@ def _token_report(ctx: Context, model, variables, top1: float, count_arch: Arch)
     counts = macs.token_counts(
         arch, arch.token_points, [kept[:, k] + arch.num_prefix for k in range(kept.shape[1])]
     )
-    images = ctx.inputs(jnp.asarray(ctx.test.calibration_images(max(bench.bench_batch, 64))))
+    images = _bench_images(ctx)
     speed = evaluate_lib.token_throughput(
         model, variables, images, bench.bench_batch, seconds=bench.bench_seconds
     )

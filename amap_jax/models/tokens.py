@@ -154,8 +154,8 @@ def dropping(model, buckets=None, groups: int | None = None):
 
     At each pruning point, on the device: the model's gate gives the keep mask; the tokens are
     ordered kept first (each group in its original order, so prefix tokens stay first); the
-    largest kept count picks a bucket K (the smallest of `buckets` that holds it,
-    `jnp.searchsorted`), and `jax.lax.switch` runs the branch compiled for K: the first K
+    largest kept count picks a bucket K (the smallest of `buckets` that holds it, read off the
+    sorted mask), and `jax.lax.switch` runs the branch compiled for K: the first K
     tokens through the blocks up to the next point (or to the logits), padded back to the full
     token count so that every branch has one output type. A program holds points x buckets
     branches; only the taken one runs. Images that keep fewer than K tokens have the extra
@@ -166,8 +166,9 @@ def dropping(model, buckets=None, groups: int | None = None):
     of its own largest count: one image that keeps many tokens costs its part, not the whole
     batch. Parts made only of padding (a batch smaller than `groups`, as the symbolic batch of
     an artifact may be) take a branch that computes nothing. Parts pay off where a part's work
-    outweighs the loop's launches (DeiT-S on CPU at batch 64: 1.12x), not on a small model
-    (Fashion-MNIST's token config: 0.81x), so an export measures its `token_groups`.
+    outweighs the loop's launches (DeiT-S on CPU at batch 64: 1.31x dense in 4 parts, 1.26x in
+    one, `bench.token_speed`), not on a small model (Fashion-MNIST's), so an export measures its
+    `token_groups`.
     `buckets`, `groups`: None, the architecture's (`buckets_of`, `groups_of`); `groups` 1: the
     whole batch at its largest count.
     """
@@ -214,12 +215,11 @@ def dropping(model, buckets=None, groups: int | None = None):
             return jnp.int32(0)
         return jnp.sum(jnp.any(dropped[:, inner] < 0, axis=0), dtype=jnp.int32)
 
-    def in_parts(k, variables, x, slots, dropped):
-        """The segment after point k on a batch sorted by kept count (largest first), in
+    def in_parts(branches, variables, x, slots, dropped):
+        """A point's segment `branches` on a batch sorted by kept count (largest first), in
         `groups` parts of ceil(B / groups) images (the batch padded with its last image)."""
         b = x.shape[0]
         per = (b + groups - 1) // groups
-        branches = [segment(k, size) for size in buckets]
 
         def nothing(v, *args):
             shapes = jax.eval_shape(branches[-1], v, *args)
@@ -254,12 +254,12 @@ def dropping(model, buckets=None, groups: int | None = None):
             else:
                 iota = jax.lax.broadcasted_iota(jnp.int32, mask.shape, 1)
             dropped, slots = jax.lax.sort((-mask, iota), dimension=1, is_stable=True, num_keys=1)
+            branches = [segment(k, size) for size in buckets]
             if parts:
                 rows = jnp.argsort(jnp.sum(dropped, axis=-1), stable=True)  # most kept first
                 x, slots, dropped, order = x[rows], slots[rows], dropped[rows], order[rows]
-                out = in_parts(k, variables, x, slots, dropped)
+                out = in_parts(branches, variables, x, slots, dropped)
             else:
-                branches = [segment(k, size) for size in buckets]
                 out = jax.lax.switch(bucket(dropped), branches, variables, x, slots, dropped)
             keep = -dropped
             drops.append((dropped, order))
