@@ -79,6 +79,35 @@ def test_all_ones_key_mask_equals_the_unmasked_attention():
     np.testing.assert_allclose(np.asarray(masked), np.asarray(plain), rtol=1e-6, atol=1e-6)
 
 
+def test_head_norms_are_each_heads_output_after_the_projection():
+    """The scores' head norms (a Gram matrix per head) equal the norm of what one head adds
+    to the residual stream, measured by scaling every other head's value channels to 0; a
+    head whose output is 0 gets norm 0 and a finite gradient."""
+    block = ARCH.blocks[0]
+    attn = Attention(block, ARCH.geometry()[0])
+    x = np.random.default_rng(0).standard_normal((2, ARCH.num_tokens, ARCH.embed_dim))
+    x = x.astype(np.float32)
+    params = {"params": random_params(param_shapes(attn, x)["params"], 1)}
+    heads, dv = block.heads, block.v_dim
+    v_scale = np.ones(heads * dv, np.float32)
+    v_scale[:dv] = 0.0  # head 0 silenced
+    _, (_, norms) = attn.apply(params, x, v_scale=v_scale, stats=True)
+    bias = attn.apply(params, x, v_scale=np.zeros(heads * dv, np.float32))
+    for h in range(1, heads):
+        alone = np.zeros(heads * dv, np.float32)
+        alone[h * dv : (h + 1) * dv] = 1.0
+        added = attn.apply(params, x, v_scale=alone) - bias
+        np.testing.assert_allclose(
+            np.asarray(norms[:, h]), np.linalg.norm(np.asarray(added), axis=-1), rtol=1e-5
+        )
+    assert np.all(np.asarray(norms[:, 0]) < 1e-9)
+
+    def total(x):
+        return jnp.sum(attn.apply(params, x, v_scale=v_scale, stats=True)[1][1])
+
+    assert np.all(np.isfinite(np.asarray(jax.grad(total)(x))))
+
+
 def test_ste_gradient_reaches_every_threshold():
     method, variables = _setup()
     images = random_images(ARCH, 4, 0)

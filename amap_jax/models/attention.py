@@ -113,15 +113,24 @@ class Attention(nn.Module):
         y = proj(out, rows=v_scale)  # value channels scaled where export folds them
         if not stats:
             return y
-        # A head's output as the residual stream gets it: unchanged by export, which folds
-        # scales into the projection.
-        kernel = scale_rows(proj.variables["params"]["kernel"], v_scale)
-        per_head = jnp.einsum(
-            "bnhd,hde->bhne",
-            out.reshape(*out.shape[:2], a.heads, a.v_dim),
-            kernel.reshape(a.heads, a.v_dim, -1).astype(out.dtype),
+        return y, (
+            cls_attn,
+            self._head_norms(out, scale_rows(proj.variables["params"]["kernel"], v_scale)),
         )
-        return y, (cls_attn, jnp.linalg.norm(per_head.astype(jnp.float32), axis=-1))
+
+    def _head_norms(self, out, kernel):
+        """[B, H, N] norm of each head's output after the projection, as the residual stream
+        gets it (unchanged by export, which folds scales into `kernel`): |o W_h|^2 is
+        o (W_h W_h^T) o^T, a [v, v] Gram matrix per head instead of a [B, H, N, dim] product
+        (on DeiT-S 6x fewer MACs per token and no large intermediate)."""
+        a = self.arch
+        w = kernel.reshape(a.heads, a.v_dim, -1).astype(jnp.float32)
+        o = out.reshape(*out.shape[:2], a.heads, a.v_dim).astype(jnp.float32)
+        gram = jnp.einsum("hde,hfe->hdf", w, w)
+        squares = jnp.einsum("bnhd,hdf,bnhf->bhn", o, gram, o)
+        # Rounding can take a square of an all but zero output below 0; a floor keeps its
+        # root (and gradient) finite.
+        return jnp.sqrt(jnp.maximum(squares, 1e-24))
 
     def _softmax(self, q, k, v, key_mask=None):
         """Softmax normalised after weights x values: one divide per output channel instead of
