@@ -120,28 +120,33 @@ def cut(model, sizes, step: str = "blocks"):
     return lambda variables, images: model.apply(variables, images, method=fn)
 
 
-def ladder(dense_model, dense, model, variables, images, sizes) -> list[dict]:
-    """Batch 1 of each `cut` step and of the dropping program against the dense model, all
-    interleaved (medians of the same-round ratios), with their launches."""
-    fns = {"dense": (jax.jit(dense_model.apply), dense)}
-    fns |= {step: (jax.jit(cut(model, sizes, step)), variables) for step in STEPS}
-    fns["program"] = (tokens.compiled(model), variables)
-    singles = [images[i : i + 1] for i in range(min(len(images), 64))]
+def ladder(
+    dense_model, dense, model, variables, images, sizes, *, batch=1, groups=None, jits=None
+) -> list[dict]:
+    """Batches of `batch` through each `cut` step and through the dropping program (in
+    `groups` parts; None, the architecture's) against the dense model, all interleaved
+    (medians of the same-round ratios), with their launches. `jits`: (dense, pruned) jit
+    functions (a kernel set), else `jax.jit`."""
+    jit_dense, jit = jits or (jax.jit, jax.jit)
+    fns = {"dense": (jit_dense(dense_model.apply), dense)}
+    fns |= {step: (jit(cut(model, sizes, step)), variables) for step in STEPS}
+    fns["program"] = (jit(tokens.dropping(model, groups=groups)), variables)
+    batches = [images[i : i + batch] for i in range(0, min(len(images), 64 * batch), batch)]
+    batches = [b for b in batches if len(b) == batch]
     speeds = timing.interleaved(
         {
-            name: timing.cycling(lambda x, f=f, v=v: f(v, x), singles)
+            name: timing.cycling(lambda x, f=f, v=v: f(v, x), batches)
             for name, (f, v) in fns.items()
         },
         common.SECONDS.value,
         common.ROUNDS.value,
-        batch=1,
+        batch=batch,
     )
     rows = []
     for name, (f, v) in fns.items():
         if name == "dense":
             continue
-        hlo = optimised_hlo(lambda v, x, f=f: f(v, x), v, singles[0])
-        entry, segment = launches(hlo)
+        entry, segment = launches(f.lower(v, batches[0]).compile().as_text())
         points = len(model.arch.token_points) if name == "program" else 0
         ratios = np.asarray(speeds[name]) / np.asarray(speeds["dense"])
         rows.append(

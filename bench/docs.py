@@ -25,6 +25,7 @@ ORDER = (
     ("compare_tokens", "compare"),
     ("search_budget", "search_budget"),
     ("token_speed", "token_speed"),
+    ("token_ladder", "token_ladder"),
     ("batch1", "batch1"),
     ("throughput_cpu", "throughput"),
     ("vs_timm_cpu", "vs_timm"),

@@ -558,3 +558,50 @@ def test_batch1_ladder_builds_the_program_up_and_starts_at_the_blocks_alone():
         batch1.optimised_hlo(tokens.dropping(model), variables, images[:1])
     )
     assert batch1.launches(hlo)[0] < entry + 3 * segment
+
+
+def test_ladder_runs_at_a_batch_in_parts_and_its_table_reads_against_the_ideal():
+    """`bench.token_ladder`'s steps at batch 2 in 2 parts: every step timed against the dense
+    model, each row divided by the ideal, launches shown for batch 1 only."""
+    from absl import flags
+    from absl.testing import flagsaver
+    from conftest import param_shapes, random_images, random_params
+
+    from amap_jax import models
+    from amap_jax.models.arch import vit_arch
+    from bench import batch1, token_ladder
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+    arch = vit_arch("mini", in_chans=1, num_classes=10, pattern="SSSS", image_size=16, patch_size=4)
+    model = models.build(arch.replace(token_points=(1, 2, 3), token_groups=2))
+    dense = models.build(arch)
+    params = random_params(param_shapes(model)["params"], 0)
+    dense_params = {k: v for k, v in params.items() if k != "token_gate"}
+    images = random_images(model.arch, 4, 0)
+    with flagsaver.flagsaver(seconds=0.01, rounds=1):
+        steps = batch1.ladder(
+            dense, {"params": dense_params}, model, {"params": params}, images, [9, 5, 3], batch=2
+        )
+    assert [s["step"] for s in steps] == ["dense", *batch1.STEPS, "program"]
+    assert all(s["us_per_image"] > 0 and s["speedup"] > 0 for s in steps)
+    rows = [
+        {"model": "asvit", "batch": b, **s, "of_ideal": s["speedup"] / 2}
+        for b in (1, 2)
+        for s in steps
+    ]
+    meta = dict(
+        model="m",
+        image_size=16,
+        points=[1, 2, 3],
+        rounds=1,
+        cpus=2,
+        kernels={},
+        sizes={},
+        ideals={"asvit": 2.0},
+        groups=2,
+    )
+    table = token_ladder.markdown(meta, rows).splitlines()
+    program = [line for line in table if "| program |" in line]
+    assert program[0].endswith(f"| {steps[-1]['launches']} |") and program[1].endswith("| - |")
+    assert f"{steps[-1]['speedup'] / 2:.2f}" in program[0]
