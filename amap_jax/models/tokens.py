@@ -166,7 +166,7 @@ def dropping(model, buckets=None, groups: int | None = None):
     of its own largest count: one image that keeps many tokens costs its part, not the whole
     batch. Parts made only of padding (a batch smaller than `groups`, as the symbolic batch of
     an artifact may be) take a branch that computes nothing. Parts pay off where a part's work
-    outweighs the loop's launches (DeiT-S on CPU at batch 64: 1.31x dense in 4 parts, 1.26x in
+    outweighs the loop's launches (DeiT-S on CPU at batch 64: 1.36x dense in 4 parts, 1.31x in
     one, `bench.token_speed`), not on a small model (Fashion-MNIST's), so an export measures its
     `token_groups`.
     `buckets`, `groups`: None, the architecture's (`buckets_of`, `groups_of`); `groups` 1: the
