@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import time
 
-import jax
 import numpy as np
 from absl import app, logging
 
@@ -113,7 +112,6 @@ def main(argv):
         "kernels": built["kernels"],
         "rounds": common.ROUNDS.value,
         "seconds": common.SECONDS.value,
-        "device": str(jax.devices()[0].device_kind),
         "cpus": common.cpus(),
     }
     md = markdown(meta, rows)
