@@ -32,7 +32,13 @@ _KEYS = {
     "export": ("export_pad",),
 }
 # Entries inside those that never change a result.
-_FREE = ("data.data_dir", "data.image_folder", "search.target_tolerance")
+_FREE = (
+    "data.data_dir",
+    "data.image_folder",
+    "data.val_split",
+    "data.test_split",
+    "search.target_tolerance",
+)
 
 
 class ConfigChangedError(ValueError):

@@ -55,6 +55,7 @@ def get_config(model: str = "flatten_swin_t"):
 
     c.data.name = "imagenet2012"
     c.data.train_split = "train"
+    c.data.val_split = ""  # ImageNet's validation split is the reported (test) one
     c.data.test_split = "validation"
     c.data.image_size = 224
     c.data.mixup_alpha = 0.8

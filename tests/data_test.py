@@ -189,3 +189,21 @@ def test_augment_varies_per_image():
     assert all(np.array_equal(x, image) or np.array_equal(x, image[:, ::-1]) for x in flipped)
     same = data.augment(jax.random.key(2), images, crop_padding=0, flip=False)
     np.testing.assert_array_equal(same, images)
+
+
+def test_default_validation_split_is_the_last_tenth_of_train():
+    """Defaults are chosen on data.val_split: the training split's last 10% (Fashion-MNIST:
+    54k / 6k), disjoint from what the model trains on; the test split is read only to report."""
+    from amap_jax.config import defaults
+
+    d = defaults().data
+    full = data.load_source("digits", "train")
+    train, val = data.load_source("digits", d.train_split), data.load_source("digits", d.val_split)
+    assert len(train) + len(val) == len(full) and len(val) == round(0.1 * len(full))
+    images = full.get(np.arange(len(full)))["image"]
+    np.testing.assert_array_equal(val.get(np.arange(len(val)))["image"], images[len(train) :])
+    assert data.sources.parse_split(d.train_split, {"train": 60000}) == (
+        "train",
+        slice(None, 54000),
+    )
+    assert data.sources.parse_split(d.val_split, {"train": 60000}) == ("train", slice(54000, None))

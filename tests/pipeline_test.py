@@ -42,6 +42,19 @@ def test_run_writes_summary_and_export(finished_run):
     assert b["target"] == 0.6 and b["tolerance"] == 0.02
     assert b["achieved"] == summary["macs_ratio"] and b["met"] == (abs(b["achieved"] - 0.6) <= 0.02)
     assert b["fixup"] == pytest.approx(b["search_end"] - b["achieved"], abs=1e-3)
+    # Test numbers above; the validation split (carved from the training data) beside them.
+    assert summary["splits"] == {"train": "train[:90%]", "val": "train[90%:]", "test": "test"}
+    val = summary["val"]
+    assert set(val) == {
+        "dense_top1",
+        "pruned_before_finetune_top1",
+        "finetune_top1_by_epoch",
+        "pruned_top1",
+    }
+    assert val["dense_top1"] > 50 and val["pruned_top1"] > 50
+    assert [e for e, _ in val["finetune_top1_by_epoch"]] == [
+        e for e, _ in summary["finetune_top1_by_epoch"]
+    ]
 
 
 def test_vtp_run_end_to_end_in_bfloat16(tmp_path):
