@@ -42,6 +42,7 @@ class Context:
     process_index: int = 0
     process_count: int = 1
     placement: parallel.Placement | None = None  # jit (default) or pmap
+    val: object = None  # the validation split (data.val_split), where there is one
 
     def compile(self, model, tx, objective, seed: int, teacher=None):
         """The train step of a stage, jitted or pmapped as configured."""
@@ -97,14 +98,31 @@ class Context:
         )
 
     def test_top1(self, model):
-        """`on_epoch` callback: test accuracy of the state's weights."""
-        return lambda _, state: {"test_top1": self.evaluate(model, state.trainable)["top1"]}
+        """`on_epoch` callback: validation and test accuracy of the state's weights."""
 
-    def evaluate(self, model, variables) -> dict:
-        batches = self.test.eval_batches(
+        def on_epoch(_, state):
+            out = {"test_top1": self.evaluate(model, state.trainable)["top1"]}
+            if self.val is not None:
+                out["val_top1"] = self.evaluate(model, state.trainable, "val")["top1"]
+            return out
+
+        return on_epoch
+
+    def evaluate(self, model, variables, split: str = "test") -> dict:
+        """Top-1 and loss on the test split (reported numbers) or the validation split
+        ("val": what defaults and tuning read)."""
+        data = self.val if split == "val" else self.test
+        if data is None:
+            raise ValueError("no validation split: set data.val_split")
+        batches = data.eval_batches(
             self.config.eval.batch_size, self.process_index, self.process_count
         )
         return evaluate(model, variables, batches, self.inputs, self.mesh)
+
+    def val_top1(self, model, variables) -> float | None:
+        return (
+            None if self.val is None else round(self.evaluate(model, variables, "val")["top1"], 2)
+        )
 
     def build(self, arch, method: Method | None = None):
         """The module for `arch` in the configured compute dtype, with `method` at its sites."""
@@ -135,6 +153,13 @@ class Context:
 def build_arch(config, info) -> Arch:
     """The dense architecture: a published one (normalised as it was trained) or one of the
     families at the data's size and statistics."""
+    arch = _family_arch(config, info)
+    if hasattr(arch, "token_head_weight"):
+        arch = arch.replace(token_head_weight=config.model.token_head_weight)
+    return arch
+
+
+def _family_arch(config, info) -> Arch:
     h, _, c = info.image_shape
     m = config.model
     size = config.data.image_size or h or None
@@ -242,7 +267,7 @@ def search(ctx: Context, arch: Arch, dense_params, method: Method):
             state,
             step,
             seed,
-            hooks=method.hooks(arch),
+            hooks=method.hooks(arch, ctx.calibration),
             on_epoch=on_epoch,
             step_args=({"params": dense_params},) if teacher else (),
         )
@@ -455,7 +480,9 @@ def make_context(config, workdir: str) -> tuple[Context, Arch]:
     mesh = parallel.make_mesh(config.num_devices or None)
     d = config.data
     train, test = open_split(d, d.train_split), open_split(d, d.test_split)
-    for split, name in ((train, d.train_split), (test, d.test_split)):
+    val = open_split(d, d.val_split) if d.val_split else None
+    named = [(train, d.train_split), (test, d.test_split)] + ([(val, d.val_split)] if val else [])
+    for split, name in named:
         if len(split) == 0:
             raise ValueError(f"data: split {name!r} of {d.name} is empty")
     for stage in ("train", "search", "finetune", "eval"):
@@ -478,6 +505,7 @@ def make_context(config, workdir: str) -> tuple[Context, Arch]:
         jax.process_index(),
         jax.process_count(),
         parallel.Placement(mesh, config.parallel),
+        val,
     )
     return ctx, arch
 
@@ -532,12 +560,13 @@ def _run(ctx: Context, arch: Arch, export_dir: str) -> dict:
         )
         n = ctx.mesh.devices.size
         logging.info(
-            "model %s: %d params, %.2f MMACs; data %s (%d train / %d test), %d device%s",
+            "model %s: %d params, %.2f MMACs; data %s (%d train / %s%d test), %d device%s",
             arch.name,
             n_params,
             macs.model_macs(arch) / 1e6,
             config.data.name,
             len(ctx.train),
+            "" if ctx.val is None else f"{len(ctx.val)} validation / ",
             len(ctx.test),
             n,
             "" if n == 1 else "s",
@@ -570,6 +599,7 @@ def _run(ctx: Context, arch: Arch, export_dir: str) -> dict:
         masked_eval = ctx.evaluate(masked_model, variables)
         p_arch, p_params = method.export(arch, variables)
         exported_eval = ctx.evaluate(ctx.build(p_arch), {"params": p_params})
+        val_after_search = ctx.val_top1(ctx.build(p_arch), {"params": p_params})
         export_diff = _export_gap(ctx, masked_model, variables, p_arch, p_params)
     logging.info(
         "search done: masked top1 %.2f, exported top1 %.2f, %s %.3f, "
@@ -642,8 +672,21 @@ def _run(ctx: Context, arch: Arch, export_dir: str) -> dict:
             "export_dir": export_dir,
             "export_pad": multiple,
             "reference": config.reference,
+            # Every "top1" above is the test split's; "val" holds the validation split's.
+            "splits": {
+                "train": config.data.train_split,
+                "val": config.data.val_split or None,
+                "test": config.data.test_split,
+            },
             **({"dense_untrained": True} if untrained else {}),
         }
+        if ctx.val is not None:
+            summary["val"] = {
+                "dense_top1": ctx.val_top1(ctx.build(arch), {"params": dense_params}),
+                "pruned_before_finetune_top1": val_after_search,
+                "finetune_top1_by_epoch": finetune_curve(workdir, key="val_top1"),
+                "pruned_top1": ctx.val_top1(model, loaded),
+            }
         s = summary
         s["macs_ratio"] = round(s["pruned"]["macs"] / s["dense"]["macs"], 4)
         s["speedup"] = round(s["pruned"]["images_per_s"] / s["dense"]["images_per_s"], 3)
@@ -678,10 +721,13 @@ def _run(ctx: Context, arch: Arch, export_dir: str) -> dict:
     return summary
 
 
-def finetune_curve(workdir: str, stage: str = "finetune") -> list[list[float]]:
-    """[[epoch, test top-1], ...] of a stage, as its scalars recorded them (every epoch)."""
-    rows = [r for r in scalars.read(workdir) if r["stage"] == stage and "test_top1" in r]
-    return [[round(r["epoch"], 4), round(r["test_top1"], 2)] for r in rows]
+def finetune_curve(
+    workdir: str, stage: str = "finetune", key: str = "test_top1"
+) -> list[list[float]]:
+    """[[epoch, top-1], ...] of a stage (`key`: test_top1 or val_top1), as its scalars recorded
+    them (every epoch)."""
+    rows = [r for r in scalars.read(workdir) if r["stage"] == stage and key in r]
+    return [[round(r["epoch"], 4), round(r[key], 2)] for r in rows]
 
 
 FIXUP_WARNING = 0.02  # a fix-up that removes more than this share of the dense MACs is warned

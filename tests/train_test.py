@@ -8,6 +8,7 @@ import pytest
 from conftest import param_shapes, random_params
 
 from amap_jax import config as config_lib
+from amap_jax import models
 from amap_jax.data import load_source, train_batches
 from amap_jax.methods import amap, similarity
 from amap_jax.methods.amap import INDICATORS, SIMILARITY, Amap
@@ -456,3 +457,77 @@ def test_indicator_moments_follow_the_budget_unless_set(budget, moments, shared)
     }
     assert ("SharedAdamState" in kinds) == shared
     assert ("ScaleByAdamState" in kinds) == (not shared)
+
+
+def _trained_like(seed=0):
+    """ARCH's weights drawn so that activations are O(1) (the default init is near-constant)."""
+    return random_params(param_shapes(ViT(ARCH))["params"], seed)
+
+
+def test_linear_qk_gradients_sum_to_zero_and_softmax_ones_do_not(digits):
+    """The physics `amap.linear_qk` exists for: scaling every q/k channel of a focused linear
+    block leaves its output unchanged, so the straight-through gradients of its q/k indicators
+    sum to ~0; a softmax block's do not."""
+    params = amap.add_reweight(ARCH, _trained_like())
+    images = INPUTS(jnp.asarray(digits.get(np.arange(32))["image"]))
+    method = Amap(init="constant", linear_qk="shift")
+    ind = amap.constant_indicators(ARCH, 1.0)
+    sums = amap.linear_qk_gradient(ARCH, params, ind, images, method)
+    assert list(sums) == ["block_0"]  # ARCH is "LS": one linear block
+    model = models.build(ARCH, sites=method)
+
+    def loss(i):
+        logits = model.apply({"params": params, INDICATORS: i}, images)
+        labels = jnp.argmax(logits, -1)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+    grads = jax.grad(loss)(ind)
+    linear, softmax = grads["block_0"]["qk"], grads["block_1"]["qk"]
+    assert abs(sums["block_0"]) < 1e-4 * float(jnp.sum(jnp.abs(linear)))
+    assert abs(float(jnp.sum(softmax))) > 1e-2 * float(jnp.sum(jnp.abs(softmax)))
+
+
+def test_relevel_ranks_linear_qk_by_the_change_of_removing_them(digits):
+    """After `relevel_linear_qk`, removing the linear block's top q/k channel changes its
+    attention output more than removing its bottom one, and the q/k indicators lie in the
+    range of the same block's value indicators (one currency); softmax blocks are untouched."""
+    params = amap.add_reweight(ARCH, _trained_like(1))
+    images = INPUTS(jnp.asarray(digits.get(np.arange(32))["image"]))
+    rng = np.random.default_rng(0)
+    ind = jax.tree.map(
+        lambda x: jnp.asarray(rng.normal(2.0, 1.5, x.shape), jnp.float32),
+        amap.constant_indicators(ARCH, 0.0),
+    )
+    out = amap.relevel_linear_qk(ARCH, params, ind, images)
+    qk = np.asarray(out["block_0"]["qk"]).ravel()
+    v = np.asarray(ind["block_0"]["v"])
+    assert v.min() - 0.01 <= qk.min() and qk.max() <= v.max() + 0.01
+    assert np.std(qk) > 0.1
+    for g in ("qk", "v", "hidden"):
+        np.testing.assert_array_equal(out["block_1"][g], ind["block_1"][g])
+
+    _, inter = ViT(ARCH).apply(
+        {"params": amap.weights_only(ARCH, params)}, images, mutable=["intermediates"]
+    )
+    y = inter["intermediates"]["block_0"]["attn_input"][0]
+    attn = models.attention(ARCH, 0)
+    variables = {"params": params["block_0"]["attn"]}
+    base = attn.apply(variables, y)
+
+    def change(c):
+        m = jnp.ones(qk.size).at[c].set(0.0)
+        return float(jnp.linalg.norm(attn.apply(variables, y, m) - base))
+
+    assert change(int(qk.argmax())) > change(int(qk.argmin()))
+
+
+def test_linear_qk_exempt_leaves_them_out_of_the_budget_shift():
+    arch = ARCH
+    proj = amap.budget_projection(arch, 0.5, 10, 0.0, exempt_linear_qk=True)
+    ind = amap.constant_indicators(arch, 3.0)
+    zeros = jax.tree.map(jnp.zeros_like, ind)
+    updates, _ = proj.update({INDICATORS: zeros}, proj.init(None), {INDICATORS: ind})
+    moved = updates[INDICATORS]
+    np.testing.assert_array_equal(moved["block_0"]["qk"], 0.0)  # linear q/k: not shifted
+    assert float(jnp.max(moved["block_1"]["qk"])) < -1.0  # softmax q/k: shifted down
+    assert float(jnp.max(moved["block_0"]["v"])) < -1.0

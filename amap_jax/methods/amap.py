@@ -149,6 +149,60 @@ def init_indicators(arch: Arch, params, method: Amap, calib_images=None):
     return ind
 
 
+def linear_blocks(arch: Arch) -> list[int]:
+    return [i for i, b in enumerate(arch.blocks) if b.attn == LINEAR]
+
+
+def weights_only(arch: Arch, params) -> dict:
+    """The model's own weights out of a search's `params` (without its reweight scales)."""
+    return {
+        k: (
+            {n: x for n, x in v.items() if not n.startswith("reweight_")}
+            if k.startswith("block_")
+            else v
+        )
+        for k, v in params.items()
+    }
+
+
+def relevel_linear_qk(arch: Arch, params, indicators, images):
+    """Linear attention's q/k indicators set from how much each channel changes its block.
+
+    A focused linear block computes the same output when all its q (or k) channels are scaled
+    together, so the loss gradients of its q/k multipliers sum to zero: the loss never says how
+    many to keep. Its value channels have no such invariance; their indicators carry the
+    loss's verdict. Both groups are measured in one currency, the relative change of the
+    block's attention output when the channel is removed (`attention_difference`, the
+    paper's signal), and each q/k channel gets the indicator a value channel of the same
+    block with the same change has (quantile matching of the two groups; a sliver of the
+    q/k change's z-score breaks ties, so the order of the q/k channels is the order of their
+    changes). Blocks without linear attention are returned unchanged."""
+    diffs = attention_difference(arch, weights_only(arch, params), images)
+    out = dict(indicators)
+    for blk, d in diffs.items():
+        v_logits = jnp.sort(indicators[blk]["v"].ravel())
+        v_diffs = jnp.sort(d["v"].ravel())
+        qk = jnp.interp(d["qk"], v_diffs, v_logits)
+        z = (d["qk"] - d["qk"].mean()) / (d["qk"].std() + 1e-12)
+        out[blk] = {**indicators[blk], "qk": qk + 1e-3 * z}
+    return out
+
+
+def linear_qk_gradient(arch: Arch, params, indicators, images, method) -> dict:
+    """Per linear block, the sum of the loss gradients of its q/k indicators (through the
+    straight-through masks, on `images` with their argmax as labels): ~0, the scale
+    invariance `relevel_linear_qk` works around. For tests and probes."""
+    model = models.build(arch, sites=method)
+
+    def loss(ind):
+        logits = model.apply({"params": params, INDICATORS: ind}, images)
+        labels = jax.lax.stop_gradient(jnp.argmax(logits, -1))
+        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+    grads = jax.grad(loss)(indicators)
+    return {f"block_{i}": float(jnp.sum(grads[f"block_{i}"]["qk"])) for i in linear_blocks(arch)}
+
+
 def soft_widths(arch: Arch, indicators, head_balanced: bool = True) -> list[tuple]:
     """Expected per-head widths: the sum of keep-probabilities over a group, divided by its
     heads; without head balancing the widest head's sum (export pads every head to it)."""
@@ -279,6 +333,7 @@ def budget_projection(
     head_balanced: bool = True,
     iterations: int = 40,
     shift: str = "uniform",
+    exempt_linear_qk: bool = False,
 ) -> optax.GradientTransformation:
     """Appended to the indicators' optimizer: after each update, every logit moves by the same
     delta (`shift="uniform"`) or by delta x its channel's MACs cost (`"cost"`, `channel_costs`),
@@ -288,10 +343,17 @@ def budget_projection(
     classification loss did to them) decide which channels carry the budget; the cost-weighted
     shift empties the groups with the most MACs per channel first, whatever their importance
     (on FLatten at 0.5 MACs it left 4-5 of 16 q/k channels in the linear blocks and lost 4
-    points of top-1 against the Lagrange multiplier: bench/search_budget.py)."""
+    points of top-1 against the Lagrange multiplier: bench/search_budget.py). With
+    `exempt_linear_qk` the q/k logits of linear attention do not move: the other groups carry
+    the budget (`amap.linear_qk=exempt`)."""
     costs = channel_costs(arch, head_balanced)
     if shift == "uniform":
         costs = jax.tree.map(jnp.ones_like, costs)
+    if exempt_linear_qk:
+        costs = {
+            blk: {**c, "qk": jnp.zeros_like(c["qk"])} if int(blk[6:]) in linear_blocks(arch) else c
+            for blk, c in costs.items()
+        }
 
     def init_fn(params):
         del params
@@ -415,6 +477,14 @@ class Amap(Method):
     # attention only, the paper's rule) or "constant". bench/search_budget.py and
     # bench/compare.py measure them.
     init: str = "output_diff"
+    # Linear attention's q/k channels, which the loss gradient cannot size (their block is
+    # scale invariant: the gradients of its q/k indicators sum to 0, `linear_qk_gradient`):
+    # "exempt" (the budget's shift leaves them, so nothing pushes them out unopposed; the
+    # other groups carry the budget), "difference" (every `similarity_every` steps their
+    # indicators are set from the attention difference, in the currency of the same block's
+    # value channels, `relevel_linear_qk`) or "shift" (like every other group: the budget
+    # drains them). Chosen on the validation split: bench.compare --grid linear_qk.
+    linear_qk: str = "exempt"
     init_on_softmax: bool = False  # the attention-difference rule on softmax blocks too
     init_logit: float = 5.0
     init_spread: float = 1.0
@@ -434,6 +504,10 @@ class Amap(Method):
         check(
             c.init in ("constant", "attn_diff", "output_diff"),
             f"amap.init must be 'constant', 'attn_diff' or 'output_diff', got {c.init!r}",
+        )
+        check(
+            c.linear_qk in ("difference", "exempt", "shift"),
+            f"amap.linear_qk must be 'difference', 'exempt' or 'shift', got {c.linear_qk!r}",
         )
         check(
             c.macs_loss in ("square", "hinge"),
@@ -555,6 +629,7 @@ class Amap(Method):
             self.target_ramp,
             self.head_balanced,
             shift=self.budget_shift,
+            exempt_linear_qk=self.linear_qk == "exempt",
         )
         return optax.chain(adam, project)
 
@@ -579,14 +654,31 @@ class Amap(Method):
             self.head_balanced,
         )
 
-    def hooks(self, arch):
-        if not self.similarity:
-            return ()
-        sim_fn = lambda p: similarity.similarity_weights(arch, p)  # noqa: E731
-        refresh = jax.jit(
-            lambda st: st.replace(extra={**st.extra, SIMILARITY: sim_fn(st.trainable["params"])})
-        )
-        return (Hook(self.similarity_every, refresh),)
+    def relevels(self, arch) -> bool:
+        return self.linear_qk == "difference" and bool(linear_blocks(arch))
+
+    def hooks(self, arch, calibration=None):
+        out = []
+        if self.similarity:
+            sim_fn = lambda p: similarity.similarity_weights(arch, p)  # noqa: E731
+            refresh = jax.jit(
+                lambda st: st.replace(
+                    extra={**st.extra, SIMILARITY: sim_fn(st.trainable["params"])}
+                )
+            )
+            out.append(Hook(self.similarity_every, refresh))
+        if self.relevels(arch):
+            if calibration is None:
+                raise ValueError("amap.linear_qk=difference needs a calibration batch")
+            images = calibration(self.calibration_batch).images
+
+            def relevel(st):
+                t = st.trainable
+                ind = relevel_linear_qk(arch, t["params"], t[INDICATORS], images)
+                return st.replace(trainable={**t, INDICATORS: ind})
+
+            out.append(Hook(self.similarity_every, jax.jit(relevel)))
+        return tuple(out)
 
     def finalize(self, arch, variables, calibration=None):
         fixed = finalize_indicators(arch, variables, self.spec, self.target)

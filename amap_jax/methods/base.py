@@ -117,7 +117,7 @@ class Method:
         search's step (a traced integer)."""
         return None
 
-    def hooks(self, arch: Arch) -> tuple:
+    def hooks(self, arch: Arch, calibration: Calibration | None = None) -> tuple:
         """`train.loop.Hook`s run during the search (e.g. refreshing statistics)."""
         return ()
 

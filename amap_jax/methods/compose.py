@@ -123,8 +123,8 @@ class AmapAsVit(Method):
 
         return budget
 
-    def hooks(self, arch):
-        return self.amap.hooks(arch)
+    def hooks(self, arch, calibration=None):
+        return self.amap.hooks(arch, calibration)
 
     def progress(self, arch, variables):
         return {**self.amap.progress(arch, variables), **self.asvit.progress(arch, variables)}
