@@ -80,11 +80,11 @@ def test_all_ones_key_mask_equals_the_unmasked_attention():
 
 
 def test_head_norms_are_each_heads_output_after_the_projection():
-    """The scores' head norms (a Gram matrix per head) equal the norm of what one head adds
-    to the residual stream, measured by scaling every other head's value channels to 0; a
-    head whose output is 0 gets norm 0 and a finite gradient."""
+    """head_weight="residual": the scores' head norms (a Gram matrix per head) equal the norm
+    of what one head adds to the residual stream, measured by scaling every other head's value
+    channels to 0; a head whose output is 0 gets norm 0 and a finite gradient."""
     block = ARCH.blocks[0]
-    attn = Attention(block, ARCH.geometry()[0])
+    attn = Attention(block, ARCH.geometry()[0], head_weight="residual")
     x = np.random.default_rng(0).standard_normal((2, ARCH.num_tokens, ARCH.embed_dim))
     x = x.astype(np.float32)
     params = {"params": random_params(param_shapes(attn, x)["params"], 1)}
@@ -106,6 +106,36 @@ def test_head_norms_are_each_heads_output_after_the_projection():
         return jnp.sum(attn.apply(params, x, v_scale=v_scale, stats=True)[1][1])
 
     assert np.all(np.isfinite(np.asarray(jax.grad(total)(x))))
+
+
+def test_head_weight_by_default_is_each_heads_attention_output_before_the_projection():
+    """The default head weight is AS-ViT's official one, ||(A_h V_h)_j||: with an identity
+    projection (no bias) the attention's output is A V itself, so each head's slice of it
+    gives the norm; a value channel scaled (reweight) still counts, a removed one (0) does
+    not, as in the export where the scale sits in the projection and the channel is gone."""
+    block = ARCH.blocks[0]
+    attn = Attention(block, ARCH.geometry()[0])
+    assert attn.head_weight == "value"
+    x = np.random.default_rng(0).standard_normal((2, ARCH.num_tokens, ARCH.embed_dim))
+    x = x.astype(np.float32)
+    params = random_params(param_shapes(attn, x)["params"], 1)
+    heads, dv = block.heads, block.v_dim
+    assert heads * dv == ARCH.embed_dim
+    params["proj"] = {"kernel": np.eye(heads * dv, dtype=np.float32), "bias": np.zeros(heads * dv)}
+    keep = np.ones(heads * dv, np.float32)
+    keep[3] = 0.0  # one value channel of head 0 removed
+    av = np.asarray(attn.apply({"params": params}, x, v_scale=keep))  # A V, channel 3 at 0
+    want = np.linalg.norm(av.reshape(2, -1, heads, dv), axis=-1).transpose(0, 2, 1)
+    _, (_, norms) = attn.apply({"params": params}, x, v_scale=keep * 1.7, stats=True)
+    np.testing.assert_allclose(np.asarray(norms), want, rtol=1e-5)
+
+
+def test_token_exports_made_before_the_head_weight_setting_keep_theirs():
+    arch = ARCH.replace(token_points=(1,))
+    old = arch.to_dict()
+    del old["token_head_weight"]
+    assert type(arch).from_dict(old).token_head_weight == "residual"
+    assert type(arch).from_dict(arch.to_dict()).token_head_weight == "value"
 
 
 def test_ste_gradient_reaches_every_threshold():

@@ -4,8 +4,10 @@ needs.
 At every pruning point (DeiT-12: before blocks 4, 7 and 10) a token's score (`models.tokens`) is
 compared with one learnable threshold. The score is the class token's attention to it in the
 block before, summed over heads, each weighted by a per-(head, token) importance: the norm of
-that head's output for that token, normalised over heads (as the paper's official code does,
-`Attention.forward` of Cydia2018/AS-ViT; not one weight per head). The keep mask is the hard
+that head's attention output (A_h V_h)_j for that token, before the output projection,
+normalised over heads (as the paper's official code does, `Attention.forward` of
+Cydia2018/AS-ViT; not one weight per head; `model.token_head_weight=residual` takes the norm
+after the projection instead). The keep mask is the hard
 comparison in the forward pass and a sharp sigmoid of (score - threshold) in the backward pass
 (straight-through). Dropped tokens are masked out as keys of every later block while training;
 the exported model drops them for real. Loss: CE + budget_weight * |mean MACs / dense MACs -

@@ -105,6 +105,8 @@ class _Arch:
         if d.pop("reweight", False):  # exports before methods owned the reweight scales
             raise ValueError("architectures with reweight scales are search-time only")
         d["blocks"] = tuple(_block_from_dict(b) for b in d["blocks"])
+        if d.get("token_points") and "token_head_weight" not in d:
+            d["token_head_weight"] = "residual"  # token exports made before the field
         for key in ("mean", "std", "depths", "token_points", "token_buckets"):
             if key in d:
                 d[key] = tuple(d[key])
@@ -161,9 +163,16 @@ class ViTArch(_Arch):
     # Parts a batch runs in after each point, sorted by kept count (models.tokens.dropping;
     # 0 until an export measures it, then as 1).
     token_groups: int = 1
+    # How token scores weight each head (`models.attention.Attention.head_weight`): "value"
+    # (before the output projection, AS-ViT's official code) or "residual" (after it).
+    token_head_weight: str = "value"
 
     def __post_init__(self):
         self._check_inputs()
+        if self.token_head_weight not in ("value", "residual"):
+            raise ValueError(
+                f"token_head_weight must be 'value' or 'residual', got {self.token_head_weight!r}"
+            )
 
     @property
     def grid(self) -> int:

@@ -91,12 +91,16 @@ class Attention(nn.Module):
     focusing_factor: float = 3.0
     kernel_size: int = 5
     dtype: jnp.dtype = jnp.float32
+    # The per-(head, token) weight of token scores (`stats`): "value", the norm of the head's
+    # attention output (A_h V_h)_j before the output projection (AS-ViT's official code), or
+    # "residual", the norm of what the head adds to the residual stream after it.
+    head_weight: str = "value"
 
     @nn.compact
     def __call__(self, x, qk_mask=None, v_scale=None, key_mask=None, stats=False):
         """`key_mask` [B, N] (token pruning, softmax only): tokens at 0 are no one's keys but
-        their own. With `stats`, also (class attention [B, H, N], norm of each head's output
-        after the projection [B, H, N]): what token scores are made of."""
+        their own. With `stats`, also (class attention [B, H, N], each head's weight
+        [B, H, N], `head_weight`): what token scores are made of."""
         a, g = self.arch, self.geometry
         softmax = a.attn == SOFTMAX
         # On softmax attention a masked q channel drops out of every q.k sum: mask q's kernel.
@@ -113,10 +117,24 @@ class Attention(nn.Module):
         y = proj(out, rows=v_scale)  # value channels scaled where export folds them
         if not stats:
             return y
+        if self.head_weight == "value":
+            return y, (cls_attn, self._value_norms(out, v_scale))
         return y, (
             cls_attn,
             self._head_norms(out, scale_rows(proj.variables["params"]["kernel"], v_scale)),
         )
+
+    def _value_norms(self, out, v_scale):
+        """[B, H, N] norm of each head's attention output before the projection, over the
+        value channels the model keeps (`v_scale` != 0; its reweight scales fold into the
+        projection at export, so they are not part of it): the same in the export."""
+        a = self.arch
+        o = out.reshape(*out.shape[:2], a.heads, a.v_dim).astype(jnp.float32)
+        if v_scale is not None:
+            kept = jax.lax.stop_gradient(v_scale) != 0
+            o = o * kept.reshape(a.heads, a.v_dim).astype(o.dtype)
+        squares = jnp.sum(o * o, axis=-1).transpose(0, 2, 1)
+        return jnp.sqrt(jnp.maximum(squares, 1e-24))  # a floor: finite root and gradient at 0
 
     def _head_norms(self, out, kernel):
         """[B, H, N] norm of each head's output after the projection, as the residual stream

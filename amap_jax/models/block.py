@@ -102,6 +102,7 @@ class Block(nn.Module):
     norm_eps: float = 1e-6
     sites: Sites | None = None
     dtype: jnp.dtype = jnp.float32
+    head_weight: str = "value"  # token scores' head weight (`Attention.head_weight`)
 
     @nn.compact
     def __call__(self, x, key_mask=None, stats=False):
@@ -116,7 +117,15 @@ class Block(nn.Module):
         if g.resolution:
             y = to_windows(y, a, g.resolution)
         self.sow("intermediates", "attn_input", y)
-        attn = Attention(a, g, self.focusing_factor, self.kernel_size, self.dtype, name="attn")
+        attn = Attention(
+            a,
+            g,
+            self.focusing_factor,
+            self.kernel_size,
+            self.dtype,
+            self.head_weight,
+            name="attn",
+        )
         y = attn(y, m.get("qk"), m.get("v"), key_mask, stats)
         if stats:
             y, token_stats = y
@@ -143,7 +152,12 @@ def embed_patches(arch, images: jax.Array, dtype) -> jax.Array:
 def attention(arch, i: int) -> Attention:
     """Block i's attention alone, to apply to its recorded `attn_input` with its `attn` params."""
     b, g = arch.blocks[i], arch.geometry()[i]
-    return Attention(b, g, arch.focusing_factor, arch.kernel_size)
+    return Attention(b, g, arch.focusing_factor, arch.kernel_size, head_weight=head_weight_of(arch))
+
+
+def head_weight_of(arch) -> str:
+    """How token scores weight heads (`ViTArch.token_head_weight`; other families: default)."""
+    return getattr(arch, "token_head_weight", "value")
 
 
 def blocks(arch, sites: Sites | None, dtype, named: bool = True) -> list[Block]:
@@ -159,6 +173,7 @@ def blocks(arch, sites: Sites | None, dtype, named: bool = True) -> list[Block]:
             arch.norm_eps,
             sites,
             dtype,
+            head_weight_of(arch),
             **({"name": f"block_{i}"} if named else {}),
         )
         for i, (b, g) in enumerate(zip(arch.blocks, arch.geometry(), strict=True))
