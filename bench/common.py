@@ -6,6 +6,8 @@ import dataclasses
 import json
 import os
 import platform
+import subprocess
+import sys
 import time
 
 import jax
@@ -119,6 +121,27 @@ def cpus() -> int:
     return len(os.sched_getaffinity(0))
 
 
+def commit() -> str:
+    """The checkout's commit ("+" when it has uncommitted changes), or "" outside git."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        head = subprocess.run(
+            ["git", "-C", root, "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return ""
+    return head + ("+" if dirty else "")
+
+
 def write(name: str, rows: list[dict], meta: dict, markdown: str | None = None) -> str:
     """bench/results/NAME.json (rows, meta and where they were measured), and NAME.md beside
     it when a `markdown` report is given; returns the JSON's path."""
@@ -131,6 +154,9 @@ def write(name: str, rows: list[dict], meta: dict, markdown: str | None = None) 
         "cpus": cpus(),
         "jax": jax.__version__,
         "xla_flags": os.environ.get("XLA_FLAGS", ""),  # e.g. another CPU kernel library
+        "commit": commit(),
+        "argv": sys.argv[1:],
+        "date": time.strftime("%Y-%m-%d"),
     }
     with open(path, "w") as f:
         json.dump({"meta": {**info, **meta}, "rows": rows}, f, indent=1)

@@ -67,6 +67,9 @@ class Grid:
     schedule: dict = dataclasses.field(default_factory=lambda: dict(SCHEDULE))
     reference: str = "amap"  # what every variant is paired with
     cost: str = ""
+    # The split the report reads: "test" (reported numbers) or "val" (a grid that chooses a
+    # default reads the validation split only). Every cell records both.
+    split: str = "test"
 
 
 METHODS = {m: (m, {}) for m in ("amap", "vtp", "magnitude", "random")}
@@ -83,6 +86,8 @@ GRIDS = {
             "amap: init=constant": ("amap", {"amap.init": "constant"}),
             "amap: init=attn_diff": ("amap", {"amap.init": "attn_diff"}),
             "amap: no head balancing": ("amap", {"amap.head_balanced": False}),
+            "amap: linear_qk=shift": ("amap", {"amap.linear_qk": "shift"}),
+            "amap: linear_qk=difference": ("amap", {"amap.linear_qk": "difference"}),
             "vtp: fold_scores": ("vtp", {"vtp.fold_scores": True}),
             "vtp: l1 1e-5": ("vtp", {"vtp.l1_weight": 1e-5}),
             "vtp: l1 1e-3": ("vtp", {"vtp.l1_weight": 1e-3}),
@@ -95,6 +100,21 @@ GRIDS = {
         {m: (m, {}) for m in ("amap", "asvit", "amap+asvit")},
         # measured: a dense model 22 min on one core, an AMAP cell 7, an AS-ViT cell 10
         cost="about 2-2.5 hours on 2 cores",
+    ),
+    # Which q/k signal for focused linear attention (`amap.linear_qk`): the search alone,
+    # read on the validation split, to choose the default.
+    "linear_qk": Grid(
+        ("flatten",),
+        (0.5, 0.3),
+        {
+            f"search only: {v}": ("vtp", {}) if v == "vtp" else ("amap", {"amap.linear_qk": v})
+            for v in ("difference", "exempt", "shift", "vtp")
+        },
+        seeds=(0, 1, 2),
+        schedule={**SCHEDULE, "finetune.epochs": 0.0},
+        reference="search only: shift",
+        cost="about 25 minutes on 2 cores (with the channel grid's dense models)",
+        split="val",
     ),
     "quick": Grid(
         ("vit",),
@@ -254,7 +274,11 @@ def run_cell(cell: Cell, root: str, g: Grid, extra: dict) -> dict:
         ctx, arch = pipeline.make_context(config, workdir)
         os.makedirs(workdir, exist_ok=True)
         params = pipeline.train_dense(ctx, arch)
-        result = {"end": ctx.evaluate(ctx.build(arch), {"params": params})["top1"]}
+        model = ctx.build(arch)
+        result = {
+            "end": ctx.evaluate(model, {"params": params})["top1"],
+            "val": {"end": ctx.val_top1(model, {"params": params})},
+        }
     else:
         _copy_dense(cell, root, workdir, config)
         if cell.variant == BUDGET:
@@ -263,6 +287,8 @@ def run_cell(cell: Cell, root: str, g: Grid, extra: dict) -> dict:
             result = _pruned(config, workdir)
     epochs = {k: config[k].epochs for k in ("train", "search", "finetune")}
     result = {**dataclasses.asdict(cell), **result, "epochs": epochs}
+    # Stage numbers are the test split's; result["val"] the validation split's (what tuning reads).
+    result["splits"] = {k: config.data[f"{k}_split"] or None for k in ("train", "val", "test")}
     result["wall_s"] = round(time.time() - t0, 1)
     trees.write_json(record, result)
     return result
@@ -280,10 +306,17 @@ def _copy_dense(cell: Cell, root: str, workdir: str, config) -> None:
 def _pruned(config, workdir: str) -> dict:
     s = pipeline.run(config, workdir)
     curve = dict((round(e), t) for e, t in s["finetune_top1_by_epoch"])
+    val = s.get("val", {})
+    val_curve = dict((round(e), t) for e, t in val.get("finetune_top1_by_epoch", []))
     return {
         "after search": s["pruned_before_finetune_top1"],
         "after 1 fine-tune epoch": curve.get(1),
         "end": s["pruned"]["top1"],
+        "val": {
+            "after search": val.get("pruned_before_finetune_top1"),
+            "after 1 fine-tune epoch": val_curve.get(1),
+            "end": val.get("pruned_top1"),
+        },
         "dense_top1": s["dense"]["top1"],
         "macs_ratio": s["macs_ratio"],
         "budget": s["budget"],
@@ -301,14 +334,22 @@ def _equal_budget(config, workdir: str) -> dict:
     first = config.finetune.copy_and_resolve_references()
     first.epochs = config.search.epochs
     params = pipeline.finetune(ctx, arch, dense, arch, dense, stage=first, directory="search")
-    after = ctx.evaluate(ctx.build(arch), {"params": params})["top1"]
+    model = ctx.build(arch)
+    after = ctx.evaluate(model, {"params": params})["top1"]
+    val_after = ctx.val_top1(model, {"params": params})
     params = pipeline.finetune(ctx, arch, params, arch, dense)
     curve = dict((round(e), t) for e, t in pipeline.finetune_curve(ctx.workdir))
-    end = ctx.evaluate(ctx.build(arch), {"params": params})["top1"]
+    val_curve = dict((round(e), t) for e, t in pipeline.finetune_curve(ctx.workdir, key="val_top1"))
+    end = ctx.evaluate(model, {"params": params})["top1"]
     return {
         "after search": after,
         "after 1 fine-tune epoch": curve.get(1),
         "end": end,
+        "val": {
+            "after search": val_after,
+            "after 1 fine-tune epoch": val_curve.get(1),
+            "end": ctx.val_top1(model, {"params": params}),
+        },
         "macs_ratio": 1.0,
     }
 
@@ -422,6 +463,15 @@ def by_seed(results, config, variant, target, stage) -> dict:
     return out
 
 
+def on_split(cell: dict, split: str) -> dict:
+    """The cell with its stage numbers read from `split` ("test": as recorded; "val": from
+    its validation numbers, None where the cell has none)."""
+    if split == "test":
+        return cell
+    val = cell.get("val") or {}
+    return {**cell, **{stage: val.get(stage) for stage in STAGES}, "split": split}
+
+
 def summarize(results: list[dict], g: Grid) -> list[dict]:
     """Per config, target and variant: top-1 at every stage (mean and 95% interval), the
     achieved MACs ratio, and the paired differences to the reference method and to the
@@ -461,11 +511,34 @@ def summarize(results: list[dict], g: Grid) -> list[dict]:
     return rows
 
 
+MATCHED = 0.005  # a row is at the reference's budget when its achieved MACs are this close
+
+
+def budget_gaps(rows: list[dict], ref: str) -> dict:
+    """(config, target, variant) -> achieved MACs minus the reference's, where the two differ
+    by more than MATCHED: those rows are not at the same budget, and say so."""
+    refs = {
+        (r["config"], r["target"]): r["achieved_macs"]["mean"] for r in rows if r["variant"] == ref
+    }
+    out = {}
+    for r in rows:
+        key = (r["config"], r["target"])
+        if r["variant"] != ref and key in refs:
+            gap = r["achieved_macs"]["mean"] - refs[key]
+            if abs(gap) > MATCHED:
+                out[(*key, r["variant"])] = gap
+    return out
+
+
 def verdict_lines(rows: list[dict], results: list[dict], g: Grid) -> list[str]:
     """Where the reference (AMAP) beats each method with an interval that excludes 0, and the
     targets the comparison was asked to show."""
     ref = g.reference
-    out = []
+    out = [
+        f"not at {ref}'s budget: {config}, MACs {target}, {variant} achieves {gap:+.3f} of the "
+        f"dense MACs against {ref} (more than {MATCHED}): its differences mix method and budget"
+        for (config, target, variant), gap in budget_gaps(rows, ref).items()
+    ]
     for row in rows:
         if row["variant"] == ref:
             continue
@@ -506,7 +579,8 @@ def markdown(rows, results, g: Grid, notes: list[str], wall: float, name: str = 
         "",
         f"Fashion-MNIST; {len(g.seeds)} seeds ({', '.join(map(str, g.seeds))}), methods paired "
         f"by seed; dense model {epochs.get('train')} epochs, then a cell: search "
-        f"{epochs.get('search')} epoch, fine-tune {epochs.get('finetune')} epochs. Top-1 in %, "
+        f"{epochs.get('search')} epoch, fine-tune {epochs.get('finetune')} epochs. Top-1 in % on "
+        f"the {'validation' if g.split == 'val' else 'test'} split, "
         f"mean [95% interval]; differences are paired (method - {ref}, method - equal-budget "
         "dense), with a verdict only where the interval excludes 0. Wall time of the cells: "
         f"{wall / 3600:.1f} core-hours.",
@@ -533,14 +607,17 @@ def markdown(rows, results, g: Grid, notes: list[str], wall: float, name: str = 
             "- dense, equal budget |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
+        gaps = budget_gaps(rows, ref)
         for row in (r for r in rows if r["config"] == config):
             end = row.get("search_end", {"n": 0})
+            gap = gaps.get((config, row["target"], row["variant"]))
             cells_ = [
                 f"{row['target']}",
                 row["variant"],
                 f"{end['mean']:.3f}" if end["n"] else "-",
                 f"{row['fixup']:.3f}",
-                f"{row['achieved_macs']['mean']:.3f}",
+                f"{row['achieved_macs']['mean']:.3f}"
+                + ("" if gap is None else f" ({gap:+.3f}: not matched)"),
             ]
             for stage in STAGES:
                 top = row[stage]["top1"]
@@ -601,7 +678,7 @@ def plots(rows, results, g: Grid, name: str) -> list[str]:
             # every config on the grid's MACs range, whatever part of it has run
             ax.set_xlim(min(g.targets) - 0.05, max(g.targets) + 0.05)
             ax.grid(alpha=0.3)
-        ax_row[0].set_ylabel("test top-1 %, mean and 95% interval")
+        ax_row[0].set_ylabel(f"{g.split} top-1 %, mean and 95% interval")
     _figure_legend(fig, axes)
     paths.append(os.path.join(common.RESULTS, f"compare_{name}_top1.png"))
     fig.savefig(paths[-1], dpi=100)
@@ -735,6 +812,7 @@ def main(argv):
     else:
         print(f"grid {_grid_name()}: {len(cells(g))} cells ({g.cost})", flush=True)
         results = run_all(g, root, _JOBS.value)
+    results = [on_split(r, g.split) for r in results]
     rows = summarize(results, g)
     notes = verdict_lines(rows, results, g)
     notes += not_run(g, {Cell(r["config"], r["variant"], r["target"], r["seed"]) for r in results})
