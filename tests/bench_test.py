@@ -143,6 +143,39 @@ def test_summary_pairs_methods_by_seed_with_intervals():
     assert "equal-budget dense (+2.5 epochs)" in table and "| 0.3 | amap | 0.299 |" in table
 
 
+def test_a_validation_grid_reads_each_cells_validation_numbers():
+    results = _results()
+    for r in results:
+        r["val"] = {stage: r[stage] - 2.0 for stage in compare.STAGES}
+    val = [compare.on_split(r, "val") for r in results]
+    assert [v["end"] for v in val] == [r["end"] - 2.0 for r in results]
+    assert compare.on_split(results[0], "test") is results[0]
+    grid = compare.Grid(GRID.configs, GRID.targets, GRID.variants, split="val")
+    rows = compare.summarize(val, grid)
+    amap = next(r for r in rows if r["variant"] == "amap" and r["target"] == 0.3)
+    assert amap["end"]["top1"]["mean"] == pytest.approx(85.5 + 1.0 - 2.0)
+    table = compare.markdown(rows, val, grid, [], 60.0)
+    assert "on the validation split" in table
+    # a cell recorded without validation numbers has none to give
+    assert compare.on_split({**results[0], "val": None}, "val")["end"] is None
+
+
+def test_a_row_not_at_the_references_budget_says_so():
+    results = [
+        {**r, "budget": {**r["budget"], "achieved": 0.280}}
+        if r["variant"] == "random" and r["target"] == 0.3
+        else r
+        for r in _results()
+    ]
+    rows = compare.summarize(results, GRID)
+    assert compare.budget_gaps(rows, "amap") == {("vit", 0.3, "random"): pytest.approx(-0.018)}
+    notes = compare.verdict_lines(rows, results, GRID)
+    assert notes[0].startswith("not at amap's budget: vit, MACs 0.3, random achieves -0.018")
+    table = compare.markdown(rows, results, GRID, notes, 60.0)
+    assert "| 0.3 | random | - | 0.000 | 0.280 (-0.018: not matched) |" in table
+    assert compare.budget_gaps(compare.summarize(_results(), GRID), "amap") == {}
+
+
 def test_plots_draw_every_stage_and_the_widths(tmp_path, monkeypatch):
     from bench import common
 
