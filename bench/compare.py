@@ -70,6 +70,9 @@ class Grid:
     # The split the report reads: "test" (reported numbers) or "val" (a grid that chooses a
     # default reads the validation split only). Every cell records both.
     split: str = "test"
+    # Equal-budget dense models (the channel grid's schedule): a grid that changes the
+    # schedule has none of its own, since they share their work directories across grids.
+    equal_budget: bool = True
 
 
 METHODS = {m: (m, {}) for m in ("amap", "vtp", "magnitude", "random")}
@@ -115,6 +118,7 @@ GRIDS = {
         reference="search only: shift",
         cost="about 25 minutes on 2 cores (with the channel grid's dense models)",
         split="val",
+        equal_budget=False,
     ),
     "quick": Grid(
         ("vit",),
@@ -198,6 +202,8 @@ def cells(g: Grid) -> list[Cell]:
     for c in g.configs:
         for t in sorted(g.targets):
             out += [Cell(c, v, t, s) for v in g.variants for s in g.seeds]
+    if not g.equal_budget:
+        return out
     return out + [Cell(c, BUDGET, 1.0, s) for c in g.configs for s in g.seeds]
 
 
@@ -268,6 +274,8 @@ def run_cell(cell: Cell, root: str, g: Grid, extra: dict) -> dict:
     record = os.path.join(workdir, "cell.json")
     if os.path.exists(record):
         return trees.read_json(record)
+    if cell.variant == BUDGET and not g.equal_budget:
+        raise ValueError("this grid's schedule is not the equal-budget dense models' schedule")
     config = load_config(cell, g, extra)
     t0 = time.time()
     if cell.variant == DENSE:

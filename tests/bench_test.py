@@ -158,6 +158,11 @@ def test_a_validation_grid_reads_each_cells_validation_numbers():
     assert "on the validation split" in table
     # a cell recorded without validation numbers has none to give
     assert compare.on_split({**results[0], "val": None}, "val")["end"] is None
+    # the search-only grid that chooses amap.linear_qk has no equal-budget dense models: they
+    # share their work directories with the channel grid's, at another schedule
+    kinds = {c.variant for c in compare.cells(compare.GRIDS["linear_qk"])}
+    assert compare.BUDGET not in kinds and compare.DENSE in kinds
+    assert compare.BUDGET in {c.variant for c in compare.cells(compare.GRIDS["channels"])}
 
 
 def test_a_row_not_at_the_references_budget_says_so():
