@@ -516,6 +516,8 @@ def run(config, workdir: str) -> dict:
     A stop request (SIGTERM, Ctrl-C; `train.stop`) ends the run at the next safe point, in any
     phase, with what was finished kept."""
     stop.reset()
+    if not str(workdir or "").strip():  # e.g. --workdir "$UNSET": never the current directory
+        raise ValueError("workdir is empty (an unset shell variable?): name a work directory")
     with stop.phase("setup"):
         ctx, arch = make_context(config, workdir)
         workdir = ctx.workdir

@@ -229,6 +229,18 @@ def test_cli_bad_target_is_one_line(tmp_path):
     assert r.stderr.strip().count("\n") == 0 and "search.target" in r.stderr
 
 
+def test_empty_workdir_is_refused_before_anything_is_written(tmp_path, monkeypatch):
+    """`--workdir "$UNSET"`: one line, exit 2, nothing in the current directory."""
+    r = _train_py("--config", os.path.join(ROOT, "configs/fmnist_amap_vit.py"), "--workdir", "")
+    assert r.returncode == 2 and r.stderr.strip() == (
+        "error: workdir is empty (an unset shell variable?): name a work directory"
+    )
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="workdir is empty"):
+        pipeline.run(tiny_config(), "  ")
+    assert os.listdir(tmp_path) == []
+
+
 def test_run_on_mock_tfds_dataset(tmp_path):
     """Any registered tfds data set runs through the same pipeline (faked: no download)."""
     import tensorflow_datasets as tfds
