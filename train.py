@@ -1,9 +1,10 @@
 """Runs a pruning experiment: train -> search -> export -> finetune -> eval.
 
-  python train.py --config configs/fmnist_amap_vit.py --workdir /tmp/run \
-      [--config.search.target=0.6 ...]
+python train.py --config configs/fmnist_amap_vit.py --workdir /tmp/run
+    [--config.search.target=0.6 ...]
 """
 
+import os
 import re
 import sys
 
@@ -51,8 +52,24 @@ def _config():
     return config
 
 
+def _help():
+    """Usage, flags and every config key with its default and meaning; exit 0."""
+    from amap_jax import config_help
+
+    own = flags.FLAGS.module_help(sys.modules[__name__]).strip().split("\n", 1)[1]
+    text = f"{__doc__.strip()}\n\nflags:\n{own}\n\n{config_help.text()}\n"
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except BrokenPipeError:  # `train.py --help | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    sys.exit(0)
+
+
 def _parse(argv):
     """absl's parser, with a one-line error instead of a traceback for a bad override."""
+    if any(a in ("-h", "-?", "--help", "--helpshort", "--helpfull") for a in argv[1:]):
+        _help()
     try:
         return flags.FLAGS(argv)
     except (AttributeError, KeyError) as e:

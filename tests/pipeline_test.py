@@ -229,6 +229,31 @@ def test_cli_bad_target_is_one_line(tmp_path):
     assert r.stderr.strip().count("\n") == 0 and "search.target" in r.stderr
 
 
+def test_help_exits_0_and_lists_every_config_key_with_its_default():
+    from amap_jax import config as config_lib
+    from amap_jax import methods
+
+    r = _train_py("--help")
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = r.stdout
+    assert "--workdir" in out and "--config" in out
+    defaults = config_lib.defaults()
+    for section, value in defaults.items():
+        if hasattr(value, "items"):
+            for key, v in value.items():
+                if not hasattr(v, "items"):
+                    assert f"  {section}.{key}={v!r}" in out, (section, key)
+        else:
+            assert f"  {section}={value!r}" in out
+    for name in methods.sections():
+        assert f"{name}: settings of method {name!r}" in out
+    # each key's line is the comment beside it in the source
+    line = next(x for x in out.splitlines() if x.strip().startswith("amap.linear_qk="))
+    assert "Linear attention's q/k channels" in line
+    line = next(x for x in out.splitlines() if x.strip().startswith("search.target="))
+    assert line.rstrip().endswith("MACs(pruned) / MACs(dense)")
+
+
 def test_empty_workdir_is_refused_before_anything_is_written(tmp_path, monkeypatch):
     """`--workdir "$UNSET"`: one line, exit 2, nothing in the current directory."""
     r = _train_py("--config", os.path.join(ROOT, "configs/fmnist_amap_vit.py"), "--workdir", "")
