@@ -1,5 +1,7 @@
 """Training machinery: data parallelism, resume, the search's MACs target."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -531,3 +533,17 @@ def test_linear_qk_exempt_leaves_them_out_of_the_budget_shift():
     np.testing.assert_array_equal(moved["block_0"]["qk"], 0.0)  # linear q/k: not shifted
     assert float(jnp.max(moved["block_1"]["qk"])) < -1.0  # softmax q/k: shifted down
     assert float(jnp.max(moved["block_0"]["v"])) < -1.0
+    # Softmax-only models (ViT, DeiT, Swin without linear stages) search exactly as before.
+    softmax = dataclasses.replace(
+        ARCH, blocks=tuple(dataclasses.replace(b, attn="S") for b in ARCH.blocks)
+    )
+    ind = amap.constant_indicators(softmax, 3.0)
+    zeros = jax.tree.map(jnp.zeros_like, ind)
+    moves = [
+        amap.budget_projection(softmax, 0.5, 10, 0.0, exempt_linear_qk=e).update(
+            {INDICATORS: zeros}, {"count": jnp.zeros([], jnp.int32)}, {INDICATORS: ind}
+        )[0][INDICATORS]
+        for e in (True, False)
+    ]
+    jax.tree.map(np.testing.assert_array_equal, *moves)
+    assert not Amap(linear_qk="difference").relevels(softmax)
