@@ -530,18 +530,25 @@ def run(config, workdir: str) -> dict:
         _check_export_dir(ctx, export_dir)
         # Every check passed: only now is anything written.
         paths.makedirs(workdir)
-    with _lock(ctx):
+    with _lock(ctx, export_dir):
+        _check_export_dir(ctx, export_dir)  # again: another run may have finished it meanwhile
         return _run(ctx, arch, export_dir)
 
 
 @contextlib.contextmanager
-def _lock(ctx: Context):
-    """The work directory for this run alone (the chief holds the lock for every process)."""
+def _lock(ctx: Context, export_dir: str):
+    """The work directory, and an export directory outside it, for this run alone (the chief
+    holds the locks for every process): two runs with one export_dir would each take the
+    other's export for their own."""
     with contextlib.ExitStack() as held:
         refused = ""
         if ctx.is_chief:
             try:
                 held.enter_context(workdir_lib.lock(ctx.workdir))
+                if paths.relpath(export_dir, ctx.workdir) == export_dir:  # not inside it
+                    held.enter_context(
+                        workdir_lib.lock(export_dir, workdir_lib.export_lock_path(export_dir))
+                    )
             except workdir_lib.WorkdirLockedError as e:
                 refused = str(e)
         if parallel.any_process(bool(refused)):

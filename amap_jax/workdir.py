@@ -219,11 +219,20 @@ def _holder(path: str) -> dict | None:
         return {}
 
 
+def export_lock_path(export_dir: str) -> str:
+    """The lock of an export directory outside its work directory: a file beside it, so the
+    export itself holds only what its manifest lists."""
+    path = paths.normpath(export_dir)
+    return f"{path}.lock.json"
+
+
 @contextlib.contextmanager
-def lock(workdir: str):
-    """Holds WORKDIR/lock.json (host, pid) for the block. A second run refuses in one line
-    naming the holder; a lock left by a dead process of this host (kill -9) is taken over."""
-    path = paths.join(workdir, LOCK)
+def lock(workdir: str, path: str | None = None):
+    """Holds WORKDIR/lock.json (or `path`; host, pid) for the block. A second run refuses in
+    one line naming the holder; a lock left by a dead process of this host (kill -9) is taken
+    over."""
+    path = path or paths.join(workdir, LOCK)
+    paths.makedirs(str(epath.Path(path).parent))
     me = _me()
     for _ in range(3):
         if _create(path, json.dumps(me)):
@@ -240,9 +249,10 @@ def lock(workdir: str):
             continue
         since = f" since {holder['since']}" if holder.get("since") else ""
         gone = "" if holder.get("host") == me["host"] else f"; if that run is gone, delete {path}"
+        other = "--workdir" if path.endswith(f"/{LOCK}") else "--config.export_dir"
         raise WorkdirLockedError(
             f"{workdir} is in use by another run (pid {holder.get('pid')} on "
-            f"{holder.get('host')}{since}); wait for it to end or pass another --workdir{gone}"
+            f"{holder.get('host')}{since}); wait for it to end or pass another {other}{gone}"
         )
     else:
         raise WorkdirLockedError(f"cannot take the lock {path}: it keeps changing")

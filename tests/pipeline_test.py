@@ -130,6 +130,24 @@ def test_finished_export_dir_is_never_overwritten(finished_run, tmp_path):
     assert not (tmp_path / "other").exists()
 
 
+def test_an_export_dir_in_use_by_another_run_is_refused(tmp_path):
+    """Two runs, two work directories, one export_dir: the second is refused before it trains
+    (it would have taken the first's export for its own); the lock sits beside the export."""
+    from amap_jax import workdir as workdir_lib
+
+    c = tiny_config()
+    c.export_dir = str(tmp_path / "shared" / "export")
+    lock = workdir_lib.export_lock_path(c.export_dir)
+    assert lock == str(tmp_path / "shared" / "export.lock.json")
+    with workdir_lib.lock(c.export_dir, lock):  # the first run, still going
+        with pytest.raises(
+            workdir_lib.WorkdirLockedError, match="pass another --config.export_dir"
+        ):
+            pipeline.run(c, str(tmp_path / "second"))
+    assert not os.path.exists(lock) and not os.path.exists(c.export_dir)
+    assert not os.path.exists(tmp_path / "second" / "dense")
+
+
 def test_save_pruned_refuses_finished_export_and_wrong_class_names(finished_run, tmp_path):
     workdir, _ = finished_run
     model, variables = amap_jax.load_pruned(os.path.join(workdir, "export"))
