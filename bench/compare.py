@@ -282,7 +282,8 @@ def run_cell(cell: Cell, root: str, g: Grid, extra: dict) -> dict:
     if cell.variant == DENSE:
         ctx, arch = pipeline.make_context(config, workdir)
         os.makedirs(workdir, exist_ok=True)
-        params = pipeline.train_dense(ctx, arch)
+        with workdir_lib.lock(workdir):  # one writer, as pipeline.run has it
+            params = pipeline.train_dense(ctx, arch)
         model = ctx.build(arch)
         result = {
             "end": ctx.evaluate(model, {"params": params})["top1"],
@@ -339,6 +340,11 @@ def _equal_budget(config, workdir: str) -> dict:
     """The dense model trained for the cells' extra epochs with the fine-tuning recipe: as long
     as the search (in the search stage's directory) and then as the fine-tuning."""
     ctx, arch = pipeline.make_context(config, workdir)
+    with workdir_lib.lock(workdir):  # one writer, as pipeline.run has it
+        return _equal_budget_locked(ctx, arch, config)
+
+
+def _equal_budget_locked(ctx, arch, config) -> dict:
     dense = pipeline.train_dense(ctx, arch)
     first = config.finetune.copy_and_resolve_references()
     first.epochs = config.search.epochs
