@@ -23,16 +23,25 @@ from amap_jax.io.images import ImageError, image_paths, read_image
 _EXPORT = flags.DEFINE_string("export", None, "An export directory (holds model.json).")
 _BATCH = flags.DEFINE_integer("batch_size", 64, "Images per forward pass.", lower_bound=1)
 _TOP = flags.DEFINE_integer("top", 5, "Labels per image.", lower_bound=1)
+_UNVERIFIED = flags.DEFINE_bool(
+    "allow_unverified", False, "Run an export whose files have no manifest to be checked against."
+)
 flags.mark_flags_as_required(["export"])
 
 
-def predict(directory: str, items: list[str], batch_size: int = 64, top: int = 5):
+def predict(
+    directory: str,
+    items: list[str],
+    batch_size: int = 64,
+    top: int = 5,
+    allow_unverified: bool = False,
+):
     """Yields {"image", "top": [[label, probability], ...]} per image, and "names" (the top
     labels' class names) when the export holds them."""
-    meta = pruned.read_meta(directory)
+    meta = pruned.read_meta(directory, allow_unverified)
     names = meta.get("class_names")
     paths = image_paths(items)
-    forward = pruned.forward(directory)
+    forward = pruned.forward(directory, allow_unverified)
     for i in range(0, len(paths), batch_size):
         chunk = paths[i : i + batch_size]
         logits = np.asarray(forward(np.stack([read_image(p, meta) for p in chunk])))
@@ -52,7 +61,7 @@ def main(argv):
         print("error: give image files or folders after the flags", file=sys.stderr)
         return 2
     try:
-        for row in predict(_EXPORT.value, argv[1:], _BATCH.value, _TOP.value):
+        for row in predict(_EXPORT.value, argv[1:], _BATCH.value, _TOP.value, _UNVERIFIED.value):
             print(json.dumps(row), flush=True)
     except (ImageError, FileNotFoundError, ValueError, pruned.trees.CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -25,8 +25,9 @@ class ExportError(ValueError):
     """An export or input this script cannot run (one line)."""
 
 
-def read_meta(directory: str) -> dict:
-    """model.json, its fields checked against its manifest (as amap_jax.io.pruned does)."""
+def read_meta(directory: str, allow_unverified: bool = False) -> dict:
+    """model.json, its fields checked against its manifest (as amap_jax.io.pruned does); one
+    without a manifest is refused unless `allow_unverified`."""
     path = os.path.join(directory, "model.json")
     try:
         with open(path) as f:
@@ -36,6 +37,11 @@ def read_meta(directory: str) -> dict:
     except ValueError as e:
         raise ExportError(f"{path} is not valid JSON ({e})") from None
     manifest = meta.get("manifest") if isinstance(meta, dict) else None
+    if manifest is None and not allow_unverified:
+        raise ExportError(
+            f"{path} has no manifest: its files cannot be checked; export again, or pass "
+            "--allow_unverified if you trust them"
+        )
     if manifest is not None:
         fields = {k: v for k, v in meta.items() if k != "manifest"}
         text = json.dumps(fields, sort_keys=True, separators=(",", ":"))
@@ -60,16 +66,21 @@ def compiler_options(meta: dict) -> dict:
     return options
 
 
-def load(directory: str):
+def load(directory: str, allow_unverified: bool = False):
     """The exported forward pass: float32 [N, H, W, C] images -> [N, classes] logits."""
-    meta = read_meta(directory)
+    meta = read_meta(directory, allow_unverified)
     path = os.path.join(directory, "forward.jax")
     try:
         with open(path, "rb") as f:
             data = f.read()
     except FileNotFoundError:
         raise ExportError(f"{path} is missing (exported with export_artifact=false?)") from None
-    expected = meta.get("manifest", {}).get("forward.jax")
+    expected = (meta.get("manifest") or {}).get("forward.jax")
+    if expected is None and not allow_unverified:
+        raise ExportError(
+            f"{path} is not in model.json's manifest: it cannot be checked; export again, or "
+            "pass --allow_unverified if you trust it"
+        )
     if expected is not None and hashlib.sha256(data).hexdigest() != expected:
         raise ExportError(
             f"{path} does not match its checksum in model.json (corrupt or changed after "
@@ -106,14 +117,19 @@ def main(argv=None) -> int:
     parser.add_argument("--export", required=True)
     parser.add_argument("--inputs", required=True)
     parser.add_argument("--out", required=True)
+    parser.add_argument(
+        "--allow_unverified",
+        action="store_true",
+        help="run an export whose files have no manifest to be checked against",
+    )
     args = parser.parse_args(argv)
     try:
-        meta = read_meta(args.export)
+        meta = read_meta(args.export, args.allow_unverified)
         images = read_inputs(args.inputs, meta)
         out_dir = os.path.dirname(os.path.abspath(args.out))
         if not os.access(out_dir, os.W_OK):
             raise ExportError(f"cannot write {args.out}: {out_dir} is not a writable folder")
-        logits = np.asarray(load(args.export)(images))
+        logits = np.asarray(load(args.export, args.allow_unverified)(images))
         try:
             np.save(args.out, logits)
         except OSError as e:

@@ -107,6 +107,44 @@ def test_edited_model_json_is_refused_by_every_loader(export):
         run_exported.read_meta(export)
 
 
+def test_an_export_without_a_manifest_is_refused_unless_the_user_allows_it(export, tmp_path):
+    """A manifest removed from model.json, or "format": 1 (exports from before manifests),
+    turned every check off: a corrupt forward.jax ran. Now each loader refuses in one line
+    unless told otherwise, and then still runs what it can read."""
+    path = os.path.join(export, "model.json")
+    meta = json.loads(open(path).read())
+    legacy = {**{k: v for k, v in meta.items() if k != "manifest"}, "format": 1}
+    open(path, "w").write(json.dumps(legacy, indent=1))
+    with pytest.raises(ValueError, match="has no manifest .*export format 1.*allow_unverified"):
+        amap_jax.load_pruned(export)
+    with pytest.raises(ValueError, match="has no manifest"):
+        pruned.forward(export)
+    assert pruned.forward(export, allow_unverified=True)(_images()).shape == (3, 10)
+    png = str(tmp_path / "a.png")
+    from PIL import Image
+
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(png)
+    r, lines = _cli("-m", "amap_jax.predict", f"--export={export}", png)
+    assert r.returncode == 2 and len(lines) == 1 and "has no manifest" in lines[0], r.stderr
+    r, _ = _cli("-m", "amap_jax.predict", f"--export={export}", "--allow_unverified", png)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+    # run_exported: the manifest gone, or the artifact's entry gone from it
+    x = str(tmp_path / "x.npy")
+    np.save(x, _images())
+    out = str(tmp_path / "y.npy")
+    args = ["--export", export, "--inputs", x, "--out", out]
+    with pytest.raises(run_exported.ExportError, match="has no manifest"):
+        run_exported.load(export)
+    assert run_exported.main(args) == 2
+    assert run_exported.main([*args, "--allow_unverified"]) == 0
+    meta["manifest"] = {k: v for k, v in meta["manifest"].items() if k != artifact.FILE}
+    open(path, "w").write(json.dumps(meta, indent=1))
+    with pytest.raises(run_exported.ExportError, match="forward.jax is not in model.json's"):
+        run_exported.load(export)
+    assert run_exported.load(export, allow_unverified=True)(_images()).shape == (3, 10)
+
+
 def _cli(*args, cwd=ROOT):
     r = subprocess.run(
         [sys.executable, *args], capture_output=True, text=True, cwd=cwd, timeout=300

@@ -108,9 +108,10 @@ def add_artifact(directory: str) -> None:
     trees.write_json(paths.join(directory, MODEL_JSON), raw)
 
 
-def read_meta(directory: str) -> dict:
+def read_meta(directory: str, allow_unverified: bool = False) -> dict:
     """`model.json` of a finished export, its fields checked against its manifest, with its
-    architecture parsed; one-line errors."""
+    architecture parsed; one-line errors. An export without a manifest (format 1, from
+    before manifests) cannot be checked and is refused unless `allow_unverified`."""
     path = paths.join(directory, MODEL_JSON)
     if not paths.exists(path):
         raise FileNotFoundError(f"{directory} holds no finished export (no {MODEL_JSON})")
@@ -121,6 +122,11 @@ def read_meta(directory: str) -> dict:
     if not isinstance(meta, dict) or meta.get("format") not in (1, FORMAT):
         got = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
         raise ValueError(f"{path}: unsupported export format {got!r}")
+    if meta["format"] == 1 and not allow_unverified:
+        raise ExportError(
+            f"{path} has no manifest (export format 1): its files cannot be checked; export "
+            "again, or pass allow_unverified (--allow_unverified) if you trust them"
+        )
     if meta["format"] >= 2:
         manifest = meta.get(MANIFEST)
         if not isinstance(manifest, dict) or manifest.get(MODEL_JSON) != fields_digest(meta):
@@ -146,11 +152,11 @@ def read_arch(directory: str) -> Arch:
     return read_meta(directory)["arch"]
 
 
-def load_pruned(directory: str) -> tuple:
+def load_pruned(directory: str, allow_unverified: bool = False) -> tuple:
     """(model, variables) such that `model.apply(variables, images)` gives logits.
 
     The weights must be the ones `model.json` describes: same checksums, same shapes."""
-    meta = read_meta(directory)
+    meta = read_meta(directory, allow_unverified)
     arch = meta["arch"]
     model = models.build(arch)
     target = jax.eval_shape(model.init, jax.random.key(0), models.dummy_input(arch))["params"]
@@ -160,24 +166,25 @@ def load_pruned(directory: str) -> tuple:
     return model, {"params": params}
 
 
-def forward(directory: str):
+def forward(directory: str, allow_unverified: bool = False):
     """The export's `images -> logits`: its `forward.jax` artifact when it has one (checked
     against the manifest), else the model `load_pruned` gives (with tokens really dropped,
     `models.tokens.dropping`, where it has pruning points), jitted with the CPU kernel set
     the export was measured fastest with (`model.json`'s `cpu_kernels`; the default set
     elsewhere)."""
-    meta = read_meta(directory)
+    meta = read_meta(directory, allow_unverified)
     expected = meta.get(MANIFEST, {}).get(artifact_lib.FILE)
     if expected or (meta["format"] == 1 and artifact_lib.exists(directory)):
         fn = artifact_lib.load(directory, expected)
     else:
-        model, variables = load_pruned(directory)
+        model, variables = load_pruned(directory, allow_unverified)
         if getattr(model.arch, "token_points", ()):
             drop = tokens.dropping(model)
             fn = lambda images: drop(variables, images)[0]  # noqa: E731
         else:
             fn = functools.partial(model.apply, variables)
-    return xla_cpu.jit(fn, kernels(directory))
+    name = meta.get("cpu_kernels", "default")
+    return xla_cpu.jit(fn, name if name in xla_cpu.SETS else "default")
 
 
 def kernels(directory: str) -> str:
