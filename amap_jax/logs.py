@@ -2,7 +2,9 @@
 the one-line progress bar that shares stderr with it: a log line first clears a drawn bar, and
 the bar never grows wider than the terminal."""
 
+import contextlib
 import logging
+import os
 import shutil
 import sys
 
@@ -44,6 +46,33 @@ class _Handler(logging.StreamHandler):
         if self.stream is sys.stderr:
             _clear_bar()
         super().emit(record)
+
+
+def quiet_libraries() -> None:
+    """For the command-line tools: the libraries' INFO lines off (absl's, orbax's, JAX's "Unable
+    to initialize backend 'tpu'", TensorFlow's C++ start-up lines); their warnings stay."""
+    from absl import logging as absl_logging
+
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # read when TensorFlow loads
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    for name in ("jax", "orbax", "absl", "tensorflow"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+@contextlib.contextmanager
+def native_stderr_off():
+    """Native libraries' stderr lines off for the block (TensorFlow's import prints oneDNN and
+    absl start-up lines that no environment variable turns off); Python errors still raise."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
 
 
 def setup(level: int = logging.INFO, chief: bool = True) -> None:

@@ -15,8 +15,9 @@ import json
 import sys
 
 import numpy as np
-from absl import app, flags, logging
+from absl import app, flags
 
+from amap_jax import logs
 from amap_jax.io import pruned
 from amap_jax.io.images import ImageError, image_paths, read_image
 
@@ -56,7 +57,7 @@ def predict(
 
 
 def main(argv):
-    logging.set_verbosity(logging.ERROR)  # no "Unable to initialize backend 'tpu'" on a CPU
+    logs.quiet_libraries()  # no "Unable to initialize backend 'tpu'" on a CPU
     if len(argv) < 2:
         print("error: give image files or folders after the flags", file=sys.stderr)
         return 2

@@ -15,11 +15,15 @@ import ml_collections
 import numpy as np
 from absl import flags
 
-from amap_jax import models
+from amap_jax import logs, models
 from amap_jax.io.pretrained import NAMES, named_arch
 from amap_jax.methods import amap, similarity
 from amap_jax.methods.amap import INDICATORS, SIMILARITY, Amap
 from amap_jax.models.arch import vit_arch
+
+# Every bench imports this module: its command line shows its own lines and the libraries'
+# warnings, not their INFO chatter (the TPU-backend line, orbax's checkpoint steps).
+logs.quiet_libraries()
 
 RESULTS = os.path.join(os.path.dirname(__file__), "results")
 _TAG = flags.DEFINE_string("tag", "", "Suffix of the results file names.")

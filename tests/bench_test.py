@@ -165,6 +165,26 @@ def test_a_validation_grid_reads_each_cells_validation_numbers():
     assert compare.BUDGET in {c.variant for c in compare.cells(compare.GRIDS["channels"])}
 
 
+def test_a_bench_prints_no_library_info_lines(tmp_path):
+    """bench.common quiets the libraries for every bench: no TPU-backend or orbax INFO lines."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from absl import app; import bench.common, jax; app.run(lambda _: jax.devices())",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=root,
+        timeout=120,
+    )
+    assert r.returncode == 0 and r.stderr.strip() == "", r.stderr[-2000:]
+
+
 def test_a_row_not_at_the_references_budget_says_so():
     results = [
         {**r, "budget": {**r["budget"], "achieved": 0.280}}

@@ -438,6 +438,8 @@ def test_savedmodel_gives_the_exports_logits(finished_run, tmp_path):
         assert "cannot run the SavedModel that jax" in run.stderr.strip().splitlines()[-1]
         return
     assert run.returncode == 0 and f"wrote {out}" in run.stdout, run.stderr[-2000:]
+    # one line, no library chatter (absl/orbax INFO, the TPU line, TensorFlow's start-up lines)
+    assert run.stdout.strip() == f"wrote {out}" and run.stderr.strip() == "", run.stderr[-2000:]
     model, variables = amap_jax.load_pruned(export)
     forward = savedmodel.load(out)
     for n in (1, 6):

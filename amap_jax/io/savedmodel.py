@@ -16,7 +16,7 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from amap_jax import models
+from amap_jax import logs, models
 from amap_jax.io import artifact, paths, pruned
 from amap_jax.models.arch import Arch
 
@@ -26,7 +26,8 @@ DIRECTORY = "savedmodel"
 def write(directory: str, arch: Arch, params) -> str:
     """Writes the SavedModel to `directory` and returns it."""
     try:
-        import tensorflow as tf
+        with logs.native_stderr_off():
+            import tensorflow as tf
         from jax.experimental import jax2tf
     except ImportError as e:
         raise RuntimeError(
@@ -46,7 +47,11 @@ def write(directory: str, arch: Arch, params) -> str:
     )
     spec = tf.TensorSpec([None, arch.image_size, arch.image_size, arch.in_chans], tf.float32)
     module = tf.Module()
-    module.serve = tf.function(lambda images: {"logits": forward(images)}, input_signature=[spec])
+    # autograph=False: the function is jax2tf's, with no Python control flow to convert (and
+    # AutoGraph warns about every lambda it cannot read).
+    module.serve = tf.function(
+        lambda images: {"logits": forward(images)}, input_signature=[spec], autograph=False
+    )
     tf.saved_model.save(module, directory, signatures={"serving_default": module.serve})
     _check(directory, apply, arch)
     return directory
@@ -89,6 +94,7 @@ _OUT = flags.DEFINE_string("out", None, "Where the SavedModel goes (default EXPO
 
 
 def main(_):
+    logs.quiet_libraries()
     if not pruned.is_finished(_EXPORT.value):
         raise SystemExit(f"{_EXPORT.value}: not an export directory (no {pruned.MODEL_JSON})")
     model, variables = pruned.load_pruned(_EXPORT.value)
