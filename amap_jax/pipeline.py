@@ -412,6 +412,41 @@ def _groups(ctx: Context, arch: Arch, params) -> Arch:
     return arch.replace(token_groups=choice)
 
 
+SPEED_ROUNDS = 5
+# Same-round speedups that spread over more than this share of their median: the machine was
+# busy while they were timed, and the summary says so.
+BUSY_SPREAD = 0.2
+
+
+def _paired_speeds(ctx: Context, arch: Arch, params, p_arch: Arch, p_params, p_kernels: str):
+    """Dense and pruned images/s per round, timed interleaved at the bench batch
+    (`evaluate.paired_throughput`), and the dense model's kernel set."""
+    kernels = _kernels(ctx, arch, params)
+    bench = ctx.config.eval
+    runs = {
+        "dense": (ctx.build(arch), {"params": params}, arch, kernels),
+        "pruned": (ctx.build(p_arch), {"params": p_params}, p_arch, p_kernels),
+    }
+    speeds = evaluate_lib.paired_throughput(
+        runs, bench.bench_batch, seconds=bench.bench_seconds, rounds=SPEED_ROUNDS
+    )
+    return speeds, kernels
+
+
+def speedup_of(speeds: dict[str, list[float]]) -> dict:
+    """The pruned/dense ratio of every round: its median, its range, and whether the rounds
+    spread so far that the machine was busy."""
+    ratios = [p / d for p, d in zip(speeds["pruned"], speeds["dense"], strict=True)]
+    median = float(np.median(ratios))
+    low, high = min(ratios), max(ratios)
+    return {
+        "speedup": round(median, 3),
+        "speedup_range": [round(low, 3), round(high, 3)],
+        "speed_rounds": len(ratios),
+        "speed_busy": bool((high - low) > BUSY_SPREAD * median),
+    }
+
+
 def _report(
     ctx: Context,
     arch: Arch,
@@ -419,9 +454,11 @@ def _report(
     top1: float,
     unpadded: Arch | None = None,
     kernels: str | None = None,
+    images_per_s: float | None = None,
 ) -> dict:
-    """`macs` are the pruned model's; `padded_macs` what its padded export computes; speed with
-    CPU kernel set `kernels` (None: as `cpu_kernels` says)."""
+    """`macs` are the pruned model's; `padded_macs` what its padded export computes; speed
+    `images_per_s` (None: timed here alone) with CPU kernel set `kernels` (None: as
+    `cpu_kernels` says)."""
     model = ctx.build(arch)
     bench = ctx.config.eval
     if getattr(arch, "token_points", ()):
@@ -434,7 +471,8 @@ def _report(
         "macs": int(macs.model_macs(unpadded or arch)),
         "top1": round(top1, 2),
         "images_per_s": round(
-            throughput(
+            images_per_s
+            or throughput(
                 model,
                 {"params": params},
                 arch,
@@ -653,18 +691,32 @@ def _run(ctx: Context, arch: Arch, export_dir: str) -> dict:
         p_arch, multiple = model.arch, pruned.read_meta(export_dir).get("export_pad", 1)
     with stop.phase("final evaluation"):
         pruned_eval = ctx.evaluate(model, loaded)
+        p_kernels = pruned.kernels(export_dir)
+        speeds, d_kernels = {"dense": [None], "pruned": [None]}, None
+        if not getattr(p_arch, "token_points", ()):  # a token export times its own way
+            speeds, d_kernels = _paired_speeds(
+                ctx, arch, dense_params, p_arch, loaded["params"], p_kernels
+            )
         summary = {
             "method": config.method,
             "method_settings": {k: config[k].to_dict() for k in method.sections()},
             "target_macs_ratio": config.search.target,
-            "dense": _report(ctx, arch, dense_params, dense_eval["top1"]),
+            "dense": _report(
+                ctx,
+                arch,
+                dense_params,
+                dense_eval["top1"],
+                kernels=d_kernels,
+                images_per_s=_median(speeds["dense"]),
+            ),
             "pruned": _report(
                 ctx,
                 p_arch,
                 loaded["params"],
                 pruned_eval["top1"],
                 unpadded,
-                pruned.kernels(export_dir),
+                p_kernels,
+                images_per_s=_median(speeds["pruned"]),
             ),
             "pruned_before_finetune_top1": round(exported_eval["top1"], 2),
             "finetune_top1_by_epoch": finetune_curve(workdir),
@@ -698,7 +750,10 @@ def _run(ctx: Context, arch: Arch, export_dir: str) -> dict:
             }
         s = summary
         s["macs_ratio"] = round(s["pruned"]["macs"] / s["dense"]["macs"], 4)
-        s["speedup"] = round(s["pruned"]["images_per_s"] / s["dense"]["images_per_s"], 3)
+        if speeds["dense"][0] is None:
+            s["speedup"] = round(s["pruned"]["images_per_s"] / s["dense"]["images_per_s"], 3)
+        else:
+            s.update(speedup_of(speeds))
         s["ideal_speedup"] = round(s["dense"]["macs"] / s["pruned"]["macs"], 3)
         if getattr(p_arch, "token_points", ()):  # token pruning: batch 1 is where it pays most
             images = ctx.inputs(jnp.asarray(ctx.test.calibration_images(64)))
@@ -728,6 +783,10 @@ def _run(ctx: Context, arch: Arch, export_dir: str) -> dict:
     if ctx.is_chief:
         checkpoint.write_json(paths.join(workdir, "summary.json"), summary)
     return summary
+
+
+def _median(values: list) -> float | None:
+    return None if values[0] is None else float(np.median(values))
 
 
 def finetune_curve(
@@ -778,11 +837,20 @@ def format_summary(s: dict) -> str:
         )
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
     lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    speed = f"speedup {s['speedup']:.2f}x"
+    if "speedup_range" in s:
+        low, high = s["speedup_range"]
+        speed += f" ({low:.2f}-{high:.2f} over {s['speed_rounds']} interleaved rounds)"
     lines.append(
         f"MACs ratio {s['macs_ratio']:.3f} (target {s['target_macs_ratio']}), "
         f"top-1 change {s['pruned']['top1'] - s['dense']['top1']:+.2f}, "
-        f"speedup {s['speedup']:.2f}x (ideal {s['ideal_speedup']:.2f}x), method {s['method']}"
+        f"{speed} (ideal {s['ideal_speedup']:.2f}x), method {s['method']}"
     )
+    if s.get("speed_busy"):
+        lines.append(
+            "the machine was busy while the speeds were timed (the rounds spread widely): "
+            "read the speedup as rough, or time it on a quiet machine"
+        )
     pad = s.get("export_pad", 1)
     if pad != 1 and "padded_macs" in s["pruned"]:
         how = (

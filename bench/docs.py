@@ -22,6 +22,7 @@ DOCS = os.path.join(os.path.dirname(common.RESULTS), os.pardir, "docs", "benchma
 ORDER = (
     ("compare_channels", "compare"),
     ("compare_extras", "compare"),
+    ("compare_linear_qk", "compare"),
     ("compare_tokens", "compare"),
     ("search_budget", "search_budget"),
     ("token_speed", "token_speed"),

@@ -175,7 +175,8 @@ def test_a_bench_prints_no_library_info_lines(tmp_path):
         [
             sys.executable,
             "-c",
-            "from absl import app; import bench.common, jax; app.run(lambda _: len(jax.devices()) and None)",
+            "from absl import app; import bench.common, jax; "
+            "app.run(lambda _: len(jax.devices()) and None)",
         ],
         capture_output=True,
         text=True,

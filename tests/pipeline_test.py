@@ -36,6 +36,10 @@ def test_run_writes_summary_and_export(finished_run):
     assert summary["export_max_logit_diff"] <= 1e-5
     table = pipeline.format_summary(summary)
     assert "dense" in table and "pruned" in table and "ideal" in table
+    # The speedup is the median of same-round ratios (dense and pruned interleaved), with range.
+    low, high = summary["speedup_range"]
+    assert summary["speed_rounds"] == pipeline.SPEED_ROUNDS and low <= summary["speedup"] <= high
+    assert f"over {pipeline.SPEED_ROUNDS} interleaved rounds" in table
     # The budget as achieved by the export, beside what the search's own masks gave.
     b = summary["budget"]
     assert set(b) == {"target", "achieved", "tolerance", "met", "search_end", "fixup"}
@@ -55,6 +59,31 @@ def test_run_writes_summary_and_export(finished_run):
     assert [e for e, _ in val["finetune_top1_by_epoch"]] == [
         e for e, _ in summary["finetune_top1_by_epoch"]
     ]
+
+
+def test_speedup_is_the_median_of_same_round_ratios_and_a_wide_spread_says_busy():
+    quiet = {"dense": [100.0, 50.0, 100.0], "pruned": [130.0, 64.0, 128.0]}
+    s = pipeline.speedup_of(quiet)  # the slow round slowed both: its ratio stays
+    assert s == {
+        "speedup": 1.28,
+        "speedup_range": [1.28, 1.3],
+        "speed_rounds": 3,
+        "speed_busy": False,
+    }
+    busy = pipeline.speedup_of({"dense": [100.0, 100.0, 100.0], "pruned": [130.0, 80.0, 125.0]})
+    assert busy["speed_busy"] and busy["speedup"] == 1.25
+    summary = {
+        "dense": {"params": 10, "macs": 100, "top1": 80.0, "images_per_s": 100.0},
+        "pruned": {"params": 5, "macs": 70, "top1": 80.1, "images_per_s": 125.0},
+        "macs_ratio": 0.7,
+        "target_macs_ratio": 0.7,
+        "ideal_speedup": 1.43,
+        "method": "amap",
+        **busy,
+    }
+    text = pipeline.format_summary(summary)
+    assert "speedup 1.25x (0.80-1.30 over 3 interleaved rounds) (ideal 1.43x)" in text
+    assert "the machine was busy" in text.splitlines()[-1]
 
 
 def test_vtp_run_end_to_end_in_bfloat16(tmp_path):

@@ -109,6 +109,27 @@ def token_throughput(
     return batch_size / float(np.median(times))
 
 
+def paired_throughput(
+    runs: dict, batch_size: int, *, seconds: float, rounds: int = 5
+) -> dict[str, list[float]]:
+    """Images/s per round of each `name: (model, variables, arch, kernels)` on one random batch,
+    the models interleaved within every round (`timing.interleaved`): a ratio of two of them is
+    taken within a round, so load that comes and goes between the two does not land in it.
+    `seconds` is each model's total over the rounds."""
+    fns = {}
+    for name, (model, variables, arch, kernels) in runs.items():
+        fwd = xla_cpu.jit(model.apply, kernels)
+        x = jax.random.normal(
+            jax.random.key(0),
+            (batch_size, arch.image_size, arch.image_size, arch.in_chans),
+            jnp.float32,
+        )
+        fns[name] = functools.partial(
+            lambda f, v, x: jax.block_until_ready(f(v, x)), fwd, variables, x
+        )
+    return timing.interleaved(fns, seconds / rounds, rounds, batch_size)
+
+
 def batch1_speeds(
     dense_model,
     dense_variables,
