@@ -97,12 +97,16 @@ def _parse(argv):
 
 
 def _where(summary: dict, workdir: str) -> str:
-    """Where a finished run put what a user looks at next."""
+    """Where a finished run put what a user looks at next, every path absolute, and the
+    TensorBoard command as it runs (the viewer beside this Python, where it is installed)."""
     from amap_jax.io import paths
 
+    workdir = paths.absolute(workdir)
+    viewer = os.path.join(os.path.dirname(sys.executable), "tensorboard")
+    viewer = viewer if os.path.exists(viewer) else "tensorboard"
     return (
         f"summary: {paths.join(workdir, 'summary.json')}; export: {summary['export_dir']}; "
-        f"TensorBoard: tensorboard --logdir {paths.join(workdir, 'tensorboard')}"
+        f"TensorBoard: {viewer} --logdir {paths.join(workdir, 'tensorboard')}"
     )
 
 

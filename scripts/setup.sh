@@ -13,15 +13,30 @@ if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
   fi
 fi
 
-python3 -m venv .venv
-.venv/bin/pip install -q --upgrade pip
-.venv/bin/pip install -q -r "$req"
+# Quiet on success: a step's output is shown only when it fails.
+quiet() {
+  local log
+  log="$(mktemp)"
+  if ! "$@" >"$log" 2>&1; then
+    cat "$log" >&2
+    rm -f "$log"
+    echo "setup: failed: $*" >&2
+    return 1
+  fi
+  rm -f "$log"
+}
+
+echo "setup: installing into .venv from $req (a fresh machine: about 3 minutes, 3.5 GB)"
+quiet python3 -m venv .venv
+quiet .venv/bin/pip install -q --upgrade pip
+quiet .venv/bin/pip install -q -r "$req"
 # The package itself, editable: `import amap_jax` and `python -m amap_jax.predict` work from any
 # directory, and edits to the checkout take effect.
-.venv/bin/pip install -q --no-deps -e .
+quiet .venv/bin/pip install -q --no-deps -e .
 if [ "$(basename "$req")" = requirements-test.txt ]; then
   # Test-only torch/timm for parity tests, Torch-Pruning for bench/vs_timm.py; timm and
   # Torch-Pruning without deps (their declared dependencies pull a CUDA torch).
-  .venv/bin/pip install -q -r requirements-torch.txt
-  .venv/bin/pip install -q --no-deps timm==1.0.31 torch-pruning==1.6.1
+  quiet .venv/bin/pip install -q -r requirements-torch.txt
+  quiet .venv/bin/pip install -q --no-deps timm==1.0.31 torch-pruning==1.6.1
 fi
+echo "setup: done"

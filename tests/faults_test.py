@@ -419,8 +419,9 @@ def test_kill_and_preemption_in_every_phase_give_the_uninterrupted_export(finish
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.strip().splitlines()[-1] == (
         f"summary: {workdir}/summary.json; export: {workdir}/export; "
-        f"TensorBoard: tensorboard --logdir {workdir}/tensorboard"
-    )
+        f"TensorBoard: {os.path.dirname(sys.executable)}/tensorboard --logdir "
+        f"{workdir}/tensorboard"
+    )  # every path absolute, the viewer beside the Python that ran the job
     _assert_same_export(finished_run[0], workdir)
 
 
