@@ -19,7 +19,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 from amap_jax.models.arch import vit_arch
 from amap_jax.models.attention import Attention, _heads, _merge
@@ -124,4 +124,4 @@ def main(_):
 
 if __name__ == "__main__":
     common.defaults(seconds=2.0)
-    app.run(main)
+    common.run(main)

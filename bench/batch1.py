@@ -267,4 +267,4 @@ def main(argv):
 if __name__ == "__main__":
     flags.mark_flags_as_required(["workdir"])
     common.defaults(rounds=7, seconds=2.0)
-    app.run(main)
+    common.run(main)

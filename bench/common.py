@@ -25,8 +25,14 @@ from amap_jax.models.arch import vit_arch
 # warnings, not their INFO chatter (the TPU-backend line, orbax's checkpoint steps).
 logs.quiet_libraries()
 
-RESULTS = os.path.join(os.path.dirname(__file__), "results")
+RESULTS = os.path.join(os.path.dirname(__file__), "results")  # the results the docs cite
 _TAG = flags.DEFINE_string("tag", "", "Suffix of the results file names.")
+_OUT = flags.DEFINE_string(
+    "out", "workdirs/bench", "Where a bench writes its results (unless --update_results)."
+)
+_UPDATE = flags.DEFINE_bool(
+    "update_results", False, "Write into bench/results/, the results the README and docs cite."
+)
 # Flags several benchmarks take; each bench sets its own defaults with `defaults`.
 BATCH = flags.DEFINE_integer("batch", 32, "Batch size.")
 ROUNDS = flags.DEFINE_integer("rounds", 5, "Interleaved timing rounds.")
@@ -125,6 +131,35 @@ def cpus() -> int:
     return len(os.sched_getaffinity(0))
 
 
+def _parse_flags(argv):
+    """absl's flag parser with a bad flag as one line (exit 2) instead of its usage text."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
+        sys.exit(2)
+
+
+def run(main) -> None:
+    """`app.run` for a bench: a bad flag or setting ends in one line naming it (exit 2), before
+    any work where the bench checks it first; output piped into `head` ends quietly."""
+    from absl import app
+
+    def guarded(argv):
+        try:
+            return main(argv)
+        except (app.UsageError, ValueError, FileNotFoundError) as e:
+            print(
+                f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr
+            )
+            sys.exit(2)
+        except BrokenPipeError:  # the reader has what it wanted
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(0)
+
+    app.run(guarded, flags_parser=_parse_flags)
+
+
 def commit() -> str:
     """The checkout's commit ("+" when it has uncommitted changes), or "" outside git."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -146,11 +181,22 @@ def commit() -> str:
     return head + ("+" if dirty else "")
 
 
+def out_dir() -> str:
+    """Where this bench writes: --out (default workdirs/bench), or bench/results/ with
+    --update_results (a run that is to replace what the docs cite says so). Outside a command
+    line (tests, imports) bench/results/ as `RESULTS` says."""
+    if not flags.FLAGS.is_parsed() or _UPDATE.value:
+        return RESULTS
+    os.makedirs(_OUT.value, exist_ok=True)
+    return _OUT.value
+
+
 def write(name: str, rows: list[dict], meta: dict, markdown: str | None = None) -> str:
-    """bench/results/NAME.json (rows, meta and where they were measured), and NAME.md beside
+    """OUT/NAME.json (rows, meta and where they were measured; `out_dir`), and NAME.md beside
     it when a `markdown` report is given; returns the JSON's path."""
-    os.makedirs(RESULTS, exist_ok=True)
-    path = os.path.join(RESULTS, f"{name}.json")
+    results = out_dir()
+    os.makedirs(results, exist_ok=True)
+    path = os.path.join(results, f"{name}.json")
     info = {
         "device": str(jax.devices()[0].device_kind),
         "backend": jax.default_backend(),
@@ -165,7 +211,7 @@ def write(name: str, rows: list[dict], meta: dict, markdown: str | None = None) 
     with open(path, "w") as f:
         json.dump({"meta": {**info, **meta}, "rows": rows}, f, indent=1)
     if markdown is not None:
-        with open(os.path.join(RESULTS, f"{name}.md"), "w") as f:
+        with open(os.path.join(results, f"{name}.md"), "w") as f:
             f.write(markdown)
     return path
 

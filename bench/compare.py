@@ -20,7 +20,8 @@ Cells run in parallel processes, one per core (`--jobs`, pinned with taskset), e
 work directory under ROOT: a finished cell is read back, a killed one resumes from its
 checkpoints. The remaining time is estimated from the cells finished so far.
 
-Writes bench/results/compare_<grid>.{json,md} and compare_<grid>_top1.png (top-1 against the
+Writes compare_<grid>.{json,md} (into workdirs/bench/, or bench/results/ with
+--update_results) and compare_<grid>_top1.png (top-1 against the
 achieved MACs ratio, 95% intervals, a panel per config and fine-tuning budget) and, for channel
 grids, compare_<grid>_widths.png (kept widths per layer at the lowest target).
 """
@@ -32,6 +33,7 @@ import dataclasses
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -172,6 +174,9 @@ class Cell:
 def grid() -> Grid:
     g = GRIDS["quick" if _QUICK.value else _GRID.value]
     if _SEEDS.value:
+        bad = [s for s in _SEEDS.value if not s.isdigit()]
+        if bad:
+            raise app.UsageError(f"--seeds: {bad} are not seeds (integers >= 0)")
         g = dataclasses.replace(g, seeds=tuple(int(s) for s in _SEEDS.value))
     if _CONFIGS.value:
         unknown = sorted(set(_CONFIGS.value) - set(g.configs))
@@ -179,7 +184,10 @@ def grid() -> Grid:
             raise app.UsageError(f"--grid_configs: {unknown} not in the grid's {list(g.configs)}")
         g = dataclasses.replace(g, configs=tuple(c for c in g.configs if c in _CONFIGS.value))
     if _TARGETS.value:
-        want = {float(t) for t in _TARGETS.value}
+        try:
+            want = {float(t) for t in _TARGETS.value}
+        except ValueError:
+            raise app.UsageError(f"--grid_targets: {_TARGETS.value} are not numbers") from None
         if not want <= set(g.targets):
             raise app.UsageError(f"--grid_targets: the grid's targets are {list(g.targets)}")
         g = dataclasses.replace(g, targets=tuple(t for t in g.targets if t in want))
@@ -695,7 +703,7 @@ def plots(rows, results, g: Grid, name: str) -> list[str]:
             ax.grid(alpha=0.3)
         ax_row[0].set_ylabel(f"{g.split} top-1 %, mean and 95% interval")
     _figure_legend(fig, axes)
-    paths.append(os.path.join(common.RESULTS, f"compare_{name}_top1.png"))
+    paths.append(os.path.join(common.out_dir(), f"compare_{name}_top1.png"))
     fig.savefig(paths[-1], dpi=100)
     plt.close(fig)
     paths.append(_diff_plot(rows, g, name, plt))
@@ -729,7 +737,7 @@ def plots(rows, results, g: Grid, name: str) -> list[str]:
             ax.set_xticks(range(len(kept)))
     fig.suptitle("channels kept per block, mean over seeds", fontsize=11)
     _figure_legend(fig, axes)  # under the panels: in one it covered the bars
-    paths.append(os.path.join(common.RESULTS, f"compare_{name}_widths.png"))
+    paths.append(os.path.join(common.out_dir(), f"compare_{name}_widths.png"))
     fig.savefig(paths[-1], dpi=100)
     plt.close(fig)
     return paths
@@ -799,7 +807,8 @@ def _diff_plot(rows, g: Grid, name: str, plt) -> str:
             ax.grid(alpha=0.3)
         ax_row[0].set_ylabel(f"top-1 minus {ref}'s, same seed (points)")
     _figure_legend(fig, axes)
-    path = os.path.join(common.RESULTS, f"compare_{name}_vs_{ref.replace('+', '_')}.png")
+    slug = re.sub(r"[^\w.-]+", "_", ref)  # "amap+asvit", "search only: shift"
+    path = os.path.join(common.out_dir(), f"compare_{name}_vs_{slug}.png")
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
@@ -827,6 +836,8 @@ def main(argv):
     else:
         print(f"grid {_grid_name()}: {len(cells(g))} cells ({g.cost})", flush=True)
         results = run_all(g, root, _JOBS.value)
+    if not results:
+        raise app.UsageError(f"no finished cells of grid {_grid_name()} under {root}")
     results = [on_split(r, g.split) for r in results]
     rows = summarize(results, g)
     notes = verdict_lines(rows, results, g)
@@ -867,4 +878,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(main)

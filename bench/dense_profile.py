@@ -20,7 +20,6 @@ import os
 import textwrap
 
 import numpy as np
-from absl import app
 
 from amap_jax.timing import interleaved
 from bench import common, sides
@@ -227,9 +226,9 @@ def main(_):
     name = f"dense_profile_{jax.default_backend()}{common.suffix()}"
     md = markdown(rows, meta)
     common.write(name, rows, meta, md)
-    plot(rows, os.path.join(common.RESULTS, f"{name}.png"), md.splitlines()[0])
+    plot(rows, os.path.join(common.out_dir(), f"{name}.png"), md.splitlines()[0])
     print(md)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(main)

@@ -150,12 +150,62 @@ def render() -> str:
     return "\n".join(parts)
 
 
+README = os.path.join(os.path.dirname(common.RESULTS), os.pardir, "README.md")
+# <!-- table: STEM [CONFIG] --> ... <!-- /table -->: a table generated from bench/results/STEM.json
+_MARKED = re.compile(r"(<!-- table: ([\w/]+)(?: (\w+))? -->\n)(.*?)(<!-- /table -->)", re.S)
+_NAMES = {"vit": "ViT", "flatten": "FLatten", "tokens": "ViT-mini4/4"}
+
+
+def compare_table(result: dict, config: str | None = None) -> str:
+    """A bench.compare result as the README shows it: the reference method's top-1 at every
+    stage, each other method minus it (paired by seed, 95% interval; bold where it excludes 0)."""
+    rows = [r for r in result["rows"] if config in (None, r["config"])]
+    stages = ("after search", "after 1 fine-tune epoch", "end")
+    ref_key = next(k for k in rows[0][stages[0]] if k.startswith("vs_") and k != "vs_dense")
+    ref = ref_key[3:]
+    lines = [
+        "| model, MACs | method | seeds | achieved MACs | after search | after 1 fine-tune epoch "
+        "| end (2 epochs) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        where = f"{_NAMES.get(r['config'], r['config'])} {r['target']}"
+        cells = [where if r["variant"] == ref else "", r["variant"], str(len(r["seeds"]))]
+        cells.append(f"{r['achieved_macs']['mean']:.3f}")
+        for stage in stages:
+            if r["variant"] == ref:
+                top = r[stage]["top1"]
+                cells.append(f"{top['mean']:.2f}" if top["n"] else "")
+                continue
+            d = r[stage][ref_key]
+            text = f"{d['mean']:+.2f} [{d['lo']:+.2f}, {d['hi']:+.2f}]" if d["n"] > 1 else ""
+            cells.append(f"**{text}**" if d.get("verdict") in ("better", "worse") else text)
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def readme(text: str) -> str:
+    """`text` with every marked table regenerated from its result file."""
+
+    def fill(m):
+        with open(os.path.join(common.RESULTS, f"{m.group(2)}.json")) as f:
+            result = json.load(f)
+        return m.group(1) + compare_table(result, m.group(3)) + m.group(5)
+
+    return _MARKED.sub(fill, text)
+
+
 def main() -> int:
     path = os.path.normpath(DOCS)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
         f.write(render())
-    print(f"wrote {path}")
+    readme_path = os.path.normpath(README)
+    with open(readme_path) as f:
+        text = f.read()
+    with open(readme_path, "w") as f:
+        f.write(readme(text))
+    print(f"wrote {path}, the tables of {readme_path}")
     return 0
 
 

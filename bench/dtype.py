@@ -16,7 +16,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 from amap_jax import models
 from amap_jax.data.splits import open_split
@@ -125,4 +125,4 @@ def main(_):
 
 if __name__ == "__main__":
     common.defaults(batch=256, seconds=2.0)
-    app.run(main)
+    common.run(main)

@@ -16,7 +16,7 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 
 from amap_jax import logs
 from amap_jax.models import tokens
@@ -138,7 +138,7 @@ def main(_):
     rows = summarize(arch, masks)
     suffix = common.suffix()
     path = common.write(f"kept_tokens{suffix}", rows, {"workdir": common.WORKDIR.value})
-    pngs = plot(arch, masks, shown, labels, logits, rows, common.RESULTS, suffix)
+    pngs = plot(arch, masks, shown, labels, logits, rows, common.out_dir(), suffix)
     for r in rows:
         print(
             f"before block {r['point']}: kept {r['mean']:.1f} ± {r['sd']:.1f} of {r['of']} "
@@ -149,4 +149,4 @@ def main(_):
 
 if __name__ == "__main__":
     flags.mark_flags_as_required(["workdir"])
-    app.run(main)
+    common.run(main)

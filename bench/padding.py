@@ -23,7 +23,7 @@ import time
 
 import jax
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 from amap_jax import models
 from amap_jax.io import pruned
@@ -127,4 +127,4 @@ def main(_):
 
 if __name__ == "__main__":
     common.defaults(batch=256, seconds=1.0)
-    app.run(main)
+    common.run(main)

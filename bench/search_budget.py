@@ -22,7 +22,7 @@ import shutil
 import tempfile
 import time
 
-from absl import app, flags, logging
+from absl import flags, logging
 
 from amap_jax import logs, methods, pipeline
 from amap_jax.pruning import macs
@@ -174,4 +174,4 @@ def main(argv):
 
 if __name__ == "__main__":
     common.defaults(targets=["0.7", "0.5", "0.3"])
-    app.run(main)
+    common.run(main)

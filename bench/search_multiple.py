@@ -20,7 +20,7 @@ import os
 
 import jax
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 from amap_jax import models
 from amap_jax.io import pruned
@@ -146,4 +146,4 @@ def markdown(rows: list[dict]) -> str:
 
 if __name__ == "__main__":
     common.defaults(batch=256, seconds=1.0)
-    app.run(main)
+    common.run(main)

@@ -17,7 +17,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from absl import app
 
 from amap_jax import models
 from amap_jax.methods import amap, similarity
@@ -106,4 +105,4 @@ if __name__ == "__main__":
         batch=32,
         seconds=4.0,
     )
-    app.run(main)
+    common.run(main)

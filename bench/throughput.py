@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import jax
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 from amap_jax.methods import Amap
 from amap_jax.pruning import padding
@@ -115,4 +115,4 @@ def main(_):
 
 if __name__ == "__main__":
     common.defaults(models=["Ti", "Ti:LLLLLLSSSSSS", "S", "S:LLLLLLSSSSSS"], batch=32, seconds=4.0)
-    app.run(main)
+    common.run(main)

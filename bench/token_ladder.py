@@ -19,7 +19,7 @@ from __future__ import annotations
 import time
 
 import numpy as np
-from absl import app, logging
+from absl import logging
 
 from amap_jax import logs, models, xla_cpu
 from bench import batch1, common, sides, token_speed
@@ -122,4 +122,4 @@ def main(argv):
 
 if __name__ == "__main__":
     common.defaults(rounds=5, seconds=2.0)
-    app.run(main)
+    common.run(main)

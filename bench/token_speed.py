@@ -47,7 +47,7 @@ import tempfile
 import time
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 from amap_jax.timing import cycling, interleaved
 from bench import common, sides
@@ -611,4 +611,4 @@ def main(_):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(main)

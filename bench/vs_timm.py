@@ -29,7 +29,7 @@ import json
 import os
 
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 # common: --tag (it imports jax, which the torch worker never initialises); sides: shared flags
 from amap_jax.timing import interleaved
@@ -300,7 +300,7 @@ def main(_):
     ideal = {name: model_macs(dense) / model_macs(a) for name, a in pruned.items()}
     name = f"vs_timm_{jax.default_backend()}{common.suffix()}"
     if _REBUILD.value:
-        with open(os.path.join(common.RESULTS, f"{name}.json")) as f:
+        with open(os.path.join(common.out_dir(), f"{name}.json")) as f:
             meta = json.load(f)["meta"]
         return _report(name, summarize(meta["runs"], ideal), meta)
     runs = sides.alternate("bench.vs_timm")
@@ -330,11 +330,11 @@ def _report(name: str, rows: list[dict], meta: dict) -> None:
     meta = {k: v for k, v in meta.items() if k not in ("backend", "machine", "jax")}
     md = markdown(rows, meta)
     path = common.write(name, rows, meta, md)
-    png = os.path.join(common.RESULTS, f"{name}.png")
+    png = os.path.join(common.out_dir(), f"{name}.png")
     plot(rows, png, f"{meta['model']}, batch {meta['batch']}, {meta['dtype']}, {meta['device']}")
     print(md)
     print(f"wrote {path}, {os.path.basename(png)}")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(main)

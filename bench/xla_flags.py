@@ -185,4 +185,4 @@ def _backend() -> str:
 
 if __name__ == "__main__":
     common.defaults(batch=32, seconds=4.0)
-    app.run(main)
+    common.run(main)

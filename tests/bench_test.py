@@ -202,10 +202,30 @@ def test_a_row_not_at_the_references_budget_says_so():
     assert compare.budget_gaps(compare.summarize(_results(), GRID), "amap") == {}
 
 
+def test_a_bench_writes_its_results_where_its_flags_say(tmp_path):
+    """Into --out (default workdirs/bench); into bench/results/, which the docs cite, only with
+    --update_results."""
+    from absl import flags
+    from absl.testing import flagsaver
+
+    from bench import common
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+    assert flags.FLAGS["out"].default == "workdirs/bench"
+    with flagsaver.flagsaver(out=str(tmp_path / "mine")):
+        assert common.out_dir() == str(tmp_path / "mine")
+        path = common.write("probe", [{"x": 1}], {"k": "v"}, "# probe\n")
+        assert path == str(tmp_path / "mine" / "probe.json")
+        assert os.path.exists(tmp_path / "mine" / "probe.md")
+    with flagsaver.flagsaver(out=str(tmp_path / "mine"), update_results=True):
+        assert common.out_dir() == common.RESULTS
+
+
 def test_plots_draw_every_stage_and_the_widths(tmp_path, monkeypatch):
     from bench import common
 
-    monkeypatch.setattr(common, "RESULTS", str(tmp_path))
+    monkeypatch.setattr(common, "out_dir", lambda: str(tmp_path))
     rows = compare.summarize(_results(), GRID)
     paths = compare.plots(rows, _results(), GRID, "test")
     assert [os.path.basename(p) for p in paths] == [
@@ -555,6 +575,29 @@ def test_docs_page_holds_every_current_result_and_its_tagged_runs(tmp_path, monk
     assert page.count(f"## vs_timm_cpu_ynn_reduce: {title}\n") == 1 and "\n" not in title
     assert page.count(rest) == 1 and "under vs_timm_cpu above" in page
     assert rest.startswith("```\npython -m bench.vs_timm")  # its command fenced, not run together
+
+
+def test_readme_tables_are_the_results_they_name():
+    """Every table between `<!-- table: STEM [CONFIG] -->` markers in the README is what
+    `python -m bench.docs` generates from bench/results/STEM.json: never typed, never stale."""
+    from bench import docs
+
+    with open(docs.README) as f:
+        text = f.read()
+    assert docs._MARKED.search(text), "the README has no generated table"
+    assert docs.readme(text) == text, "README tables are stale: run python -m bench.docs"
+
+
+def test_compare_table_shows_the_reference_and_bold_verdicts():
+    from bench import docs
+
+    rows = compare.summarize(_results(), GRID)
+    table = docs.compare_table({"rows": rows}, "vit").splitlines()
+    assert table[2].startswith("| ViT 0.7 | amap | 5 | 0.698 | 85.50 | 86.00 | 86.50 |")
+    random = next(line for line in table if "| random |" in line and "0.298" in line)
+    assert random.count("**-0.48 [") == 3  # worse at every stage: bold
+    vtp = next(line for line in table if "| vtp |" in line and "0.298" in line)
+    assert "**" not in vtp and vtp.startswith("|  | vtp | 5 | 0.298 | +0.")
 
 
 def test_batch1_option_sets_compile_here_and_reach_both_programs():
