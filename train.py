@@ -52,6 +52,19 @@ def _config():
     return config
 
 
+def _loading_config(e: BaseException, argv) -> bool:
+    """Whether `e` came out of the config file's own code (its get_config)."""
+    given = [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
+    given += [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"]
+    files = {os.path.abspath(p.split(":")[0]) for p in given}
+    tb = e.__traceback__
+    while tb is not None:
+        if os.path.abspath(tb.tb_frame.f_code.co_filename) in files:
+            return True
+        tb = tb.tb_next
+    return False
+
+
 def _help():
     """Usage, flags and every config key with its default and meaning; exit 0."""
     from amap_jax import config_help
@@ -72,6 +85,15 @@ def _parse(argv):
         _help()
     try:
         return flags.FLAGS(argv)
+    except Exception as e:
+        if not isinstance(e, SyntaxError | ImportError) and _loading_config(e, argv):
+            _fail(f"config file: get_config raised {type(e).__name__}: {e}")
+        return _parse_error(e, argv)
+
+
+def _parse_error(e: Exception, argv):
+    try:
+        raise e
     except (AttributeError, KeyError) as e:
         text = str(e).replace("\\", "")
         found = re.search(r"'([^']+)'", text)
@@ -87,6 +109,9 @@ def _parse(argv):
         else:
             hint_text = f" (did you mean {hint.group(1)!r}?)" if hint else ""
         _fail(f"unknown config key {key!r} in {where}{hint_text}")
+    except (SyntaxError, ImportError) as e:  # the config file itself
+        where = f"{e.filename}, line {e.lineno}" if isinstance(e, SyntaxError) else str(e)
+        _fail(f"config file does not load: {type(e).__name__} ({where})")
     except (flags.Error, ValueError, TypeError) as e:
         text = str(e)
         if "Error whilst parsing config file" in text:  # keep the cause, not absl's preamble

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 
 import ml_collections
@@ -172,9 +173,22 @@ _RANGES = {
 }
 
 
+def _leaves(node, prefix: str = ""):
+    for key, value in node.items():
+        if isinstance(value, ml_collections.ConfigDict):
+            yield from _leaves(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
 def validate(c: ml_collections.ConfigDict) -> None:
     """Raises ValueError with one line for the first thing wrong."""
     _unknown_keys(c)
+    for key, value in _leaves(c):  # no setting means anything at nan or infinity
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{key} must be a finite number, got {value}")
+    if c.seed < 0:
+        raise ValueError(f"seed must be >= 0, got {c.seed}")
     t = c.search.target
     if not 0.0 < t <= 1.0:
         raise ValueError(f"search.target must be in (0, 1] (MACs kept), got {t}")

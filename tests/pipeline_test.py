@@ -206,6 +206,48 @@ def test_target_outside_unit_interval_is_rejected(tmp_path, target):
     assert not (tmp_path / "w").exists()
 
 
+@pytest.mark.parametrize(
+    "key,value,message",
+    [
+        ("seed", -1, "seed must be >= 0, got -1"),
+        ("amap.init_spread", float("nan"), "amap.init_spread must be a finite number, got nan"),
+        ("search.lr", float("inf"), "search.lr must be a finite number, got inf"),
+        ("finetune.epochs", float("inf"), "finetune.epochs must be a finite number, got inf"),
+    ],
+)
+def test_negative_seed_and_non_finite_settings_are_one_line_before_any_work(
+    tmp_path, key, value, message
+):
+    c = tiny_config()
+    section, _, leaf = key.rpartition(".")
+    (c[section] if section else c)[leaf] = value
+    with pytest.raises(ValueError) as e:
+        pipeline.run(c, str(tmp_path / "w"))
+    assert str(e.value) == message and not (tmp_path / "w").exists()
+
+
+def test_config_files_that_do_not_load_are_one_line(tmp_path):
+    broken = tmp_path / "broken.py"
+    broken.write_text("def get_config(:\n")
+    raising = tmp_path / "raising.py"
+    raising.write_text("def get_config():\n    raise RuntimeError('no such model')\n")
+    for path, message in [
+        (broken, f"error: config file does not load: SyntaxError ({broken}, line 1)"),
+        (raising, "error: config file: get_config raised RuntimeError: no such model"),
+    ]:
+        r = _train_py("--config", str(path), "--workdir", str(tmp_path / "w"))
+        assert r.returncode == 2 and r.stderr.strip() == message, r.stderr[-2000:]
+    assert not (tmp_path / "w").exists()
+
+
+def test_a_stage_of_zero_steps_has_a_schedule():
+    from amap_jax.train import steps
+
+    for total in (0, 1, 2):
+        lr = steps.schedule(1e-3, total, warmup_steps=5)
+        assert all(float(lr(i)) >= 0 for i in range(3))
+
+
 def _train_py(*args):
     return subprocess.run(
         [sys.executable, os.path.join(ROOT, "train.py"), *args],

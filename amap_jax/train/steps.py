@@ -46,9 +46,11 @@ class Input:
 
 
 def schedule(lr: float, total_steps: int, warmup_steps: int) -> optax.Schedule:
-    warmup_steps = min(warmup_steps, max(total_steps - 1, 0))
+    """Warmup then cosine decay; a stage of 0 or 1 steps still gets a valid schedule (optax
+    wants at least one decay step)."""
+    warmup = max(min(warmup_steps, max(total_steps - 1, 0)), 1)
     return optax.warmup_cosine_decay_schedule(
-        0.0, lr, max(warmup_steps, 1), max(total_steps, warmup_steps + 1), end_value=lr * 1e-2
+        0.0, lr, warmup, max(total_steps, warmup + 1), end_value=lr * 1e-2
     )
 
 
