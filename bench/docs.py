@@ -184,15 +184,49 @@ def compare_table(result: dict, config: str | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
+# <!-- value: STEM CONFIG TARGET VARIANT STAGE -->...<!-- /value -->: one number of a comparison
+_VALUE = re.compile(
+    r"(<!-- value: ([\w/]+) (\w+) ([\d.]+) (.+?) (after_search|end|after_1_epoch) -->)"
+    r"(.*?)(<!-- /value -->)"
+)
+_STAGES = {"after_search": "after search", "after_1_epoch": "after 1 fine-tune epoch", "end": "end"}
+
+
+def compare_value(result: dict, config: str, target: float, variant: str, stage: str) -> str:
+    """The variant minus the reference with its interval (the reference: its top-1)."""
+    row = next(
+        r
+        for r in result["rows"]
+        if r["config"] == config and r["target"] == target and r["variant"] == variant
+    )
+    cell = row[_STAGES[stage]]
+    ref_key = next((k for k in cell if k.startswith("vs_") and k != "vs_dense"), None)
+    if variant == ref_key[3:]:  # the reference itself: its top-1
+        return f"{cell['top1']['mean']:.2f}"
+    d = cell[ref_key]
+    return f"{d['mean']:+.2f} [{d['lo']:+.2f}, {d['hi']:+.2f}]"
+
+
+def _load(stem: str) -> dict:
+    with open(os.path.join(common.RESULTS, f"{stem}.json")) as f:
+        return json.load(f)
+
+
 def readme(text: str) -> str:
-    """`text` with every marked table regenerated from its result file."""
-
-    def fill(m):
-        with open(os.path.join(common.RESULTS, f"{m.group(2)}.json")) as f:
-            result = json.load(f)
-        return m.group(1) + compare_table(result, m.group(3)) + m.group(5)
-
-    return _MARKED.sub(fill, text)
+    """`text` with every marked table and value regenerated from its result file."""
+    text = _MARKED.sub(
+        lambda m: m.group(1) + compare_table(_load(m.group(2)), m.group(3)) + m.group(5), text
+    )
+    return _VALUE.sub(
+        lambda m: (
+            m.group(1)
+            + compare_value(
+                _load(m.group(2)), m.group(3), float(m.group(4)), m.group(5), m.group(6)
+            )
+            + m.group(8)
+        ),
+        text,
+    )
 
 
 def main() -> int:

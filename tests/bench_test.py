@@ -598,6 +598,10 @@ def test_compare_table_shows_the_reference_and_bold_verdicts():
     assert random.count("**-0.48 [") == 3  # worse at every stage: bold
     vtp = next(line for line in table if "| vtp |" in line and "0.298" in line)
     assert "**" not in vtp and vtp.startswith("|  | vtp | 5 | 0.298 | +0.")
+    # one number of it, inline: the reference's top-1, another method's paired difference
+    result = {"rows": rows}
+    assert docs.compare_value(result, "vit", 0.3, "amap", "end") == "86.50"
+    assert docs.compare_value(result, "vit", 0.3, "random", "after_1_epoch").startswith("-0.48 [")
 
 
 def test_batch1_option_sets_compile_here_and_reach_both_programs():
