@@ -186,14 +186,17 @@ def compare_table(result: dict, config: str | None = None) -> str:
 
 # <!-- value: STEM CONFIG TARGET VARIANT STAGE -->...<!-- /value -->: one number of a comparison
 _VALUE = re.compile(
-    r"(<!-- value: ([\w/]+) (\w+) ([\d.]+) (.+?) (after_search|end|after_1_epoch) -->)"
-    r"(.*?)(<!-- /value -->)"
+    r"(<!-- value: ([\w/]+) (\w+) ([\d.]+) (.+?) (after_search|end|after_1_epoch)"
+    r"( vs_dense)? -->)(.*?)(<!-- /value -->)"
 )
 _STAGES = {"after_search": "after search", "after_1_epoch": "after 1 fine-tune epoch", "end": "end"}
 
 
-def compare_value(result: dict, config: str, target: float, variant: str, stage: str) -> str:
-    """The variant minus the reference with its interval (the reference: its top-1)."""
+def compare_value(
+    result: dict, config: str, target: float, variant: str, stage: str, vs_dense: bool = False
+) -> str:
+    """The variant minus the reference with its interval (the reference: its top-1); with
+    `vs_dense`, minus the equal-budget dense model."""
     row = next(
         r
         for r in result["rows"]
@@ -201,7 +204,9 @@ def compare_value(result: dict, config: str, target: float, variant: str, stage:
     )
     cell = row[_STAGES[stage]]
     ref_key = next((k for k in cell if k.startswith("vs_") and k != "vs_dense"), None)
-    if variant == ref_key[3:]:  # the reference itself: its top-1
+    if vs_dense:
+        ref_key = "vs_dense"
+    elif variant == ref_key[3:]:  # the reference itself: its top-1
         return f"{cell['top1']['mean']:.2f}"
     d = cell[ref_key]
     return f"{d['mean']:+.2f} [{d['lo']:+.2f}, {d['hi']:+.2f}]"
@@ -221,9 +226,14 @@ def readme(text: str) -> str:
         lambda m: (
             m.group(1)
             + compare_value(
-                _load(m.group(2)), m.group(3), float(m.group(4)), m.group(5), m.group(6)
+                _load(m.group(2)),
+                m.group(3),
+                float(m.group(4)),
+                m.group(5),
+                m.group(6),
+                bool(m.group(7)),
             )
-            + m.group(8)
+            + m.group(9)
         ),
         text,
     )
@@ -236,9 +246,9 @@ def main() -> int:
         f.write(render())
     readme_path = os.path.normpath(README)
     with open(readme_path) as f:
-        text = f.read()
+        text = readme(f.read())  # every result read before the file is rewritten
     with open(readme_path, "w") as f:
-        f.write(readme(text))
+        f.write(text)
     print(f"wrote {path}, the tables of {readme_path}")
     return 0
 
