@@ -74,8 +74,10 @@ def _help():
     try:
         sys.stdout.write(text)
         sys.stdout.flush()
-    except BrokenPipeError:  # `train.py --help | head`: the reader has what it wanted
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except BrokenPipeError:  # `train.py --help | head`
+        from amap_jax import cli
+
+        cli.reader_gone()
     sys.exit(0)
 
 

@@ -14,6 +14,8 @@
 from __future__ import annotations
 
 import errno
+import os
+import sys
 
 from amap_jax.train.loop import Diverged
 from amap_jax.train.stop import Interrupted, Preempted
@@ -24,6 +26,24 @@ EXIT_BUDGET = 4
 
 _WRITE_ERRORS = {errno.EROFS, errno.ENOSPC, errno.EACCES, errno.EDQUOT, errno.EPERM}
 _FULL = {errno.ENOSPC, errno.EDQUOT}
+
+
+def parse_flags(argv):
+    """absl's flag parser for a command line: a bad flag is one line and exit 2, not a usage
+    text."""
+    from absl import flags
+
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
+        sys.exit(EXIT_ERROR)
+
+
+def reader_gone():
+    """stdout's reader went away (`| head`): it has what it wanted; end quietly, exit 0."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    sys.exit(0)
 
 
 def _first_line(e: BaseException) -> str:

@@ -17,7 +17,7 @@ import sys
 import numpy as np
 from absl import app, flags
 
-from amap_jax import logs
+from amap_jax import cli, logs
 from amap_jax.io import pruned
 from amap_jax.io.images import ImageError, image_paths, read_image
 
@@ -70,14 +70,5 @@ def main(argv):
     return 0
 
 
-def _parse(argv):
-    """absl's parser, with one line and exit 2 for a bad flag (e.g. --batch_size=0)."""
-    try:
-        return flags.FLAGS(argv)
-    except flags.Error as e:
-        print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
-        sys.exit(2)
-
-
 if __name__ == "__main__":
-    app.run(main, flags_parser=_parse)
+    app.run(main, flags_parser=cli.parse_flags)

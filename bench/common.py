@@ -15,7 +15,7 @@ import ml_collections
 import numpy as np
 from absl import flags
 
-from amap_jax import logs, models
+from amap_jax import cli, logs, models
 from amap_jax.io.pretrained import NAMES, named_arch
 from amap_jax.methods import amap, similarity
 from amap_jax.methods.amap import INDICATORS, SIMILARITY, Amap
@@ -131,15 +131,6 @@ def cpus() -> int:
     return len(os.sched_getaffinity(0))
 
 
-def _parse_flags(argv):
-    """absl's flag parser with a bad flag as one line (exit 2) instead of its usage text."""
-    try:
-        return flags.FLAGS(argv)
-    except flags.Error as e:
-        print(f"error: {str(e).splitlines()[0]}", file=sys.stderr)
-        sys.exit(2)
-
-
 def run(main) -> None:
     """`app.run` for a bench: a bad flag or setting ends in one line naming it (exit 2), before
     any work where the bench checks it first; output piped into `head` ends quietly."""
@@ -153,29 +144,24 @@ def run(main) -> None:
                 f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr
             )
             sys.exit(2)
-        except BrokenPipeError:  # the reader has what it wanted
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-            sys.exit(0)
+        except BrokenPipeError:
+            cli.reader_gone()
 
-    app.run(guarded, flags_parser=_parse_flags)
+    app.run(guarded, flags_parser=cli.parse_flags)
 
 
 def commit() -> str:
     """The checkout's commit ("+" when it has uncommitted changes), or "" outside git."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+    def git(*args) -> str:
+        return subprocess.run(
+            ["git", "-C", root, *args], capture_output=True, text=True, check=True
+        ).stdout.strip()
+
     try:
-        head = subprocess.run(
-            ["git", "-C", root, "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
+        head = git("rev-parse", "--short", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no")
     except (OSError, subprocess.CalledProcessError):
         return ""
     return head + ("+" if dirty else "")
