@@ -547,3 +547,9 @@ def test_linear_qk_exempt_leaves_them_out_of_the_budget_shift():
     ]
     jax.tree.map(np.testing.assert_array_equal, *moves)
     assert not Amap(linear_qk="difference").relevels(softmax)
+
+
+def test_epoch_lines_show_top1_as_the_summary_does():
+    from amap_jax.train import loop
+
+    assert loop._fmt({"test_top1": 78.03, "loss": 0.5}) == "test_top1=78.03 loss=0.5000"

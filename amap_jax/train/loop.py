@@ -34,6 +34,7 @@ class Progress:
         self.enabled = enabled and sys.stderr.isatty()
         self.t0 = time.time()
         self.last = 0.0
+        self.first: tuple[int, float] | None = None  # the first step seen: compiled by then
 
     def update(self, step: int, metrics: dict[str, float] | None = None) -> None:
         if not self.enabled:
@@ -42,11 +43,15 @@ class Progress:
         if now - self.last < 0.5 and step < self.total:
             return
         self.last = now
+        if self.first is None:
+            self.first = (step, now)
         done = (step - self.start) / max(self.total - self.start, 1)
-        rate = (step - self.start) / max(now - self.t0, 1e-9)
-        eta = (self.total - step) / rate if rate > 0 else 0
+        # Rate and ETA from the first step seen on: the steps before it paid for compilation.
+        first_step, first_time = self.first
+        rate = (step - first_step) / max(now - first_time, 1e-9)
+        eta = f"eta {(self.total - step) / rate:.0f}s" if rate > 0 else "eta ..."
         tail = " ".join(f"{k}={v:.3f}" for k, v in (metrics or {}).items())
-        text = f"{step}/{self.total} {rate:.1f} it/s eta {eta:.0f}s {tail}"
+        text = f"{step}/{self.total} {rate:.1f} it/s {eta} {tail}"
         # The bar takes what the terminal leaves beside the name and the numbers (10 to 30).
         room = min(max(logs.width() - len(self.name) - len(text) - 5, 10), 30)
         bar = "#" * int(room * done) + "." * (room - int(room * done))
@@ -145,9 +150,9 @@ def fit(
                         reported = on_epoch(step, place.host(state))
                         scalars.write(step, reported, step / steps_per_epoch)
                         line.update(reported)
-                    epoch = int(np.ceil(step / steps_per_epoch))
+                    epoch = f"{round(step / steps_per_epoch, 2):g}"  # 0.5 for half an epoch
                     if is_chief:
-                        logging.info("%s epoch %d step %d: %s", name, epoch, step, _fmt(line))
+                        logging.info("%s epoch %s step %d: %s", name, epoch, step, _fmt(line))
                     sums, count = {}, 0
                 if step % checkpoint_every == 0 or step == num_steps:
                     ckpt.save(step, place.host(state))
@@ -189,4 +194,5 @@ _SHOWN = ("loss", "accuracy", "macs_ratio")
 
 
 def _fmt(d: dict[str, float]) -> str:
-    return " ".join(f"{k}={v:.4f}" for k, v in d.items())
+    """Top-1 in % with 2 decimals, as the summary prints it; the rest with 4."""
+    return " ".join(f"{k}={v:.2f}" if k.endswith("top1") else f"{k}={v:.4f}" for k, v in d.items())
