@@ -28,7 +28,7 @@ logs.quiet_libraries()
 RESULTS = os.path.join(os.path.dirname(__file__), "results")  # the results the docs cite
 _TAG = flags.DEFINE_string("tag", "", "Suffix of the results file names.")
 _OUT = flags.DEFINE_string(
-    "out", "workdirs/bench", "Where a bench writes its results (unless --update_results)."
+    "results_dir", "workdirs/bench", "Where a bench writes its results (unless --update_results)."
 )
 _UPDATE = flags.DEFINE_bool(
     "update_results", False, "Write into bench/results/, the results the README and docs cite."
@@ -168,7 +168,7 @@ def commit() -> str:
 
 
 def out_dir() -> str:
-    """Where this bench writes: --out (default workdirs/bench), or bench/results/ with
+    """Where this bench writes: --results_dir (default workdirs/bench), or bench/results/ with
     --update_results (a run that is to replace what the docs cite says so). Outside a command
     line (tests, imports) bench/results/ as `RESULTS` says."""
     if not flags.FLAGS.is_parsed() or _UPDATE.value:

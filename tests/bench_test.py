@@ -203,8 +203,8 @@ def test_a_row_not_at_the_references_budget_says_so():
 
 
 def test_a_bench_writes_its_results_where_its_flags_say(tmp_path):
-    """Into --out (default workdirs/bench); into bench/results/, which the docs cite, only with
-    --update_results."""
+    """Into --results_dir (default workdirs/bench); into bench/results/, which the docs cite,
+    only with --update_results."""
     from absl import flags
     from absl.testing import flagsaver
 
@@ -212,13 +212,13 @@ def test_a_bench_writes_its_results_where_its_flags_say(tmp_path):
 
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()
-    assert flags.FLAGS["out"].default == "workdirs/bench"
-    with flagsaver.flagsaver(out=str(tmp_path / "mine")):
+    assert flags.FLAGS["results_dir"].default == "workdirs/bench"
+    with flagsaver.flagsaver(results_dir=str(tmp_path / "mine")):
         assert common.out_dir() == str(tmp_path / "mine")
         path = common.write("probe", [{"x": 1}], {"k": "v"}, "# probe\n")
         assert path == str(tmp_path / "mine" / "probe.json")
         assert os.path.exists(tmp_path / "mine" / "probe.md")
-    with flagsaver.flagsaver(out=str(tmp_path / "mine"), update_results=True):
+    with flagsaver.flagsaver(results_dir=str(tmp_path / "mine"), update_results=True):
         assert common.out_dir() == common.RESULTS
 
 

@@ -643,8 +643,8 @@ def test_bad_process_settings_are_one_line(tmp_path, args, message):
         (
             "search.batch_size",
             2048,
-            "search.batch_size 2048 is larger than the 1497 training images of 'train': not one "
-            "full batch",
+            "search.batch_size 2048 is larger than the 1347 training images of 'train[:90%]': "
+            "not one full batch",
         ),
     ],
 )
