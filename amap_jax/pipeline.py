@@ -692,8 +692,8 @@ def _run(ctx: Context, arch: Arch, export_dir: str) -> dict:
     with stop.phase("final evaluation"):
         pruned_eval = ctx.evaluate(model, loaded)
         p_kernels = pruned.kernels(export_dir)
-        speeds, d_kernels = {"dense": [None], "pruned": [None]}, None
-        if not getattr(p_arch, "token_points", ()):  # a token export times its own way
+        speeds, d_kernels = None, None  # a token export times its own way
+        if not getattr(p_arch, "token_points", ()):
             speeds, d_kernels = _paired_speeds(
                 ctx, arch, dense_params, p_arch, loaded["params"], p_kernels
             )
@@ -707,7 +707,7 @@ def _run(ctx: Context, arch: Arch, export_dir: str) -> dict:
                 dense_params,
                 dense_eval["top1"],
                 kernels=d_kernels,
-                images_per_s=_median(speeds["dense"]),
+                images_per_s=speeds and float(np.median(speeds["dense"])),
             ),
             "pruned": _report(
                 ctx,
@@ -716,7 +716,7 @@ def _run(ctx: Context, arch: Arch, export_dir: str) -> dict:
                 pruned_eval["top1"],
                 unpadded,
                 p_kernels,
-                images_per_s=_median(speeds["pruned"]),
+                images_per_s=speeds and float(np.median(speeds["pruned"])),
             ),
             "pruned_before_finetune_top1": round(exported_eval["top1"], 2),
             "finetune_top1_by_epoch": finetune_curve(workdir),
@@ -750,7 +750,7 @@ def _run(ctx: Context, arch: Arch, export_dir: str) -> dict:
             }
         s = summary
         s["macs_ratio"] = round(s["pruned"]["macs"] / s["dense"]["macs"], 4)
-        if speeds["dense"][0] is None:
+        if speeds is None:
             s["speedup"] = round(s["pruned"]["images_per_s"] / s["dense"]["images_per_s"], 3)
         else:
             s.update(speedup_of(speeds))
@@ -783,10 +783,6 @@ def _run(ctx: Context, arch: Arch, export_dir: str) -> dict:
     if ctx.is_chief:
         checkpoint.write_json(paths.join(workdir, "summary.json"), summary)
     return summary
-
-
-def _median(values: list) -> float | None:
-    return None if values[0] is None else float(np.median(values))
 
 
 def finetune_curve(

@@ -153,7 +153,7 @@ def linear_blocks(arch: Arch) -> list[int]:
     return [i for i, b in enumerate(arch.blocks) if b.attn == LINEAR]
 
 
-def weights_only(arch: Arch, params) -> dict:
+def weights_only(params) -> dict:
     """The model's own weights out of a search's `params` (without its reweight scales)."""
     return {
         k: (
@@ -177,7 +177,7 @@ def relevel_linear_qk(arch: Arch, params, indicators, images):
     block with the same change has (quantile matching of the two groups; a sliver of the
     q/k change's z-score breaks ties, so the order of the q/k channels is the order of their
     changes). Blocks without linear attention are returned unchanged."""
-    diffs = attention_difference(arch, weights_only(arch, params), images)
+    diffs = attention_difference(arch, weights_only(params), images)
     out = dict(indicators)
     for blk, d in diffs.items():
         v_logits = jnp.sort(indicators[blk]["v"].ravel())
@@ -188,10 +188,9 @@ def relevel_linear_qk(arch: Arch, params, indicators, images):
     return out
 
 
-def linear_qk_gradient(arch: Arch, params, indicators, images, method) -> dict:
-    """Per linear block, the sum of the loss gradients of its q/k indicators (through the
-    straight-through masks, on `images` with their argmax as labels): ~0, the scale
-    invariance `relevel_linear_qk` works around. For tests and probes."""
+def qk_gradients(arch: Arch, params, indicators, images, method) -> dict:
+    """Per block, the loss gradients of its q/k indicators (through the straight-through
+    masks, on `images` with their argmax as labels). For tests and probes."""
     model = models.build(arch, sites=method)
 
     def loss(ind):
@@ -200,7 +199,14 @@ def linear_qk_gradient(arch: Arch, params, indicators, images, method) -> dict:
         return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
     grads = jax.grad(loss)(indicators)
-    return {f"block_{i}": float(jnp.sum(grads[f"block_{i}"]["qk"])) for i in linear_blocks(arch)}
+    return {blk: g["qk"] for blk, g in grads.items()}
+
+
+def linear_qk_gradient(arch: Arch, params, indicators, images, method) -> dict:
+    """Per linear block, the sum of its q/k indicators' loss gradients (`qk_gradients`): ~0,
+    the scale invariance `relevel_linear_qk` works around."""
+    grads = qk_gradients(arch, params, indicators, images, method)
+    return {f"block_{i}": float(jnp.sum(grads[f"block_{i}"])) for i in linear_blocks(arch)}
 
 
 def soft_widths(arch: Arch, indicators, head_balanced: bool = True) -> list[tuple]:
@@ -350,10 +356,9 @@ def budget_projection(
     if shift == "uniform":
         costs = jax.tree.map(jnp.ones_like, costs)
     if exempt_linear_qk:
-        costs = {
-            blk: {**c, "qk": jnp.zeros_like(c["qk"])} if int(blk[6:]) in linear_blocks(arch) else c
-            for blk, c in costs.items()
-        }
+        for i in linear_blocks(arch):
+            c = costs[f"block_{i}"]
+            costs[f"block_{i}"] = {**c, "qk": jnp.zeros_like(c["qk"])}
 
     def init_fn(params):
         del params
