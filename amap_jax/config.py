@@ -8,6 +8,7 @@ import os
 import ml_collections
 
 from amap_jax import methods
+from amap_jax.pruning import cost
 
 
 def defaults() -> ml_collections.ConfigDict:
@@ -98,10 +99,17 @@ def defaults() -> ml_collections.ConfigDict:
         weight_decay=0.05,
         label_smoothing=0.1,
         grad_clip=1.0,
-        target=0.7,  # MACs(pruned) / MACs(dense)
+        target=0.7,  # cost(pruned) / cost(dense), the cost being `budget_kind`'s
+        # "macs": multiply-adds; "latency": seconds per batch of `latency_batch` in the run's
+        # dtype on its backend, as a latency model measured there predicts them (the summary
+        # also times the export against the dense model).
+        budget_kind="macs",
+        latency_batch=1,  # the batch size a latency target is measured and timed at
         # A run whose export (padding included) lands further than this from `target` ends
-        # with exit 4 (export and summary kept).
+        # with exit 4 (export and summary kept); `latency_tolerance` for a latency target, as
+        # timed against the dense model (a timed ratio carries the machine's noise).
         target_tolerance=0.02,
+        latency_tolerance=0.05,  # target_tolerance of a latency target, on the timed ratio
         # Distillation from the dense model while searching, for every method alike: AS-ViT's
         # paper and code train with it (weight 0.5), and the methods compare on one objective.
         kd_weight=0.5,
@@ -161,6 +169,8 @@ _RANGES = {
     "search.kd_temperature": (0, INF, True),
     "finetune.kd_temperature": (0, INF, True),
     "search.target_tolerance": (0, 1, False),
+    "search.latency_batch": (1, INF, False),
+    "search.latency_tolerance": (0, 1, False),
     "eval.batch_size": (1, INF, False),
     "eval.bench_batch": (1, INF, False),
     "eval.bench_seconds": (0, INF, False),
@@ -191,7 +201,17 @@ def validate(c: ml_collections.ConfigDict) -> None:
         raise ValueError(f"seed must be >= 0, got {c.seed}")
     t = c.search.target
     if not 0.0 < t <= 1.0:
-        raise ValueError(f"search.target must be in (0, 1] (MACs kept), got {t}")
+        raise ValueError(f"search.target must be in (0, 1] (share of the cost kept), got {t}")
+    if c.search.budget_kind not in cost.KINDS:
+        raise ValueError(
+            f"search.budget_kind must be one of {', '.join(cost.KINDS)}, "
+            f"got {c.search.budget_kind!r}"
+        )
+    if c.search.budget_kind == "latency" and not methods.get(c.method).takes_latency:
+        raise ValueError(
+            f"search.budget_kind=latency: {c.method} prunes tokens per image, which the latency "
+            "model does not cover; use budget_kind=macs"
+        )
     for key, (low, high, low_open) in _RANGES.items():
         section, _, leaf = key.rpartition(".")
         for name in (section,) if section != "*" else ("train", "search", "finetune"):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import math
 
 import jax
@@ -15,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from amap_jax import config as config_lib
-from amap_jax import methods, models, xla_cpu
+from amap_jax import latency, methods, models, xla_cpu
 from amap_jax import workdir as workdir_lib
 from amap_jax.data.splits import open_split
 from amap_jax.io import artifact, paths, pretrained, pruned
@@ -24,6 +25,7 @@ from amap_jax.methods import Method
 from amap_jax.methods.base import CalibrationBatch
 from amap_jax.models import tokens
 from amap_jax.models.arch import Arch, swin_arch, vit_arch
+from amap_jax.pruning import cost as cost_lib
 from amap_jax.pruning import macs, padding
 from amap_jax.train import checkpoint, parallel, scalars, steps, stop
 from amap_jax.train import evaluate as evaluate_lib
@@ -618,6 +620,9 @@ def _run(ctx: Context, arch: Arch, export_dir: str) -> dict:
             n,
             "" if n == 1 else "s",
         )
+    with stop.phase("latency model"):
+        method = dataclasses.replace(methods.from_config(config), cost=budget_cost(ctx, arch))
+        method.check(arch)  # a latency target the model cannot reach fails before training
     untrained = config.train.epochs == 0 and not config.model.checkpoint
     if untrained:
         logging.warning(
@@ -630,14 +635,14 @@ def _run(ctx: Context, arch: Arch, export_dir: str) -> dict:
     with stop.phase("dense evaluation"):
         dense_eval = ctx.evaluate(ctx.build(arch), {"params": dense_params})
 
-    method = methods.from_config(config)
     with stop.phase("search"):
         variables, masked_model, search_ends = search(ctx, arch, dense_params, method)
     if abs(search_ends["fixup"] or 0) > FIXUP_WARNING:
         logging.warning(
-            "the search ended at MACs ratio %.3f; the fix-up changed it by %.3f of the dense "
-            "MACs to reach %s (a longer search, or method settings that converge faster, leave "
-            "the choice to the search)",
+            "the search ended at %s ratio %.3f; the fix-up changed it by %.3f of the dense "
+            "model's to reach %s (a longer search, or method settings that converge faster, "
+            "leave the choice to the search)",
+            method.cost.label,
             search_ends["search_end"],
             search_ends["fixup"],
             config.search.target,
@@ -768,11 +773,18 @@ def _run(ctx: Context, arch: Arch, export_dir: str) -> dict:
             s["dense"]["images_per_s_batch1"] = round(dense_b1, 1)
             s["pruned"]["images_per_s_batch1"] = round(pruned_b1, 1)
             s["speedup_batch1"] = round(pruned_b1 / dense_b1, 3)
+        timed = None
+        if config.search.budget_kind == "latency":
+            timed = {
+                "predicted": round(method.cost.of(arch, p_arch), 4),
+                **measured_latency(ctx, arch, dense_params, p_arch, loaded["params"], p_kernels),
+            }
         s["budget"] = {
             **budget(
                 config.search,
                 s["pruned"].get("padded_macs", s["pruned"]["macs"]),
                 s["dense"]["macs"],
+                timed,
             ),
             **{k: v for k, v in search_ends.items() if k != "report"},
         }
@@ -794,27 +806,97 @@ def finetune_curve(
     return [[round(r["epoch"], 4), round(r[key], 2)] for r in rows]
 
 
+LATENCY_FILE = "latency.json"
+
+
+def budget_cost(ctx: Context, arch: Arch) -> cost_lib.Cost:
+    """What `search.target` is a ratio of: MACs, or the latency model of this backend
+    (`amap_jax.latency`), process 0's for all and kept in the work directory, so that a
+    resumed run charges what it started with."""
+    s = ctx.config.search
+    if s.budget_kind == "macs":
+        return cost_lib.MACS
+    path = paths.join(ctx.workdir, LATENCY_FILE)
+    if paths.exists(path):
+        return cost_lib.Latency.from_json(json.loads(paths.read_text(path)))
+    model = latency.measure(  # read here: tests make them smaller
+        arch,
+        s.latency_batch,
+        ctx.config.model.dtype,
+        count=latency.KNOTS,
+        seconds=latency.SECONDS,
+        cache=latency.CACHE,
+    )
+    model = model.with_values(parallel.broadcast(model.values()))
+    if ctx.is_chief:
+        checkpoint.write_json(path, model.to_json())
+    dense = float(model.model(arch))
+    logging.info(
+        "latency model at batch %d (%s): dense %.3f ms, %.3f ms of it outside the blocks",
+        s.latency_batch,
+        model.dtype,
+        dense * 1e3,
+        model.constant * 1e3,
+    )
+    return model
+
+
+def measured_latency(ctx: Context, arch: Arch, params, p_arch: Arch, p_params, p_kernels):
+    """Pruned / dense seconds per batch of `search.latency_batch`, timed interleaved: the
+    median over rounds, the range, whether the machine was busy."""
+    kernels = _kernels(ctx, arch, params)
+    runs = {
+        "dense": (ctx.build(arch), {"params": params}, arch, kernels),
+        "pruned": (ctx.build(p_arch), {"params": p_params}, p_arch, p_kernels),
+    }
+    speeds = evaluate_lib.paired_throughput(
+        runs,
+        ctx.config.search.latency_batch,
+        seconds=ctx.config.eval.bench_seconds,
+        rounds=SPEED_ROUNDS,
+    )
+    ratios = [d / p for p, d in zip(speeds["pruned"], speeds["dense"], strict=True)]
+    median = float(np.median(ratios))
+    return {
+        "batch": ctx.config.search.latency_batch,
+        "measured": round(median, 4),
+        "measured_range": [round(min(ratios), 4), round(max(ratios), 4)],
+        "busy": bool(max(ratios) - min(ratios) > BUSY_SPREAD * median),
+    }
+
+
 FIXUP_WARNING = 0.02  # a fix-up that removes more than this share of the dense MACs is warned
 
 
-def budget(search_cfg, achieved_macs: float, dense_macs: float) -> dict:
-    """The MACs budget as achieved by the export (padding included; for tokens the mean over
-    the test set) against the one asked for."""
-    achieved = achieved_macs / dense_macs
-    tol = search_cfg.target_tolerance
+def budget(search_cfg, achieved_macs: float, dense_macs: float, timed: dict | None = None) -> dict:
+    """The budget as achieved by the export (padding included; for tokens the mean over the
+    test set) against the one asked for: its MACs ratio, or for a latency target the ratio
+    timed against the dense model (`timed`, `measured_latency`; `predicted`: the latency
+    model's)."""
+    if search_cfg.budget_kind == "latency":
+        achieved, tol = timed["measured"], search_cfg.latency_tolerance
+    else:
+        achieved, tol = achieved_macs / dense_macs, search_cfg.target_tolerance
     return {
+        "kind": search_cfg.budget_kind,
         "target": search_cfg.target,
         "achieved": round(achieved, 4),
         "tolerance": tol,
         "met": bool(abs(achieved - search_cfg.target) <= tol),
+        **(timed or {}),
     }
 
 
 def budget_message(s: dict) -> str:
     b = s["budget"]
+    kind, key = (
+        ("latency", "latency_tolerance")
+        if b.get("kind") == "latency"
+        else ("MACs", "target_tolerance")
+    )
     return (
-        f"the export's MACs ratio {b['achieved']:.3f} misses its target {b['target']} by more "
-        f"than search.target_tolerance={b['tolerance']}; the export is kept in {s['export_dir']}"
+        f"the export's {kind} ratio {b['achieved']:.3f} misses its target {b['target']} by more "
+        f"than search.{key}={b['tolerance']}; the export is kept in {s['export_dir']}"
     )
 
 
@@ -842,6 +924,13 @@ def format_summary(s: dict) -> str:
         f"top-1 change {s['pruned']['top1'] - s['dense']['top1']:+.2f}, "
         f"{speed} (ideal {s['ideal_speedup']:.2f}x), method {s['method']}"
     )
+    b = s.get("budget", {})
+    if b.get("kind") == "latency":
+        low, high = b["measured_range"]
+        lines.append(
+            f"latency ratio at batch {b['batch']}: {b['measured']:.3f} timed "
+            f"({low:.3f}-{high:.3f}), {b['predicted']:.3f} predicted (target {b['target']})"
+        )
     if s.get("speed_busy"):
         lines.append(
             "the machine was busy while the speeds were timed (the rounds spread widely): "

@@ -38,6 +38,7 @@ _FREE = (
     "data.val_split",
     "data.test_split",
     "search.target_tolerance",
+    "search.latency_tolerance",
 )
 
 

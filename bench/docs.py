@@ -29,6 +29,7 @@ ORDER = (
     ("token_ladder", "token_ladder"),
     ("batch1", "batch1"),
     ("throughput_cpu", "throughput"),
+    ("latency_model_cpu", "latency_model"),
     ("vs_timm_cpu", "vs_timm"),
     ("search_step_cpu", "search_step"),
     ("kept_tokens_asvit", "kept_tokens"),
@@ -217,8 +218,18 @@ def _load(stem: str) -> dict:
         return json.load(f)
 
 
+# <!-- md: STEM --> ... <!-- /md -->: the markdown report bench/results/STEM.md, as written
+_MARKED_MD = re.compile(r"(<!-- md: ([\w/]+) -->\n)(.*?)(<!-- /md -->)", re.S)
+
+
+def _markdown(stem: str) -> str:
+    with open(os.path.join(common.RESULTS, f"{stem}.md")) as f:
+        return f.read().rstrip("\n") + "\n"
+
+
 def readme(text: str) -> str:
     """`text` with every marked table and value regenerated from its result file."""
+    text = _MARKED_MD.sub(lambda m: m.group(1) + _markdown(m.group(2)) + m.group(4), text)
     text = _MARKED.sub(
         lambda m: m.group(1) + compare_table(_load(m.group(2)), m.group(3)) + m.group(5), text
     )

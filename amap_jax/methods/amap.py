@@ -1,4 +1,4 @@
-"""AMAP: indicators, similarity weights, head-balanced masks, reweighting, a MACs target.
+"""AMAP: indicators, similarity weights, head-balanced masks, reweighting, a cost target.
 
 Sites: `qk`, `v` and `hidden`. Collections: `indicators` (logits, trained with Adam),
 `similarity` (channel-similarity weights, refreshed from the weights every few steps) and, with
@@ -6,10 +6,11 @@ Sites: `qk`, `v` and `hidden`. Collections: `indicators` (logits, trained with A
 weights, folded by export). The multiplier at a site is the head-balanced binary mask (straight-
 through gradients into the indicators) times the reweight scales.
 
-The search itself lands on the MACs target: after every update all indicators move by one
-shared delta until the soft MACs ratio is on an aim that falls from 1 to the target over the
-first `target_ramp` of the search (`budget_projection`); the classification loss, through the
-straight-through masks, decides which channels carry the budget. The indicators' Adam has one
+The search itself lands on the target: after every update all indicators move by one shared
+delta until the soft cost ratio (MACs, or the latency model's: `pruning.cost`) is on an aim
+that falls from 1 to the target over the first `target_ramp` of the search
+(`budget_projection`); the classification loss, through the straight-through masks, decides
+which channels carry the budget. The indicators' Adam has one
 second moment for all of them (`scale_by_shared_adam`) and its rate scales with the search's
 length (`indicator_lr=0`). What is left for `finalize`
 is trimming the last channels (`budget.fixup` in the summary). The alternatives measured on the
@@ -33,6 +34,7 @@ from amap_jax.methods import projection, similarity
 from amap_jax.methods.base import Method, check, register
 from amap_jax.methods.projection import PruneSpec
 from amap_jax.models.arch import LINEAR, Arch
+from amap_jax.pruning import cost as cost_lib
 from amap_jax.pruning import macs, widths
 from amap_jax.train.loop import Hook
 
@@ -226,10 +228,11 @@ def soft_widths(arch: Arch, indicators, head_balanced: bool = True) -> list[tupl
     return out
 
 
-def soft_ratio(arch: Arch, indicators, head_balanced: bool = True) -> jax.Array:
-    """Differentiable MACs(indicators) / MACs(dense)."""
-    widths = soft_widths(arch, indicators, head_balanced)
-    return macs.model_macs(arch, widths) / float(macs.model_macs(arch))
+def soft_ratio(
+    arch: Arch, indicators, head_balanced: bool = True, cost: cost_lib.Cost = cost_lib.MACS
+) -> jax.Array:
+    """Differentiable cost(indicators) / cost(dense)."""
+    return cost.ratio(arch, soft_widths(arch, indicators, head_balanced))
 
 
 def scheduled_target(target: float, step, total_steps: int, ramp: float):
@@ -241,14 +244,14 @@ def scheduled_target(target: float, step, total_steps: int, ramp: float):
     return 1.0 - (1.0 - target) * done
 
 
-def budget_loss(ratio, aim, trainable, weight: float, kind: str = "square"):
+def budget_loss(ratio, aim, trainable, weight: float, kind: str = "square", cost: str = "macs"):
     """weight * (ratio - aim)^2 (hinge: only above it), plus, where the trainable tree holds a
     Lagrange multiplier (BUDGET), multiplier * (ratio - aim): its optimizer ascends, so the
     multiplier grows while the ratio is over the aim and the constraint holds at the end
     whatever the classification loss pulls (dual ascent)."""
     gap = ratio - aim
     loss = weight * (jax.nn.relu(gap) if kind == "hinge" else gap) ** 2
-    metrics = {"macs_ratio": ratio, "macs_aim": aim}
+    metrics = {f"{cost}_ratio": ratio, f"{cost}_aim": aim}
     if BUDGET in trainable:
         multiplier = trainable[BUDGET]["multiplier"]
         loss = loss + multiplier * gap
@@ -264,14 +267,15 @@ def macs_regularizer(
     total_steps: int = 0,
     ramp: float = 0.0,
     head_balanced: bool = True,
+    cost: cost_lib.Cost = cost_lib.MACS,
 ):
     """`(trainable, reports, batch_mean, step) -> (loss, metrics)`: the budget loss of the
-    soft MACs ratio against the (scheduled) target."""
+    soft cost ratio against the (scheduled) target."""
 
     def reg(trainable, reports=None, batch_mean=None, step=None):
-        ratio = soft_ratio(arch, trainable[INDICATORS], head_balanced)
+        ratio = soft_ratio(arch, trainable[INDICATORS], head_balanced, cost)
         aim = scheduled_target(target, step, total_steps, ramp)
-        return budget_loss(ratio, aim, trainable, weight, kind)
+        return budget_loss(ratio, aim, trainable, weight, kind, cost.kind)
 
     return reg
 
@@ -316,15 +320,15 @@ def scale_by_shared_adam(
     return optax.GradientTransformation(init_fn, update_fn)
 
 
-def channel_costs(arch: Arch, head_balanced: bool = True):
-    """Per indicator, the MACs its channel costs (d soft ratio / d keep-probability with every
+def channel_costs(arch: Arch, head_balanced: bool = True, cost: cost_lib.Cost = cost_lib.MACS):
+    """Per indicator, what its channel costs (d soft ratio / d keep-probability with every
     channel kept), divided by the mean over all: the direction the projection shifts along."""
     full = constant_indicators(arch, 0.0)
     ones = jax.tree.map(jnp.ones_like, full)
 
     def ratio_of_p(p):
         logits = jax.tree.map(lambda x: jnp.log(x) - jnp.log1p(-x + 1e-7), p)
-        return soft_ratio(arch, logits, head_balanced)
+        return soft_ratio(arch, logits, head_balanced, cost)
 
     grads = jax.grad(ratio_of_p)(jax.tree.map(lambda x: x * (1 - 1e-6), ones))
     mean = jnp.mean(jnp.concatenate([jnp.ravel(g) for g in jax.tree.leaves(grads)]))
@@ -340,10 +344,11 @@ def budget_projection(
     iterations: int = 40,
     shift: str = "uniform",
     exempt_linear_qk: bool = False,
+    cost: cost_lib.Cost = cost_lib.MACS,
 ) -> optax.GradientTransformation:
     """Appended to the indicators' optimizer: after each update, every logit moves by the same
-    delta (`shift="uniform"`) or by delta x its channel's MACs cost (`"cost"`, `channel_costs`),
-    delta found by bisection so that the soft MACs ratio equals this step's aim
+    delta (`shift="uniform"`) or by delta x its channel's cost (`"cost"`, `channel_costs`),
+    delta found by bisection so that the soft cost ratio equals this step's aim
     (`scheduled_target`). The budget then holds at every step, however short the search, with
     no multiplier to wind up. With the uniform shift the logits alone (their start and what the
     classification loss did to them) decide which channels carry the budget; the cost-weighted
@@ -352,7 +357,7 @@ def budget_projection(
     points of top-1 against the Lagrange multiplier: bench/search_budget.py). With
     `exempt_linear_qk` the q/k logits of linear attention do not move: the other groups carry
     the budget (`amap.linear_qk=exempt`)."""
-    costs = channel_costs(arch, head_balanced)
+    costs = channel_costs(arch, head_balanced, cost)
     if shift == "uniform":
         costs = jax.tree.map(jnp.ones_like, costs)
     if exempt_linear_qk:
@@ -371,7 +376,7 @@ def budget_projection(
 
         def ratio(delta):
             moved = jax.tree.map(lambda x, c: x + delta * c, new, costs)
-            return soft_ratio(arch, moved, head_balanced)
+            return soft_ratio(arch, moved, head_balanced, cost)
 
         def halve(_, bounds):
             lo, hi = bounds
@@ -400,11 +405,18 @@ def hard_ratio(arch: Arch, variables, spec: PruneSpec) -> float:
     return float(macs.model_macs(arch, hard_widths(arch, variables, spec)) / macs.model_macs(arch))
 
 
-def finalize_indicators(arch: Arch, variables, spec: PruneSpec, target: float, tokens=None):
-    """Fixed indicator logits whose masks meet `target` MACs ratio (with `tokens` per block
+def finalize_indicators(
+    arch: Arch,
+    variables,
+    spec: PruneSpec,
+    target: float,
+    tokens=None,
+    cost: cost_lib.Cost = cost_lib.MACS,
+):
+    """Fixed indicator logits whose masks meet `target` cost ratio (with `tokens` per block
     where token pruning keeps fewer than all): the masks the search ended with, trimmed where
-    the least importance is lost per MAC saved (`pruning.widths.at_target`) while their MACs
-    are over the target. The search decides the widths; this only trims its last channels
+    the least importance is lost per unit of cost saved (`pruning.widths.at_target`) while
+    their cost is over the target. The search decides the widths; this only trims its last channels
     (the run reports how many, `budget.fixup`)."""
     ind, sim = variables[INDICATORS], variables.get(SIMILARITY)
     scores, start = [], []
@@ -428,10 +440,11 @@ def finalize_indicators(arch: Arch, variables, spec: PruneSpec, target: float, t
             multiple=spec.multiple if spec.head_balanced else 1,
             balanced=spec.head_balanced,
             tokens=tokens,
+            cost=cost,
         )
     except ValueError:
         raise ValueError(
-            f"cannot reach MACs ratio {target}: every group is at its floor "
+            f"cannot reach {cost.label} ratio {target}: every group is at its floor "
             "(amap.min_keep, amap.min_keep_fraction)"
         ) from None
     masks = plan.masks(scores)
@@ -563,10 +576,11 @@ class Amap(Method):
             return min(-(-k // spec.multiple) * spec.multiple, width)
 
         widths = [(least(b.qk_dim), least(b.v_dim), least(b.mlp_dim)) for b in arch.blocks]
-        floor = macs.model_macs(arch, widths) / macs.model_macs(arch)
+        floor = float(self.cost.ratio(arch, widths))
         check(
             floor <= self.target,
-            f"amap cannot reach MACs ratio {self.target}: {floor:.3f} with every group at its "
+            f"amap cannot reach {self.cost.label} ratio {self.target}: {floor:.3f} with every "
+            "group at its "
             "floor (amap.min_keep, amap.min_keep_fraction, amap.multiple)",
         )
 
@@ -635,6 +649,7 @@ class Amap(Method):
             self.head_balanced,
             shift=self.budget_shift,
             exempt_linear_qk=self.linear_qk == "exempt",
+            cost=self.cost,
         )
         return optax.chain(adam, project)
 
@@ -657,6 +672,7 @@ class Amap(Method):
             total_steps,
             self.target_ramp,
             self.head_balanced,
+            self.cost,
         )
 
     def relevels(self, arch) -> bool:
@@ -686,5 +702,5 @@ class Amap(Method):
         return tuple(out)
 
     def finalize(self, arch, variables, calibration=None):
-        fixed = finalize_indicators(arch, variables, self.spec, self.target)
+        fixed = finalize_indicators(arch, variables, self.spec, self.target, cost=self.cost)
         return {**variables, INDICATORS: fixed}

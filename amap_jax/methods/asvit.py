@@ -58,6 +58,7 @@ def expected_ratio(arch, points, keeps, widths=None, mean=jnp.mean) -> jax.Array
 @dataclasses.dataclass(frozen=True)
 class AsVit(Method):
     name: ClassVar[str] = "asvit"
+    takes_latency: ClassVar[bool] = False  # per-image token counts: no latency model
     section: ClassVar[str] = "asvit"
     trainable: ClassVar[tuple[str, ...]] = (THRESHOLDS,)
 

@@ -3,8 +3,10 @@
 A method is one hashable object that the model asks for its site multipliers (`declare`, the
 `models.Sites` protocol) and that the pipeline asks for everything else: its collections and how
 each is optimised, their initialisation, its loss terms, its hooks, and how it fixes the final
-multipliers for a MACs target. Export and MACs counting are generic over sites
-(`pruning.export`, `pruning.macs`): a method only says what it multiplies where.
+multipliers for a target. Export and MACs counting are generic over sites
+(`pruning.export`, `pruning.macs`): a method only says what it multiplies where. A target is a
+ratio of the method's `cost` (`pruning.cost`: MACs, or a latency model), which a method charges
+without naming its kind.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import numpy as np
 import optax
 
 from amap_jax.models.arch import Arch
+from amap_jax.pruning import cost as cost_lib
 from amap_jax.pruning import export as export_lib
 from amap_jax.pruning import macs
 
@@ -64,6 +67,10 @@ class Method:
     # Whether `method_widths_from=RUN` may give it the per-layer widths of another run's export.
     takes_widths: ClassVar[bool] = False
     target: float = dataclasses.field(default=1.0, metadata={"setting": False})  # search.target
+    # What the target is a ratio of (search.budget_kind): set by the run once it is measured.
+    cost: cost_lib.Cost = dataclasses.field(default=cost_lib.MACS, metadata={"setting": False})
+    # Whether the method can charge a latency (token pruning is per image: no latency model).
+    takes_latency: ClassVar[bool] = True
 
     # -- configuration ---------------------------------------------------------------------
 
@@ -123,13 +130,16 @@ class Method:
 
     def progress(self, arch: Arch, variables) -> dict[str, float]:
         """What to log after each search epoch."""
-        return {"hard_macs_ratio": self.macs_ratio(arch, variables)}
+        out = {"hard_macs_ratio": self.macs_ratio(arch, variables)}
+        if self.cost.kind != "macs":
+            out[f"hard_{self.cost.kind}_ratio"] = self.cost_ratio(arch, variables)
+        return out
 
     def search_ratio(self, arch: Arch, variables, calibration: Calibration | None = None):
-        """The MACs ratio the search's own result would export at (padding included; tokens:
+        """The cost ratio the search's own result would export at (padding included; tokens:
         the mean over the calibration batch), to report against the final one (`budget`);
         None where the widths come from a rule applied after the search, not from it."""
-        return self.macs_ratio(arch, variables)
+        return self.cost_ratio(arch, variables)
 
     def report(self, arch: Arch, variables) -> dict:
         """What the summary records of the search's own result (before `finalize`)."""
@@ -166,6 +176,10 @@ class Method:
     def macs_ratio(self, arch: Arch, variables) -> float:
         """MACs of the model export would produce now (padding included) / dense MACs."""
         return macs.ratio(arch, self.pruned_arch(arch, variables))
+
+    def cost_ratio(self, arch: Arch, variables) -> float:
+        """The same in the budget's currency (`cost`)."""
+        return self.cost.of(arch, self.pruned_arch(arch, variables))
 
 
 def check(cond: bool, message: str) -> None:

@@ -37,6 +37,7 @@ _PARTS = {"setting": False}
 @dataclasses.dataclass(frozen=True)
 class AmapAsVit(Method):
     name: ClassVar[str] = "amap+asvit"
+    takes_latency: ClassVar[bool] = False  # per-image token counts: no latency model
     section: ClassVar[str] = "compose"
 
     schedule: str = "joint"  # or "channels_first"

@@ -21,7 +21,8 @@ from amap_jax import models
 from amap_jax.methods import projection
 from amap_jax.methods.base import Method, SettingError, check, register
 from amap_jax.models.arch import Arch
-from amap_jax.pruning import channels, macs, widths
+from amap_jax.pruning import channels, widths
+from amap_jax.pruning import cost as cost_lib
 
 MASKS = "masks"
 BALANCED = ("qk", "v", "hidden")  # what uniform widths prune (AMAP's sites)
@@ -82,7 +83,7 @@ class Floor(Method):
         if self.widths is not None:
             counts = self.widths
         elif self.layer_widths == "scores":
-            counts = scored_widths(arch, scores, self.target, self.min_keep)
+            counts = scored_widths(arch, scores, self.target, self.min_keep, self.cost)
         else:
             counts = uniform_widths(arch, self)
         masks = {}
@@ -99,7 +100,7 @@ def keep_top(scores, k: int) -> np.ndarray:
 
 
 def uniform_widths(arch: Arch, floor: Floor) -> Counts:
-    """One keep fraction for every group, the largest whose MACs meet the target."""
+    """One keep fraction for every group, the largest whose cost meets the target."""
 
     def counts(f):
         return tuple(
@@ -111,13 +112,12 @@ def uniform_widths(arch: Arch, floor: Floor) -> Counts:
         )
 
     def ratio(f):
-        return macs.model_macs(arch, [tuple(k for _, k in c) for c in counts(f)]) / macs.model_macs(
-            arch
-        )
+        return float(floor.cost.ratio(arch, [tuple(k for _, k in c) for c in counts(f)]))
 
     if ratio(0.0) > floor.target:
         raise SettingError(
-            f"{floor.name} cannot reach MACs ratio {floor.target} with floor.min_keep="
+            f"{floor.name} cannot reach {floor.cost.label} ratio {floor.target} with "
+            "floor.min_keep="
             f"{floor.min_keep} per head"
         )
     lo, hi = 0.0, 1.0
@@ -127,7 +127,9 @@ def uniform_widths(arch: Arch, floor: Floor) -> Counts:
     return counts(lo)
 
 
-def scored_widths(arch: Arch, scores, target: float, min_keep: int) -> Counts:
+def scored_widths(
+    arch: Arch, scores, target: float, min_keep: int, cost: cost_lib.Cost = cost_lib.MACS
+) -> Counts:
     """Head-balanced widths at the target from the scores, each group's scores divided by
     their mean so that layers compare (`pruning.widths.at_target`)."""
     normal = [
@@ -135,7 +137,9 @@ def scored_widths(arch: Arch, scores, target: float, min_keep: int) -> Counts:
         for b in scores
     ]
     try:
-        plan = widths.at_target(arch, normal, target, floor=lambda s, w: min(min_keep, w))
+        plan = widths.at_target(
+            arch, normal, target, floor=lambda s, w: min(min_keep, w), cost=cost
+        )
     except ValueError as e:
         raise SettingError(f"floor: {e} (floor.min_keep={min_keep})") from None
     return tuple(tuple((s, b[s]) for s in BALANCED) for b in plan.counts)

@@ -5,8 +5,9 @@ LayerNorm output feeding q/k/v (`attn_in`), the attention output before the proj
 the LayerNorm output feeding fc1 (`mlp_in`) and the MLP hidden units (`hidden`). They are trained
 with the weights under CE + l1_weight * sum |score| ("sparse training"). Pruning is one global
 threshold over every score: either the paper's rule (prune a `rate` of all dimensions) or the
-threshold that makes the exported model meet `search.target` MACs, found by bisection, so that
-VTP compares with AMAP at equal MACs. As in the paper, scores under the threshold become 0 and
+threshold that makes the exported model meet `search.target` (of its MACs, or of the latency
+model's seconds: `pruning.cost`), found by bisection, so that VTP compares with AMAP at an
+equal budget. As in the paper, scores under the threshold become 0 and
 the others 1 (`fold_scores=True`, a variant reported as such, keeps the kept scores' values and
 folds them into the kernels). Value channels differ per head, so the exported attention is
 padded to the widest head; MACs count the padding.
@@ -126,12 +127,12 @@ class Vtp(Method):
             return order, min(int(round(self.rate * (len(order) + protected))), len(order))
 
         def ratio(n):  # of the export, every head padded to the widest
-            return widths.ratio(arch, _counts(_prune(scores, order[:n])))
+            return widths.ratio(arch, _counts(_prune(scores, order[:n])), cost=self.cost)
 
         if ratio(len(order)) > self.target:
             raise SettingError(
-                f"vtp cannot reach MACs ratio {self.target}: {ratio(len(order)):.3f} with every "
-                "unprotected dimension pruned (vtp.min_keep)"
+                f"vtp cannot reach {self.cost.label} ratio {self.target}: "
+                f"{ratio(len(order)):.3f} with every unprotected dimension pruned (vtp.min_keep)"
             )
         lo, hi = 0, len(order)  # smallest n with ratio(n) <= target: MACs never grow with n
         while lo < hi:

@@ -197,19 +197,25 @@ def _part(arch: Arch, b: BlockArch, g, part: str) -> str:
     )
 
 
-def _layer(arch: Arch, b: BlockArch, g, part: str, batch: int):
-    """One layer alone on random inputs and weights, as a blocking call."""
+def layer_inputs(arch: Arch, b: BlockArch, g, part: str, batch: int, dtype=np.float32):
+    """One layer ("attention" or "mlp") of block shape `b` computing in `dtype`, random
+    variables for it and a random input: (module, variables, x)."""
     from amap_jax.models.attention import Attention
     from amap_jax.models.block import Mlp
 
     if part == "mlp":
-        module = Mlp(b.mlp_dim, g.dim, arch.gelu_approximate)
+        module = Mlp(b.mlp_dim, g.dim, arch.gelu_approximate, dtype)
         shape = (batch, g.tokens, len(b.mlp_in) or g.dim)
     else:
-        module = Attention(b, g, arch.focusing_factor, arch.kernel_size)
+        module = Attention(b, g, arch.focusing_factor, arch.kernel_size, dtype)
         shape = (batch * g.windows, g.window_tokens, len(b.attn_in) or g.dim)
     x = jax.random.normal(jax.random.key(0), shape)
-    variables = module.init(jax.random.key(1), x)
+    return module, module.init(jax.random.key(1), x), x
+
+
+def _layer(arch: Arch, b: BlockArch, g, part: str, batch: int):
+    """One layer alone on random inputs and weights, as a blocking call."""
+    module, variables, x = layer_inputs(arch, b, g, part, batch)
     fn = jax.jit(module.apply)
     return lambda: jax.block_until_ready(fn(variables, x))
 

@@ -1,8 +1,9 @@
-"""Scores to head-balanced widths at a MACs target: the one function every score-based method
-uses to turn per-channel scores into the channels each layer keeps.
+"""Scores to head-balanced widths at a target: the one function every score-based method uses
+to turn per-channel scores into the channels each layer keeps.
 
 Starting from given counts (the masks a search ended with, or every channel), channels are
-removed where the least score is lost per MAC saved until the model's MACs meet the target:
+removed where the least score is lost per unit of cost saved (`pruning.cost`: a MAC, or a
+second of the latency model) until the model's cost meets the target:
 one per head at a time (or `multiple`), so that every head of a layer keeps the same count.
 Without head balancing a layer's heads keep different counts and export pads every head to
 the widest, so MACs count the widest head: a step then removes the lowest-scored channel of
@@ -17,6 +18,7 @@ import math
 import numpy as np
 
 from amap_jax.models.arch import Arch
+from amap_jax.pruning import cost as cost_lib
 from amap_jax.pruning import macs
 
 Scores = list  # per block: {site: [heads, width] array}, higher = keep
@@ -25,7 +27,7 @@ Scores = list  # per block: {site: [heads, width] array}, higher = keep
 @dataclasses.dataclass(frozen=True)
 class Plan:
     """Per block: {site: kept channels per head}, or without head balancing {site: [heads]
-    kept per head}; and the MACs ratio they give (the widest head, where heads differ)."""
+    kept per head}; and the cost ratio they give (the widest head, where heads differ)."""
 
     counts: list
     ratio: float
@@ -54,9 +56,9 @@ def block_widths(arch: Arch, i: int, counts: dict, dim: int | None = None) -> ma
     return macs.Widths(**w)
 
 
-def ratio(arch: Arch, counts: list, tokens=None) -> float:
+def ratio(arch: Arch, counts: list, tokens=None, cost: cost_lib.Cost = cost_lib.MACS) -> float:
     widths = [block_widths(arch, i, c) for i, c in enumerate(counts)]
-    return float(macs.model_macs(arch, widths, tokens) / macs.model_macs(arch))
+    return float(cost.ratio(arch, widths, tokens))
 
 
 def at_target(
@@ -69,11 +71,12 @@ def at_target(
     multiple: int = 1,
     balanced: bool = True,
     tokens: list | None = None,
+    cost: cost_lib.Cost = cost_lib.MACS,
 ) -> Plan:
-    """The counts, from `start` (default: every channel), that meet MACs ratio `target`,
-    removing where the least score is lost per MAC saved; `floor(site, width)` is the fewest
-    channels a head keeps; `tokens`: per block, the tokens it sees (token pruning). A ValueError
-    when every site is at its floor above the target."""
+    """The counts, from `start` (default: every channel), that meet `cost` ratio `target`,
+    removing where the least score is lost per unit of cost saved; `floor(site, width)` is the
+    fewest channels a head keeps; `tokens`: per block, the tokens it sees (token pruning). A
+    ValueError when every site is at its floor above the target."""
     geometry = arch.geometry()
     counts = []
     for i, block_scores in enumerate(scores):
@@ -89,8 +92,7 @@ def at_target(
 
     def block_cost(i: int, w: dict) -> float:
         n = None if tokens is None else tokens[i]
-        widths = block_widths(arch, i, w, geometry[i].dim)
-        return macs.block_macs(arch.blocks[i], geometry[i], arch.kernel_size, widths, n)
+        return float(cost.block(arch, i, block_widths(arch, i, w, geometry[i].dim), n))
 
     def candidate(i: int, site: str):
         """(score lost per MAC saved, new count) of the next step at a site, or None."""
@@ -115,15 +117,16 @@ def at_target(
             return None
         return lost / saving, new, saving
 
-    budget = target * macs.model_macs(arch)
-    total = sum(block_cost(i, c) for i, c in enumerate(counts)) + macs.fixed_macs(arch)
+    dense = float(cost.model(arch))
+    budget = target * dense
+    total = sum(block_cost(i, c) for i, c in enumerate(counts)) + float(cost.fixed(arch))
     cache = {(i, s): candidate(i, s) for i, b in enumerate(counts) for s in b}
     while total > budget * (1 + 1e-9):
         options = [(c[0], key) for key, c in cache.items() if c is not None]
         if not options:
             raise ValueError(
-                f"cannot reach MACs ratio {target}: every layer is at its floor "
-                f"({total / macs.model_macs(arch):.3f})"
+                f"cannot reach {cost.label} ratio {target}: every layer is at its floor "
+                f"({total / dense:.3f})"
             )
         _, (i, site) = min(options, key=lambda o: (o[0], o[1]))
         _, new, saving = cache[i, site]
@@ -134,7 +137,7 @@ def at_target(
     plain = [
         {s: (int(k) if balanced else [int(x) for x in k]) for s, k in b.items()} for b in counts
     ]
-    return Plan(plain, ratio(arch, plain, tokens))
+    return Plan(plain, ratio(arch, plain, tokens, cost))
 
 
 def min_count(width: int, min_keep: int = 1, fraction: float = 0.0) -> int:
