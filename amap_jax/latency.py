@@ -116,12 +116,16 @@ def measure(
     batch: int = 1,
     dtype: str = "float32",
     *,
-    count: int = KNOTS,
-    seconds: float = SECONDS,
+    count: int | None = None,
+    seconds: float | None = None,
     rounds: int = 3,
-    cache: str | None = CACHE,
+    cache: str | bool | None = True,
 ) -> Latency:
-    """The latency model of `arch` on this backend (each layer shape measured once, cached)."""
+    """The latency model of `arch` on this backend (each layer shape measured once, cached in
+    `cache`: True for `CACHE`, None for none). `count` knots per axis (None: `KNOTS`),
+    `seconds` per knot and round (None: `SECONDS`)."""
+    count, seconds = count or KNOTS, seconds or SECONDS
+    cache = CACHE if cache is True else cache
     if getattr(arch, "token_points", ()):
         raise ValueError("a latency budget does not model token pruning (per-image tokens)")
     stored = padding._read(cache)

@@ -819,14 +819,7 @@ def budget_cost(ctx: Context, arch: Arch) -> cost_lib.Cost:
     path = paths.join(ctx.workdir, LATENCY_FILE)
     if paths.exists(path):
         return cost_lib.Latency.from_json(json.loads(paths.read_text(path)))
-    model = latency.measure(  # read here: tests make them smaller
-        arch,
-        s.latency_batch,
-        ctx.config.model.dtype,
-        count=latency.KNOTS,
-        seconds=latency.SECONDS,
-        cache=latency.CACHE,
-    )
+    model = latency.measure(arch, s.latency_batch, ctx.config.model.dtype)
     model = model.with_values(parallel.broadcast(model.values()))
     if ctx.is_chief:
         checkpoint.write_json(path, model.to_json())

@@ -2,42 +2,63 @@
 
   python -m bench.throughput [--models Ti,S:LLLLLLSSSSSS,flatten_swin_tiny_patch4_224]
       [--batch 32] [--targets 0.7,0.5] [--rounds 5] [--seconds 4] [--kernels measure]
+      [--budget_kinds macs,latency]
 
 Per model, the dense model and its AMAP exports at each target are timed in the same rounds
 (interleaved), each compiled with its CPU kernel set (`--kernels`; "measure": the fastest for
 that model, as `cpu_kernels=measure` picks it). A speedup is the median over rounds of the
 export's images/s over the dense model's in the same round, with the range over rounds. Models
-have random weights: speed does not depend on the values. Writes
+have random weights: speed does not depend on the values. With `--budget_kinds macs,latency`
+each target is also met as a share of the latency model's prediction at the bench's batch
+(`search.budget_kind=latency`; the ideal is then 1 / target). Writes
 bench/results/throughput_<backend>[_TAG].json and .md.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import numpy as np
 from absl import flags
 
+from amap_jax import latency
 from amap_jax.methods import Amap
-from amap_jax.pruning import padding
+from amap_jax.pruning import cost, padding
 from amap_jax.pruning.macs import model_macs
 from bench import common
 
 _FLOOR = flags.DEFINE_float(
     "min_keep_fraction", 0.0, "Per-head floor of kept channels (amap.min_keep_fraction)."
 )
+_KINDS = flags.DEFINE_list(
+    "budget_kinds", ["macs"], "What a target is a share of: macs, latency (search.budget_kind)."
+)
 
 
 def measure(
-    arch, targets, *, batch: int, seconds: float, rounds: int, kernels: str, floor: float = 0.0
+    arch,
+    targets,
+    *,
+    batch: int,
+    seconds: float,
+    rounds: int,
+    kernels: str,
+    floor: float = 0.0,
+    kinds=("macs",),
 ) -> list[dict]:
-    """One row per MACs target: the dense model `arch` against its export there."""
+    """One row per target and budget kind: the dense model `arch` against its export there."""
     models, ideal = {}, {}
-    for target in targets:
+    for kind in kinds:
         method = Amap(min_keep_fraction=floor)
-        _, params, p_arch, p_params = common.dense_and_pruned(arch, target, method=method)
-        models.setdefault("dense", (arch, params))  # one seed: the same dense model every time
-        models[target] = (p_arch, p_params)
-        ideal[target] = model_macs(arch) / model_macs(p_arch)
+        if kind == "latency":
+            method = dataclasses.replace(method, cost=latency.measure(arch, batch))
+        for target in targets:
+            _, params, p_arch, p_params = common.dense_and_pruned(arch, target, method=method)
+            models.setdefault("dense", (arch, params))  # one seed: the same dense model
+            key = target if kind == "macs" else (target, kind)
+            models[key] = (p_arch, p_params)
+            ideal[key] = model_macs(arch) / model_macs(p_arch) if kind == "macs" else 1 / target
     sets = {name: common.kernel_set(a, p, batch, kernels) for name, (a, p) in models.items()}
     ips = padding.rates(
         {name: (*m, sets[name]) for name, m in models.items()},
@@ -52,7 +73,7 @@ def measure(
         rows.append(
             {
                 "model": arch.name,
-                "target": target,
+                "target": target if isinstance(target, float) else f"{target[0]} latency",
                 "dense_img_s": round(float(np.median(ips["dense"])), 1),
                 "pruned_img_s": round(float(np.median(ips[target])), 1),
                 "speedup": round(speedup, 3),
@@ -70,7 +91,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
         f"Exported vs dense, batch {meta['batch']}, {meta['dtype']}, {meta['rounds']} interleaved "
         f"rounds ({meta['device']}, {meta['cpus']} CPUs)",
         "",
-        "| model | MACs target | dense img/s | exported img/s | speedup (range) | ideal "
+        "| model | target | dense img/s | exported img/s | speedup (range) | ideal "
         "| efficiency | CPU kernels (dense / exported) |",
         "|---|---|---|---|---|---|---|---|",
     ]
@@ -85,6 +106,9 @@ def markdown(rows: list[dict], meta: dict) -> str:
 
 
 def main(_):
+    unknown = sorted(set(_KINDS.value) - set(cost.KINDS))
+    if unknown:
+        raise ValueError(f"--budget_kinds: {unknown} are not among {', '.join(cost.KINDS)}")
     rows, targets = [], [float(t) for t in common.TARGETS.value]
     for spec in common.MODELS.value:
         rows += measure(
@@ -95,8 +119,10 @@ def main(_):
             rounds=common.ROUNDS.value,
             kernels=common.KERNELS.value,
             floor=_FLOOR.value,
+            kinds=_KINDS.value,
         )
-        print(common.table(rows[-len(targets) :], list(rows[-1])), flush=True)
+        n = len(targets) * len(_KINDS.value)
+        print(common.table(rows[-n:], list(rows[-1])), flush=True)
     meta = {
         "batch": common.BATCH.value,
         "dtype": "float32",
@@ -104,6 +130,7 @@ def main(_):
         "seconds": common.SECONDS.value,
         "kernels": common.KERNELS.value,
         "min_keep_fraction": _FLOOR.value,
+        "budget_kinds": _KINDS.value,
         "device": str(jax.devices()[0].device_kind),
         "cpus": common.cpus(),
     }

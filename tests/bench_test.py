@@ -425,6 +425,22 @@ def test_throughput_bench_times_dense_and_exports_in_the_same_rounds():
         throughput.measure(arch, [0.5], batch=2, seconds=0.01, rounds=1, kernels="fast")
 
 
+def test_throughput_bench_meets_a_target_in_either_currency(tmp_path, monkeypatch):
+    from amap_jax import latency
+    from amap_jax.models.arch import vit_arch
+    from bench import throughput
+
+    monkeypatch.setattr(latency, "KNOTS", 2)
+    monkeypatch.setattr(latency, "SECONDS", 0.002)
+    monkeypatch.setattr(latency, "CACHE", str(tmp_path / "latency.json"))
+    arch = vit_arch("micro", image_size=28, patch_size=7, in_chans=1, num_classes=10)
+    rows = throughput.measure(
+        arch, [0.9], batch=2, seconds=0.01, rounds=1, kernels="default", kinds=("macs", "latency")
+    )
+    assert [r["target"] for r in rows] == [0.9, "0.9 latency"]
+    assert rows[1]["ideal"] == round(1 / 0.9, 3) and os.path.exists(latency.CACHE)
+
+
 def test_token_speed_buckets_ideals_and_same_round_ratios():
     from amap_jax.models.arch import vit_arch
     from bench import token_speed

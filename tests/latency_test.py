@@ -166,9 +166,8 @@ def test_config_names_a_latency_budget_it_can_charge():
 def test_a_run_with_a_latency_target_reports_it_predicted_and_timed(tmp_path, monkeypatch):
     from amap_jax import pipeline
 
-    monkeypatch.setattr(latency, "KNOTS", 2)
-    monkeypatch.setattr(latency, "SECONDS", 0.002)
-    monkeypatch.setattr(latency, "CACHE", str(tmp_path / "cache.json"))
+    # Timing is measure's test; a run's must not hang on how busy the machine is.
+    monkeypatch.setattr(latency, "measure", lambda arch, *a, **k: fake_latency(arch))
     c = tiny_config()
     c.search.budget_kind, c.search.target = "latency", 0.8
     c.train.epochs, c.search.epochs, c.finetune.epochs = 0.5, 0.5, 0.0
