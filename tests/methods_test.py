@@ -253,6 +253,23 @@ def test_uniform_floor_widths_meet_the_target_head_balanced():
                 assert len(set(np.asarray(m).sum(1))) == 1, (name, site)  # balanced
 
 
+@pytest.mark.parametrize("pattern", ["SSSS", "LLSS"])
+@pytest.mark.parametrize("target", [0.7, 0.5, 0.3])
+def test_uniform_floor_widths_land_on_the_target_as_amap_does(pattern, target):
+    """The comparison's configs: within 0.005 of the target (one keep fraction alone gave
+    0.280 of ViT-mini4/7 for 0.3), never over it, each group within one channel per head of
+    the others' share."""
+    arch = vit_arch("mini4", in_chans=1, num_classes=10, pattern=pattern)
+    counts = floors.uniform_widths(arch, floors.Random(target=target))
+    kept = [tuple(k for _, k in c) for c in counts]
+    assert target - 0.005 < macs.model_macs(arch, kept) / macs.model_macs(arch) <= target
+    sizes = [(b.qk_dim, b.v_dim, b.mlp_dim) for b in arch.blocks]
+    shares = [
+        k / w for ks, ws in zip(kept, sizes, strict=True) for k, w in zip(ks, ws, strict=True)
+    ]
+    assert max(shares) - min(shares) <= 2 / 16 + 1e-9
+
+
 def test_magnitude_keeps_the_largest_l1_channels():
     arch = _vit("SS")
     params = random_params(param_shapes(models.build(arch))["params"], 1)

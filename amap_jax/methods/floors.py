@@ -100,19 +100,20 @@ def keep_top(scores, k: int) -> np.ndarray:
 
 
 def uniform_widths(arch: Arch, floor: Floor) -> Counts:
-    """One keep fraction for every group, the largest whose cost meets the target."""
+    """One keep fraction for every group, the largest whose cost meets the target; then, one
+    channel per head at a time, the groups furthest below their share get one more while the
+    cost still meets it (one fraction alone steps by a whole channel of every group: 0.280 of
+    ViT-mini4/7's MACs for a 0.3 target)."""
+    sizes = [(b.qk_dim, b.v_dim, b.mlp_dim) for b in arch.blocks]
 
     def counts(f):
-        return tuple(
-            tuple(
-                (s, int(min(max(round(f * w), floor.min_keep), w)))
-                for s, w in (("qk", b.qk_dim), ("v", b.v_dim), ("hidden", b.mlp_dim))
-            )
-            for b in arch.blocks
-        )
+        return [[int(min(max(round(f * w), floor.min_keep), w)) for w in ws] for ws in sizes]
+
+    def cost_of(c):
+        return float(floor.cost.ratio(arch, [tuple(k) for k in c]))
 
     def ratio(f):
-        return float(floor.cost.ratio(arch, [tuple(k for _, k in c) for c in counts(f)]))
+        return cost_of(counts(f))
 
     if ratio(0.0) > floor.target:
         raise SettingError(
@@ -124,7 +125,22 @@ def uniform_widths(arch: Arch, floor: Floor) -> Counts:
     for _ in range(40):
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if ratio(mid) <= floor.target else (lo, mid)
-    return counts(lo)
+    kept = counts(lo)
+    while True:
+        order = sorted(
+            (kept[i][j] / w, i, j)
+            for i, ws in enumerate(sizes)
+            for j, w in enumerate(ws)
+            if kept[i][j] < w
+        )
+        for _, i, j in order:
+            kept[i][j] += 1
+            if cost_of(kept) <= floor.target:
+                break
+            kept[i][j] -= 1
+        else:
+            break
+    return tuple(tuple(zip(("qk", "v", "hidden"), k, strict=True)) for k in kept)
 
 
 def scored_widths(
