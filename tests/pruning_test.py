@@ -658,3 +658,17 @@ def test_widths_start_where_a_search_ended_and_respect_floors():
         ValueError, match="cannot reach MACs ratio 0.1: every layer is at its floor"
     ):
         widths.at_target(arch, scores, 0.1, floor=lambda s, w: w // 2)
+
+
+def test_one_bisection_lands_every_budget_on_the_side_that_meets_it():
+    from amap_jax.pruning import allocate
+
+    falling = lambda x: 1.0 - x / 100  # noqa: E731
+    assert allocate.lowest(falling, 0.655, 0, 100, integer=True) == 35  # 0.65 <= 0.655 < 0.66
+    x = allocate.lowest(falling, 0.5, 0.0, 100.0)
+    assert falling(x) <= 0.5 and x == pytest.approx(50.0)
+    rising = lambda x: x * x  # noqa: E731
+    x = allocate.highest(rising, 0.25, 0.0, 1.0)
+    assert rising(x) <= 0.25 and x == pytest.approx(0.5)
+    level = jax.jit(lambda aim: allocate.traced_level(lambda d: jnp.tanh(d), aim, -5.0, 5.0, 40))
+    assert float(jnp.tanh(level(0.3))) == pytest.approx(0.3, abs=1e-5)

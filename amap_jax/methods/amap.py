@@ -34,8 +34,8 @@ from amap_jax.methods import projection, similarity
 from amap_jax.methods.base import Method, check, register
 from amap_jax.methods.projection import PruneSpec
 from amap_jax.models.arch import LINEAR, Arch
+from amap_jax.pruning import allocate, macs, widths
 from amap_jax.pruning import cost as cost_lib
-from amap_jax.pruning import macs, widths
 from amap_jax.train.loop import Hook
 
 INDICATORS = "indicators"
@@ -378,14 +378,7 @@ def budget_projection(
             moved = jax.tree.map(lambda x, c: x + delta * c, new, costs)
             return soft_ratio(arch, moved, head_balanced, cost)
 
-        def halve(_, bounds):
-            lo, hi = bounds
-            mid = (lo + hi) / 2
-            over = ratio(mid) > aim
-            return jnp.where(over, lo, mid), jnp.where(over, mid, hi)
-
-        lo, hi = jax.lax.fori_loop(0, iterations, halve, (jnp.float32(-60.0), jnp.float32(60.0)))
-        delta = (lo + hi) / 2
+        delta = allocate.traced_level(ratio, aim, -60.0, 60.0, iterations)
         moved = jax.tree.map(lambda u, c: u + delta * c, updates[INDICATORS], costs)
         return {**updates, INDICATORS: moved}, {"count": count}
 

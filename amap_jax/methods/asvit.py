@@ -31,7 +31,7 @@ import optax
 from amap_jax import models
 from amap_jax.methods.base import Method, SettingError, check, register
 from amap_jax.models import tokens
-from amap_jax.pruning import macs
+from amap_jax.pruning import allocate, macs
 
 THRESHOLDS = "thresholds"
 
@@ -225,12 +225,9 @@ def shift_to_target(ratio, target: float) -> float:
             if lo < -1e4:  # every token kept and still under the target: keep them all
                 return lo
             lo, hi = lo * 2, lo
-    for _ in range(30):
-        mid = (lo + hi) / 2
-        lo, hi = (lo, mid) if float(ratio(mid)) <= target else (mid, hi)
     # The bisection ends where a score meets its threshold; a margin keeps rounding (another
     # compilation of the same forward) from putting that token back.
-    return hi + 1e-3
+    return allocate.lowest(ratio, target, lo, hi, steps=30) + 1e-3
 
 
 def calibrate(method, arch, variables, calibration) -> dict:

@@ -21,7 +21,7 @@ from amap_jax import models
 from amap_jax.methods import projection
 from amap_jax.methods.base import Method, SettingError, check, register
 from amap_jax.models.arch import Arch
-from amap_jax.pruning import channels, widths
+from amap_jax.pruning import allocate, channels, widths
 from amap_jax.pruning import cost as cost_lib
 
 MASKS = "masks"
@@ -121,11 +121,7 @@ def uniform_widths(arch: Arch, floor: Floor) -> Counts:
             "floor.min_keep="
             f"{floor.min_keep} per head"
         )
-    lo, hi = 0.0, 1.0
-    for _ in range(40):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if ratio(mid) <= floor.target else (lo, mid)
-    kept = counts(lo)
+    kept = counts(allocate.highest(ratio, floor.target, 0.0, 1.0))
     while True:
         order = sorted(
             (kept[i][j] / w, i, j)

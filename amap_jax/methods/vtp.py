@@ -25,7 +25,7 @@ import optax
 
 from amap_jax import models
 from amap_jax.methods.base import Method, SettingError, check, register
-from amap_jax.pruning import widths
+from amap_jax.pruning import allocate, widths
 
 SCORES = "scores"
 SITES = ("attn_in", "v", "mlp_in", "hidden")
@@ -134,14 +134,8 @@ class Vtp(Method):
                 f"vtp cannot reach {self.cost.label} ratio {self.target}: "
                 f"{ratio(len(order)):.3f} with every unprotected dimension pruned (vtp.min_keep)"
             )
-        lo, hi = 0, len(order)  # smallest n with ratio(n) <= target: MACs never grow with n
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if ratio(mid) <= self.target:
-                hi = mid
-            else:
-                lo = mid + 1
-        return order, lo
+        # the fewest cut entries that meet the target: the cost never grows with more cut
+        return order, allocate.lowest(ratio, self.target, 0, len(order), integer=True)
 
 
 def _count(scores) -> int:
