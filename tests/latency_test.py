@@ -176,8 +176,11 @@ def test_a_run_with_a_latency_target_reports_it_predicted_and_timed(tmp_path, mo
     b = s["budget"]
     assert b["kind"] == "latency" and b["batch"] == 1 and b["tolerance"] == 0.05
     stored = cost.Latency.from_json(json.load(open(os.path.join(workdir, "latency.json"))))
-    p_arch = pipeline.pruned.read_arch(s["export_dir"])
-    arch = pipeline.build_arch(c, pipeline.open_split(c.data, c.data.train_split).info)
+    from amap_jax.data.splits import open_split
+    from amap_jax.io import pruned
+
+    p_arch = pruned.read_arch(s["export_dir"])
+    arch = pipeline.build_arch(c, open_split(c.data, c.data.train_split).info)
     assert b["predicted"] == round(stored.of(arch, p_arch), 4)
     assert b["predicted"] <= 0.8 + 1e-4 and b["achieved"] == b["measured"]
     low, high = b["measured_range"]

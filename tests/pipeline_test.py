@@ -42,7 +42,8 @@ def test_run_writes_summary_and_export(finished_run):
     assert f"over {pipeline.SPEED_ROUNDS} interleaved rounds" in table
     # The budget as achieved by the export, beside what the search's own masks gave.
     b = summary["budget"]
-    assert set(b) == {"target", "achieved", "tolerance", "met", "search_end", "fixup"}
+    assert set(b) == {"kind", "target", "achieved", "tolerance", "met", "search_end", "fixup"}
+    assert b["kind"] == "macs"
     assert b["target"] == 0.6 and b["tolerance"] == 0.02
     assert b["achieved"] == summary["macs_ratio"] and b["met"] == (abs(b["achieved"] - 0.6) <= 0.02)
     assert b["fixup"] == pytest.approx(b["search_end"] - b["achieved"], abs=1e-3)
@@ -340,7 +341,7 @@ def test_help_exits_0_and_lists_every_config_key_with_its_default():
     line = next(x for x in out.splitlines() if x.strip().startswith("amap.linear_qk="))
     assert "Linear attention's q/k channels" in line
     line = next(x for x in out.splitlines() if x.strip().startswith("search.target="))
-    assert line.rstrip().endswith("MACs(pruned) / MACs(dense)")
+    assert line.rstrip().endswith("cost(pruned) / cost(dense), the cost being `budget_kind`'s")
 
 
 def test_empty_workdir_is_refused_before_anything_is_written(tmp_path, monkeypatch):
