@@ -150,15 +150,16 @@ def run(main) -> None:
     app.run(guarded, flags_parser=cli.parse_flags)
 
 
+def git(*args) -> str:
+    """`git ARGS` in the checkout: its output (CalledProcessError / OSError where it fails)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return subprocess.run(
+        ["git", "-C", root, *args], capture_output=True, text=True, check=True
+    ).stdout.strip()
+
+
 def commit() -> str:
     """The checkout's commit ("+" when it has uncommitted changes), or "" outside git."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-    def git(*args) -> str:
-        return subprocess.run(
-            ["git", "-C", root, *args], capture_output=True, text=True, check=True
-        ).stdout.strip()
-
     try:
         head = git("rev-parse", "--short", "HEAD")
         dirty = git("status", "--porcelain", "--untracked-files=no")

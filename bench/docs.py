@@ -12,6 +12,7 @@ import ast
 import json
 import os
 import re
+import subprocess
 import sys
 import textwrap
 
@@ -97,6 +98,28 @@ def _fenced(text: str) -> str:
     return "\n".join(out).strip()
 
 
+def provenance(meta: dict, module: str, git=None) -> str:
+    """When and with what a result was made, and whether its bench changed since (stale):
+    `git log COMMIT..HEAD -- bench/MODULE.py` (`git`: `common.git`, or a stand-in)."""
+    git = git or common.git
+    commit, date = meta.get("commit", "").rstrip("+"), meta.get("date", "an unrecorded date")
+    flags_used = " ".join(meta.get("argv", [])) or "its defaults"
+    if not commit:
+        return (
+            "**Unknown provenance**: made before results recorded their commit and flags; "
+            "whether its bench changed since is unknown (rerun to refresh)."
+        )
+    made = f"Made at {commit} on {date} with {flags_used}"
+    try:
+        changed = git("log", "--oneline", f"{commit}..HEAD", "--", f"bench/{module}.py")
+    except (OSError, subprocess.CalledProcessError):
+        return f"{made} (a commit this checkout's history lacks)."
+    n = len(changed.splitlines())
+    if n:
+        return f"**Stale**: {made}; bench/{module}.py changed in {n} commit(s) since: rerun it."
+    return f"{made}; bench/{module}.py unchanged since."
+
+
 def section(
     stem: str, module: str, files: list[str], siblings: tuple[str, ...] = (), told: str = ""
 ) -> str:
@@ -108,7 +131,9 @@ def section(
     title, rest = described(module)
     if told:
         rest = f"How `bench.{module}` works and how to run it: under {told} above."
-    out = [f"## {stem}: {title}", "", rest, "", f"Measured on: {_machine(result['meta'])}."]
+    meta = result["meta"]
+    out = [f"## {stem}: {title}", "", rest, "", f"Measured on: {_machine(meta)}. "]
+    out[-1] += provenance(meta, module)
     md = os.path.join(common.RESULTS, f"{stem}.md")
     if os.path.exists(md):
         with open(md) as f:

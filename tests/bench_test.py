@@ -593,6 +593,25 @@ def test_docs_page_holds_every_current_result_and_its_tagged_runs(tmp_path, monk
     assert rest.startswith("```\npython -m bench.vs_timm")  # its command fenced, not run together
 
 
+def test_docs_mark_a_result_whose_bench_changed_since_as_stale():
+    import subprocess
+
+    from bench import docs
+
+    def git(*args):  # bench/vs_timm.py changed in 2 commits after abc1234; nothing else
+        if "abc1234..HEAD" not in args:
+            raise subprocess.CalledProcessError(128, "git")
+        return "f00 one\nf01 two" if "bench/vs_timm.py" in args else ""
+
+    meta = {"commit": "abc1234", "date": "2026-12-01", "argv": ["--batch", "8"]}
+    assert docs.provenance(meta, "vs_timm", git).startswith(
+        "**Stale**: Made at abc1234 on 2026-12-01 with --batch 8; bench/vs_timm.py changed in 2"
+    )
+    assert docs.provenance(meta, "padding", git).endswith("bench/padding.py unchanged since.")
+    assert "history lacks" in docs.provenance({**meta, "commit": "0ld0ne"}, "padding", git)
+    assert docs.provenance({}, "padding", git).startswith("**Unknown provenance**")
+
+
 def test_readme_tables_are_the_results_they_name():
     """Every table between `<!-- table: STEM [CONFIG] -->` markers in the README is what
     `python -m bench.docs` generates from bench/results/STEM.json: never typed, never stale."""
