@@ -1,11 +1,10 @@
 """Which library kernels XLA:CPU compiles a forward pass to: named sets of compiler options.
 
-This jaxlib hands CPU matrix products and reductions to YNNPACK. At ViT-S shapes its products
-are slower than XLA's own and its reductions (softmax's row max and sum) much faster: YNNPACK
-for reductions alone ran ViT-S 1.10-1.13x faster, dense and pruned, XLA's own kernels for both
-ran the dense ViT-S faster still and the pruned ones less so (`bench/xla_flags.py`), and on a
-small FLatten ViT YNNPACK reductions alone ran slower than the default. So the set is measured
-per model (`padding.fastest_kernels`), and given to one compiled function, not to the process
+This jaxlib hands CPU matrix products and reductions to YNNPACK. Which set runs a model fastest
+depends on the model: at ViT-S shapes YNNPACK's products were slower than XLA's own and its
+reductions (softmax's row max and sum) faster, on a small FLatten ViT the reverse held for the
+reductions (`bench/studies/xla_flags.py`). So the set is measured per model
+(`padding.fastest_kernels`), and given to one compiled function, not to the process
 (`XLA_FLAGS` would change every other computation too).
 """
 

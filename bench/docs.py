@@ -32,14 +32,15 @@ ORDER = (
     ("throughput_cpu", "throughput"),
     ("latency_model_cpu", "latency_model"),
     ("vs_timm_cpu", "vs_timm"),
-    ("search_step_cpu", "search_step"),
     ("kept_tokens_asvit", "kept_tokens"),
-    ("padding_cpu", "padding"),
-    ("search_multiple_cpu", "search_multiple"),
-    ("dtype_cpu", "dtype"),
-    ("dense_profile_cpu", "dense_profile"),
-    ("attention_core_cpu", "attention_core"),
-    ("xla_flags_cpu", "xla_flags"),
+    # the one-question studies, frozen with the commit that made them
+    ("frozen/search_step_cpu_843d6db", "studies.search_step"),
+    ("frozen/padding_cpu_9315f4a", "studies.padding"),
+    ("frozen/search_multiple_cpu_9d3d210", "studies.search_multiple"),
+    ("frozen/dtype_cpu_06663ea", "studies.dtype"),
+    ("frozen/dense_profile_cpu_6cbf420", "studies.dense_profile"),
+    ("frozen/attention_core_cpu_6cbf420", "studies.attention_core"),
+    ("frozen/xla_flags_cpu_s32_reduce_60afe8b", "studies.xla_flags"),
 )
 
 
@@ -76,7 +77,7 @@ def described(module: str) -> tuple[str, str]:
     """(title, the rest) of a bench's docstring: its first sentence on one line (a docstring's
     first line may end mid-sentence), and the text after it."""
     # The docstring without importing the bench: benches define flags of the same names.
-    with open(os.path.join(os.path.dirname(__file__), f"{module}.py")) as f:
+    with open(os.path.join(os.path.dirname(__file__), *module.split(".")) + ".py") as f:
         doc = (ast.get_docstring(ast.parse(f.read())) or "").strip()
     first, _, rest = doc.partition("\n\n")
     title, *more = re.split(r"(?<=[.?!])\s+(?=[A-Z`(])", " ".join(first.split()), maxsplit=1)
@@ -111,13 +112,14 @@ def provenance(meta: dict, module: str, git=None) -> str:
         )
     made = f"Made at {commit} on {date} with {flags_used}"
     try:
-        changed = git("log", "--oneline", f"{commit}..HEAD", "--", f"bench/{module}.py")
+        path = f"bench/{module.replace('.', '/')}.py"
+        changed = git("log", "--oneline", f"{commit}..HEAD", "--", path)
     except (OSError, subprocess.CalledProcessError):
         return f"{made} (a commit this checkout's history lacks)."
     n = len(changed.splitlines())
     if n:
-        return f"**Stale**: {made}; bench/{module}.py changed in {n} commit(s) since: rerun it."
-    return f"{made}; bench/{module}.py unchanged since."
+        return f"**Stale**: {made}; {path} changed in {n} commit(s) since: rerun it."
+    return f"{made}; {path} unchanged since."
 
 
 def section(
@@ -166,7 +168,9 @@ def render() -> str:
         "comparison of methods pairs them by seed.",
         "",
     ]
+    frozen = os.path.join(common.RESULTS, "frozen")
     files = os.listdir(common.RESULTS)
+    files += [f"frozen/{f}" for f in (os.listdir(frozen) if os.path.isdir(frozen) else ())]
     told: dict[str, str] = {}  # bench module -> the result that described it
     for stem, module in ORDER:
         runs = tuple(results_of(stem, files))

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import fake_latency
 
 from bench import compare
 
@@ -285,7 +286,7 @@ def test_vs_timm_names_the_padding_it_timed():
 
 
 def test_dense_profile_reports_ms_per_part_and_shares_of_the_block():
-    from bench import dense_profile
+    from bench.studies import dense_profile
 
     def run(ips):  # images/s of every part, two rounds
         return {"images_per_s": {p: [ips.get(p, 100.0)] * 2 for p in dense_profile.PARTS}}
@@ -320,7 +321,8 @@ def test_dense_profile_reports_ms_per_part_and_shares_of_the_block():
 def test_search_multiple_rows_count_pads_in_macs_and_take_the_ideal_from_the_search():
     from amap_jax.models.arch import vit_arch
     from amap_jax.pruning import macs
-    from bench import common, search_multiple
+    from bench import common
+    from bench.studies import search_multiple
 
     dense = vit_arch("mini", image_size=28, patch_size=7, in_chans=1, num_classes=10)
     free = common.at_widths(dense, 13, 101)
@@ -349,17 +351,20 @@ def test_benches_import_together_and_keep_their_own_timing_defaults():
     from absl import flags
 
     from bench import (  # noqa: F401  every bench in one process: no flag defined twice
-        attention_core,
         batch1,
         common,
+        latency_model,
+        throughput,
+        token_speed,
+        vs_timm,
+    )
+    from bench.studies import (  # noqa: F401
+        attention_core,
         dense_profile,
         dtype,
         padding,
         search_multiple,
         search_step,
-        throughput,
-        token_speed,
-        vs_timm,
         xla_flags,
     )
 
@@ -375,7 +380,7 @@ def test_benches_import_together_and_keep_their_own_timing_defaults():
 
 
 def test_padding_bench_judges_the_per_layer_choice_against_the_best_single_multiple():
-    from bench import padding as padding_bench
+    from bench.studies import padding as padding_bench
 
     ips = {"x1": [100.0, 90.0], "x8": [120.0, 99.0], "x16": [80.0, 80.0], "per layer": [110, 108]}
     model_macs = {"x1": 1000, "x8": 1100, "x16": 1200, "per layer": 1050}
@@ -392,7 +397,7 @@ def test_padding_bench_judges_the_per_layer_choice_against_the_best_single_multi
 
 
 def test_attention_core_bench_times_the_models_core_against_the_per_key_softmax():
-    from bench import attention_core
+    from bench.studies import attention_core
 
     rows = attention_core.measure(8, 2, seconds=0.01, rounds=1)
     assert [(r["width"], r["pass"]) for r in rows] == [(8, "forward"), (8, "gradient")]
@@ -430,15 +435,13 @@ def test_throughput_bench_meets_a_target_in_either_currency(tmp_path, monkeypatc
     from amap_jax.models.arch import vit_arch
     from bench import throughput
 
-    monkeypatch.setattr(latency, "KNOTS", 2)
-    monkeypatch.setattr(latency, "SECONDS", 0.002)
-    monkeypatch.setattr(latency, "CACHE", str(tmp_path / "latency.json"))
+    monkeypatch.setattr(latency, "measure", lambda arch, batch: fake_latency(arch))
     arch = vit_arch("micro", image_size=28, patch_size=7, in_chans=1, num_classes=10)
     rows = throughput.measure(
         arch, [0.9], batch=2, seconds=0.01, rounds=1, kernels="default", kinds=("macs", "latency")
     )
     assert [r["target"] for r in rows] == [0.9, "0.9 latency"]
-    assert rows[1]["ideal"] == round(1 / 0.9, 3) and os.path.exists(latency.CACHE)
+    assert rows[1]["ideal"] == round(1 / 0.9, 3)
 
 
 def test_token_speed_buckets_ideals_and_same_round_ratios():
@@ -573,7 +576,13 @@ def test_docs_page_holds_every_current_result_and_its_tagged_runs(tmp_path, monk
     from bench import common, docs
 
     meta = {"meta": {"backend": "cpu", "cpus": 2}, "rows": [{"model": "S", "speedup": 1.5}]}
-    for stem in ("vs_timm_cpu", "vs_timm_cpu_ynn_reduce", "padding_cpu", "compare_channels"):
+    (tmp_path / "frozen").mkdir()
+    for stem in (
+        "vs_timm_cpu",
+        "vs_timm_cpu_ynn_reduce",
+        "frozen/padding_cpu_9315f4a",
+        "compare_channels",
+    ):
         (tmp_path / f"{stem}.json").write_text(json.dumps(meta))
     for png in ("vs_timm_cpu.png", "vs_timm_cpu_ynn_reduce.png", "compare_channels_top1.png"):
         (tmp_path / png).write_bytes(b"")
@@ -582,7 +591,7 @@ def test_docs_page_holds_every_current_result_and_its_tagged_runs(tmp_path, monk
     assert docs.results_of("vs_timm_cpu", files) == ["vs_timm_cpu", "vs_timm_cpu_ynn_reduce"]
     assert docs.results_of("compare_extras", files) == []
     page = docs.render()
-    assert page.count("## vs_timm_cpu") == 2 and "## padding_cpu" in page
+    assert page.count("## vs_timm_cpu") == 2 and "## frozen/padding_cpu_9315f4a" in page
     own = page.split("## vs_timm_cpu_ynn_reduce")[0].split("## vs_timm_cpu:")[1]
     assert "vs_timm_cpu.png" in own and "ynn_reduce.png" not in own  # each run its own plot
     assert "| S | 1.5 |" in page

@@ -148,3 +148,18 @@ def finished_run(tmp_path_factory):
 
     workdir = str(tmp_path_factory.mktemp("run"))
     return workdir, pipeline.run(tiny_config(), workdir)
+
+
+def fake_latency(arch, attn_scale=1.0, mlp_scale=1.0, constant=1e-4):
+    """A latency model with times that rise with every width (an MLP scale of 0: hidden
+    units cost nothing): for tests that must not depend on how busy the machine is."""
+    from amap_jax.latency import knots
+    from amap_jax.pruning import cost
+
+    attention, mlp = [], []
+    for b in arch.blocks:
+        xs, ys, hs = knots(b.qk_dim), knots(b.v_dim), knots(b.mlp_dim)
+        grid = [[attn_scale * 1e-6 * (2 * q + v + q * v / 8) for v in ys] for q in xs]
+        attention.append(cost.Table(xs, ys, tuple(map(tuple, grid))))
+        mlp.append(cost.Table(hs, (), tuple(mlp_scale * 1e-7 * h + 1e-9 * h for h in hs)))
+    return cost.Latency(tuple(attention), tuple(mlp), constant, 1, "float32", "fake")

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import tiny_config
+from conftest import fake_latency, tiny_config
 
 from amap_jax import config as config_lib
 from amap_jax import latency, timing
@@ -20,18 +20,6 @@ from amap_jax.models.arch import vit_arch
 from amap_jax.pruning import cost, macs, widths
 
 ARCH = vit_arch("mini", in_chans=1, num_classes=10, pattern="LLSS")
-
-
-def fake_latency(arch, attn_scale=1.0, mlp_scale=1.0, constant=1e-4) -> cost.Latency:
-    """A latency model with times that rise with every width (an MLP scale of 0: hidden
-    units cost nothing)."""
-    attention, mlp = [], []
-    for b in arch.blocks:
-        xs, ys, hs = latency.knots(b.qk_dim), latency.knots(b.v_dim), latency.knots(b.mlp_dim)
-        grid = [[attn_scale * 1e-6 * (2 * q + v + q * v / 8) for v in ys] for q in xs]
-        attention.append(cost.Table(xs, ys, tuple(map(tuple, grid))))
-        mlp.append(cost.Table(hs, (), tuple(mlp_scale * 1e-7 * h + 1e-9 * h for h in hs)))
-    return cost.Latency(tuple(attention), tuple(mlp), constant, 1, "float32", "fake")
 
 
 def test_a_table_interpolates_between_its_knots_in_numpy_and_under_jit():

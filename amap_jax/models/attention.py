@@ -152,7 +152,7 @@ class Attention(nn.Module):
 
     def _softmax(self, q, k, v, key_mask=None):
         """Softmax normalised after weights x values: one divide per output channel instead of
-        one per key, 1.5x faster on CPU at ViT-S shapes (`bench/attention_core.py`)."""
+        one per key, faster on CPU (`bench/studies/attention_core.py`)."""
         a = self.arch
         q, k, v = (_heads(t, a.heads) for t in (q, k, v))
         logits = jnp.matmul(q * jnp.asarray(a.scale, q.dtype), k.swapaxes(-1, -2))

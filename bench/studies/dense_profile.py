@@ -1,6 +1,6 @@
 """Where a dense ViT block's time goes, ours vs timm, part by part on the same shapes.
 
-  python -m bench.dense_profile [--model S] [--batch 32] [--rounds 5] [--alternations 2]
+  python -m bench.studies.dense_profile [--model S] [--batch 32] [--rounds 5] [--alternations 2]
       [--seconds 2] [--tag TAG]
 
 Parts of block 0 of ViT-{Ti,S,B}/16 at 224 px (197 tokens): LayerNorm, the attention module
@@ -209,7 +209,7 @@ def main(_):
         return
     import jax
 
-    runs = sides.alternate("bench.dense_profile")
+    runs = sides.alternate("bench.studies.dense_profile")
     rows = summarize(runs, common.BATCH.value)
     meta = {
         "model": f"ViT-{sides.MODEL.value}/16 (timm {sides.TIMM[sides.MODEL.value]})",

@@ -1,6 +1,6 @@
 """Cost of searching: AMAP search-step time vs dense train-step time on the same model.
 
-  python -m bench.search_step [--models Ti,Ti:LLLLLLSSSSSS,swin_tiny_patch4_window7_224,...]
+  python -m bench.studies.search_step [--models Ti,Ti:LLLLLLSSSSSS,swin_tiny_patch4_window7_224,...]
       [--batch 32]
 
 The search step adds the indicator collection, the head-balanced projection (sort per head) and

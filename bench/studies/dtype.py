@@ -1,7 +1,7 @@
 """bfloat16 vs float32: top-1 and images/s of exported Fashion-MNIST models, and the speed of a
 dense and a pruned ViT-S/16 at 224 px.
 
-  python -m bench.dtype [--root workdirs/compare] [--cells vit/amap_t0.7_s0,...]
+  python -m bench.studies.dtype [--root workdirs/compare] [--cells vit/amap_t0.7_s0,...]
       [--batch 256] [--vit_batch 32] [--rounds 5] [--seconds 2] [--tag TAG]
 
 `--config.model.dtype=bfloat16` casts the inputs and every activation to bf16; parameters stay

@@ -1,6 +1,6 @@
 """Exported models padded to one multiple each, and per layer shape: which is fastest?
 
-  python -m bench.padding [--root workdirs/compare] [--cells vit/amap_t0.7_s0,...]
+  python -m bench.studies.padding [--root workdirs/compare] [--cells vit/amap_t0.7_s0,...]
       [--vits S:45:1099,...] [--batch 256] [--candidates 1,8,16,32,64] [--rounds 5]
       [--seconds 1] [--tag TAG]
 

@@ -1,6 +1,7 @@
 """Search with `amap.multiple` or search freely and pad at export: accuracy and speed.
 
-  python -m bench.search_multiple [--free workdirs/compare_free] [--multiple workdirs/compare_mult8]
+  python -m bench.studies.search_multiple [--free workdirs/compare_free]
+      [--multiple workdirs/compare_mult8]
       [--configs vit,flatten] [--targets 0.7,0.5] [--seeds 0,1] [--pad 8] [--batch 256]
       [--rounds 5] [--seconds 1] [--tag TAG]
 

@@ -1,6 +1,6 @@
 """XLA:CPU's library-fusion flags on the dense and the pruned ViT: does any beat the default?
 
-  python -m bench.xla_flags [--model S] [--batch 32] [--widths 45:1099,33:794]
+  python -m bench.studies.xla_flags [--model S] [--batch 32] [--widths 45:1099,33:794]
       [--sets default,onednn_dot,...] [--alternations 2] [--rounds 5] [--seconds 4] [--tag TAG]
 
 XLA reads XLA_FLAGS once, when its CPU client starts, so every flag set runs in its own process
@@ -82,7 +82,7 @@ def _run(name: str, logits: str) -> dict:
     env = {**os.environ, "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {SETS[name]}".strip()}
     try:
         return sides.run_worker(
-            "bench.xla_flags", name, "set_worker", extra=(f"--logits={logits}",), env=env
+            "bench.studies.xla_flags", name, "set_worker", extra=(f"--logits={logits}",), env=env
         )
     except RuntimeError as e:  # reported as failed, not skipped
         return {"error": (str(e).strip().splitlines() or ["(no output)"])[-1][-300:]}

@@ -1,8 +1,8 @@
 """Softmax attention's core normalised after weights x values (as `models.attention` does it)
 vs normalised per key (the softmax as the papers write it).
 
-  python -m bench.attention_core [--batch 32] [--head_widths 64,45,33] [--rounds 5] [--seconds 2]
-      [--tag TAG]
+  python -m bench.studies.attention_core [--batch 32] [--head_widths 64,45,33] [--rounds 5]
+      [--seconds 2] [--tag TAG]
 
 Dividing the exponentials by their sum before the product costs one divide per key
 (B x H x N x N); dividing the product costs one per output channel (B x H x N x d) and gives
