@@ -1,6 +1,6 @@
-"""Offline image classification data: random-access sources and a deterministic pipeline."""
+"""Offline image classification data: random-access sources and deterministic batching."""
 
-from amap_jax.data.pipeline import (
+from amap_jax.data.batching import (
     augment,
     batch_indices,
     eval_batches,

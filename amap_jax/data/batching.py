@@ -1,4 +1,4 @@
-"""Deterministic host input pipeline and jit-friendly on-device preprocessing.
+"""Deterministic host batching and jit-friendly on-device preprocessing.
 
 The training batch at step `s` is a pure function of (seed, s), so a run restored at step `s`
 sees exactly the batches it would have seen without the interruption. Host code only gathers
