@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from amap_jax.data import imagenet, pipeline
+from amap_jax.data import batching, imagenet
 from amap_jax.data.sources import Source, load_source
 
 # Data sets read through tf.data with the ImageNet recipe (any prepared tfds image data set
@@ -29,7 +29,7 @@ class ArraySplit:
         return len(self.source)
 
     def train_batches(self, batch_size, *, seed, start_step, process_index, process_count):
-        return pipeline.train_batches(
+        return batching.train_batches(
             self.source,
             batch_size,
             seed=seed,
@@ -39,7 +39,7 @@ class ArraySplit:
         )
 
     def eval_batches(self, batch_size, process_index=0, process_count=1) -> Iterator:
-        return pipeline.eval_batches(self.source, batch_size, process_index, process_count)
+        return batching.eval_batches(self.source, batch_size, process_index, process_count)
 
     def calibration_batch(self, n: int, seed: int | None = None) -> dict[str, np.ndarray]:
         """n examples ({"image", "label"}): the first n, or n drawn with `seed`."""
