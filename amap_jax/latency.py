@@ -3,13 +3,13 @@
 Each block's attention is timed at a grid of (q/k, v) widths per head and its MLP at a row of
 hidden widths (`knots`: 1, the full width and evenly spaced multiples of 8 between), in the
 run's dtype, at the budget's batch, every knot of a layer interleaved round by round with the
-others (`timing.interleaved`). A layer runs `REPEATS` times in one program, each output added
-to its input as a block's residual does, and counts a repeat's share: a layer called alone
+others (`timing.interleaved`). A layer runs `REPEATS` times in one program on its own output
+plus its input, as a block's residual does, and counts a repeat's share: a layer called alone
 would count a program launch that a model pays once, not per layer. Blocks of one shape are
-measured once; the tables are cached per backend, device kind, jax version, XLA flags, layer
-code, dtype, batch and shape (like the padding cache). The whole dense model is timed too:
-what its blocks' predictions leave over is the model's constant (`pruning.cost.Latency`). How
-well the sum predicts a pruned model: bench/latency_model.py.
+measured once; the tables are cached per backend, device kind, jax version, XLA
+flags, layer code, dtype, batch and shape (like the padding cache). The whole dense model is
+timed too: what its blocks' predictions leave over is the model's constant
+(`pruning.cost.Latency`). How well the sum predicts a pruned model: bench/latency_model.py.
 """
 
 from __future__ import annotations
@@ -95,9 +95,9 @@ def _table(arch: Arch, i: int, part: str, batch: int, dtype: str, count, seconds
 
 def _key(arch: Arch, i: int, part: str, batch: int, dtype: str, count: int) -> str:
     b, g = arch.blocks[i], arch.geometry()[i]
-    return (
+    return (  # how a layer is timed is part of the key: another way makes other numbers
         f"{padding._device()}|batch {batch}|dtype {dtype}|knots {count}"
-        f"|{padding._part(arch, b, g, part)}"
+        f"|{REPEATS} repeats per program|{padding._part(arch, b, g, part)}"
     )
 
 

@@ -134,7 +134,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
     lines = [
         f"Latency model vs measured, {meta['dtype']}, {meta['rounds']} interleaved rounds "
         f"({meta['device']}, {meta['cpus']} CPUs); error = predicted / measured - 1 over "
-        f"{s[0]['configs']} random width configurations; the MACs ratio as a predictor beside it.",
+        f"{s[0]['configs']} random width configurations; the MACs ratio as a predictor beside it; "
+        "a target's ideal is itself (unreachable: the predicted ratio with every width at 1).",
         "",
         "| model | batch | median abs error | worst | MACs as predictor: median | worst | "
         + " | ".join(f"latency achieved, {t}" for t in targets)
@@ -148,11 +149,6 @@ def markdown(rows: list[dict], meta: dict) -> str:
             + " | ".join(f"{r[t]:.3f}" if isinstance(r[t], float) else r[t] for t in targets)
             + " |"
         )
-    lines += [
-        "",
-        "Targets: the ideal is the target itself (a latency ratio of exactly it). Unreachable: "
-        "the latency model's ratio with every width at 1 (what the blocks cannot shed).",
-    ]
     return "\n".join(lines) + "\n"
 
 
