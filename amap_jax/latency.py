@@ -18,7 +18,6 @@ import dataclasses
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from amap_jax import models, timing
@@ -45,10 +44,6 @@ def knots(width: int, count: int = KNOTS) -> tuple[int, ...]:
     return tuple(sorted({1, width} | inner))
 
 
-def _dtype(name: str):
-    return jnp.bfloat16 if name == "bfloat16" else jnp.float32
-
-
 def _seconds(fns: dict, batch: int, seconds: float, rounds: int) -> dict:
     """Median seconds per call of each blocking `fn`, interleaved."""
     ips = timing.interleaved(fns, seconds, rounds, batch)
@@ -68,7 +63,7 @@ def _repeated(arch: Arch, b, g, part: str, batch: int, dtype):
 
 def _table(arch: Arch, i: int, part: str, batch: int, dtype: str, count, seconds, rounds):
     b, g = arch.blocks[i], arch.geometry()[i]
-    dt = _dtype(dtype)
+    dt = models.compute_dtype(dtype)
     if part == "attention":
         xs, ys = knots(b.qk_dim, count), knots(b.v_dim, count)
         xs_u, ys_u = sorted(set(xs)), sorted(set(ys))
@@ -103,7 +98,7 @@ def _key(arch: Arch, i: int, part: str, batch: int, dtype: str, count: int) -> s
 
 def dense_seconds(arch: Arch, batch: int, dtype: str, *, seconds: float, rounds: int) -> float:
     """Median seconds per batch of the dense model (random weights) at `batch`."""
-    model = models.build(arch, dtype=_dtype(dtype))
+    model = models.build(arch, dtype=models.compute_dtype(dtype))
     x = jax.random.normal(jax.random.key(0), models.dummy_input(arch, batch).shape)
     variables = model.init(jax.random.key(1), x)
     fn = jax.jit(model.apply)

@@ -62,7 +62,7 @@ def jax_worker() -> dict:
     from amap_jax import models, xla_cpu
     from amap_jax.pruning import padding
 
-    dtype = jnp.bfloat16 if _DTYPE.value == "bfloat16" else jnp.float32
+    dtype = models.compute_dtype(_DTYPE.value)
     dense, pruned = _our_archs()
     b = common.BATCH.value
     x = jax.random.normal(

@@ -18,6 +18,7 @@ __all__ = [
     "arch_from_dict",
     "attention",
     "build",
+    "compute_dtype",
     "dummy_input",
     "site_shapes",
 ]
@@ -30,6 +31,11 @@ def build(arch: Arch, sites: Sites | None = None, **kw):
     if isinstance(arch, ViTArch):
         return ViT(arch, sites=sites, **kw)
     raise TypeError(f"not an architecture description: {type(arch).__name__}")
+
+
+def compute_dtype(name: str):
+    """The jnp dtype a config's `model.dtype` name ("float32" or "bfloat16") computes in."""
+    return jnp.bfloat16 if name == "bfloat16" else jnp.float32
 
 
 def dummy_input(arch: Arch, batch: int = 1) -> jax.Array:

@@ -119,8 +119,7 @@ class Context:
 
     def build(self, arch, method: Method | None = None):
         """The module for `arch` in the configured compute dtype, with `method` at its sites."""
-        dtype = jnp.bfloat16 if self.config.model.dtype == "bfloat16" else jnp.float32
-        return models.build(arch, sites=method, dtype=dtype)
+        return models.build(arch, sites=method, dtype=models.compute_dtype(self.config.model.dtype))
 
     def calibration(self, n: int) -> CalibrationBatch:
         """n training examples drawn with the run's seed (the same ones on every call),

@@ -26,9 +26,17 @@ SPEED_ROUNDS = 5
 BUSY_SPREAD = 0.2
 
 
-def paired_speeds(ctx: Context, arch: Arch, params, p_arch: Arch, p_params, p_kernels: str):
-    """Dense and pruned images/s per round, timed interleaved at the bench batch
-    (`evaluate.paired_throughput`), and the dense model's kernel set."""
+def paired_speeds(
+    ctx: Context,
+    arch: Arch,
+    params,
+    p_arch: Arch,
+    p_params,
+    p_kernels: str,
+    batch: int | None = None,
+):
+    """Dense and pruned images/s per round, timed interleaved at `batch` (default the bench
+    batch; `evaluate.paired_throughput`), and the dense model's kernel set."""
     kernels = tuning.kernels(ctx, arch, params)
     bench = ctx.config.eval
     runs = {
@@ -36,46 +44,43 @@ def paired_speeds(ctx: Context, arch: Arch, params, p_arch: Arch, p_params, p_ke
         "pruned": (ctx.build(p_arch), {"params": p_params}, p_arch, p_kernels),
     }
     speeds = evaluate_lib.paired_throughput(
-        runs, bench.bench_batch, seconds=bench.bench_seconds, rounds=SPEED_ROUNDS
+        runs, batch or bench.bench_batch, seconds=bench.bench_seconds, rounds=SPEED_ROUNDS
     )
     return speeds, kernels
+
+
+def _rounds(ratios: list[float]) -> tuple[float, float, float, bool]:
+    """Median, lowest and highest of same-round ratios, and whether they spread so far that
+    the machine was busy."""
+    median, low, high = float(np.median(ratios)), min(ratios), max(ratios)
+    return median, low, high, bool((high - low) > BUSY_SPREAD * median)
 
 
 def speedup_of(speeds: dict[str, list[float]]) -> dict:
     """The pruned/dense ratio of every round: its median, its range, and whether the rounds
     spread so far that the machine was busy."""
     ratios = [p / d for p, d in zip(speeds["pruned"], speeds["dense"], strict=True)]
-    median = float(np.median(ratios))
-    low, high = min(ratios), max(ratios)
+    median, low, high, busy = _rounds(ratios)
     return {
         "speedup": round(median, 3),
         "speedup_range": [round(low, 3), round(high, 3)],
         "speed_rounds": len(ratios),
-        "speed_busy": bool((high - low) > BUSY_SPREAD * median),
+        "speed_busy": busy,
     }
 
 
 def measured_latency(ctx: Context, arch: Arch, params, p_arch: Arch, p_params, p_kernels):
     """Pruned / dense seconds per batch of `search.latency_batch`, timed interleaved: the
     median over rounds, the range, whether the machine was busy."""
-    kernels = tuning.kernels(ctx, arch, params)
-    runs = {
-        "dense": (ctx.build(arch), {"params": params}, arch, kernels),
-        "pruned": (ctx.build(p_arch), {"params": p_params}, p_arch, p_kernels),
-    }
-    speeds = evaluate_lib.paired_throughput(
-        runs,
-        ctx.config.search.latency_batch,
-        seconds=ctx.config.eval.bench_seconds,
-        rounds=SPEED_ROUNDS,
-    )
+    batch = ctx.config.search.latency_batch
+    speeds, _ = paired_speeds(ctx, arch, params, p_arch, p_params, p_kernels, batch)
     ratios = [d / p for p, d in zip(speeds["pruned"], speeds["dense"], strict=True)]
-    median = float(np.median(ratios))
+    median, low, high, busy = _rounds(ratios)
     return {
-        "batch": ctx.config.search.latency_batch,
+        "batch": batch,
         "measured": round(median, 4),
-        "measured_range": [round(min(ratios), 4), round(max(ratios), 4)],
-        "busy": bool(max(ratios) - min(ratios) > BUSY_SPREAD * median),
+        "measured_range": [round(low, 4), round(high, 4)],
+        "busy": busy,
     }
 
 

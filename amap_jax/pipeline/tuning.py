@@ -4,14 +4,12 @@ groups, and the latency model a latency target charges.
 
 from __future__ import annotations
 
-import json
-
 import jax.numpy as jnp
 import numpy as np
 
 from amap_jax import latency, xla_cpu
 from amap_jax import workdir as workdir_lib
-from amap_jax.io import paths, pruned
+from amap_jax.io import paths, pruned, trees
 from amap_jax.logs import log as logging
 from amap_jax.models import tokens
 from amap_jax.models.arch import Arch
@@ -105,7 +103,7 @@ def budget_cost(ctx: Context, arch: Arch) -> cost_lib.Cost:
         return cost_lib.MACS
     path = paths.join(ctx.workdir, LATENCY_FILE)
     if paths.exists(path):
-        return cost_lib.Latency.from_json(json.loads(paths.read_text(path)))
+        return cost_lib.Latency.from_json(trees.read_json(path))
     model = latency.measure(arch, s.latency_batch, ctx.config.model.dtype)
     model = model.with_values(parallel.broadcast(model.values()))
     if ctx.is_chief:

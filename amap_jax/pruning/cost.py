@@ -33,7 +33,9 @@ class Cost:
     kind: ClassVar[str]
     label: ClassVar[str]  # as a message names it
 
-    def block(self, arch: Arch, i: int, w, tokens=None):
+    def block(self, arch: Arch, i: int, w, tokens=None, g=None):
+        """Cost of block i at widths `w`; `g`: its geometry, where the caller has it (computing
+        a model's geometry per block call doubled a greedy allocation's time)."""
         raise NotImplementedError
 
     def fixed(self, arch: Arch):
@@ -43,9 +45,9 @@ class Cost:
         """Cost of one image (a batch, for a latency) through `arch` at other per-block widths
         (None: its own) and token counts (None: all tokens)."""
         total = self.fixed(arch)
-        for i in range(len(arch.blocks)):
+        for i, g in enumerate(arch.geometry()):
             w = None if block_widths is None else block_widths[i]
-            total = total + self.block(arch, i, w, None if tokens is None else tokens[i])
+            total = total + self.block(arch, i, w, None if tokens is None else tokens[i], g)
         return total
 
     def ratio(self, arch: Arch, block_widths: list | None = None, tokens: list | None = None):
@@ -63,8 +65,8 @@ class Macs(Cost):
     kind: ClassVar[str] = "macs"
     label: ClassVar[str] = "MACs"
 
-    def block(self, arch, i, w, tokens=None):
-        g = arch.geometry()[i]
+    def block(self, arch, i, w, tokens=None, g=None):
+        g = g or arch.geometry()[i]
         return macs.block_macs(arch.blocks[i], g, arch.kernel_size, w, tokens)
 
     def fixed(self, arch):
@@ -127,14 +129,11 @@ class Latency(Cost):
     dtype: str
     device: str
 
-    def block(self, arch, i, w, tokens=None):
+    def block(self, arch, i, w, tokens=None, g=None):
         if tokens is not None:
             raise ValueError("a latency budget does not model token pruning (per-image tokens)")
-        b, g = arch.blocks[i], arch.geometry()[i]
-        if w is None:
-            w = macs.widths(b, g.dim)
-        elif len(w) == 3:
-            w = macs.Widths(*w, g.dim, g.dim)
+        b, g = arch.blocks[i], g or arch.geometry()[i]
+        w = macs.as_widths(b, g.dim, w)
         attn = self.attention[i](w.qk, w.v)
         if not (_static(w.attn_in) and w.attn_in == g.dim):  # pruned inputs: their MACs share
             full = macs.block_macs(b, g, arch.kernel_size, (w.qk, w.v, 0.0, g.dim, g.dim))

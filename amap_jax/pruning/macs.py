@@ -38,6 +38,15 @@ def widths(block: BlockArch, dim: int) -> Widths:
     )
 
 
+def as_widths(block: BlockArch, dim: int, w=None) -> Widths:
+    """`w` as full `Widths`: None is the block's own, (qk, v, hidden) has its inputs unpruned."""
+    if w is None:
+        return widths(block, dim)
+    if len(w) == 3:
+        return Widths(*w, dim, dim)
+    return w
+
+
 def block_macs(
     block: BlockArch,
     geometry: Geometry,
@@ -53,11 +62,7 @@ def block_macs(
         if integer and not isinstance(tokens, jax.core.Tracer):
             tokens = np.asarray(tokens, np.int64)  # an image's MACs overflow int32 from DeiT-S up
         g = dataclasses.replace(g, tokens=tokens, window_tokens=tokens)
-    if w is None:
-        w = widths(block, g.dim)
-    elif len(w) == 3:  # (qk, v, hidden): inputs unpruned
-        w = Widths(*w, g.dim, g.dim)
-    qk, v, mlp, d_attn, d_mlp = w
+    qk, v, mlp, d_attn, d_mlp = as_widths(block, g.dim, w)
     h, t, d, n = block.heads, g.tokens, g.dim, g.window_tokens
     qk_all, v_all = h * qk, h * v
     total = t * d_attn * (2 * qk_all + v_all)  # q, k, v projections

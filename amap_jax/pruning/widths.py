@@ -92,7 +92,8 @@ def at_target(
 
     def block_cost(i: int, w: dict) -> float:
         n = None if tokens is None else tokens[i]
-        return float(cost.block(arch, i, block_widths(arch, i, w, geometry[i].dim), n))
+        g = geometry[i]
+        return float(cost.block(arch, i, block_widths(arch, i, w, g.dim), n, g))
 
     def candidate(i: int, site: str):
         """(score lost per MAC saved, new count) of the next step at a site, or None."""
