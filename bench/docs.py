@@ -104,7 +104,8 @@ def provenance(meta: dict, module: str, git=None) -> str:
     `git log COMMIT..HEAD -- bench/MODULE.py` (`git`: `common.git`, or a stand-in)."""
     git = git or common.git
     commit, date = meta.get("commit", "").rstrip("+"), meta.get("date", "an unrecorded date")
-    flags_used = " ".join(meta.get("argv", [])) or "its defaults"
+    argv = meta.get("argv")
+    flags_used = "unrecorded flags" if argv is None else " ".join(argv) or "its defaults"
     if not commit:
         return (
             "**Unknown provenance**: made before results recorded their commit and flags; "
