@@ -38,5 +38,10 @@ if [ "$(basename "$req")" = requirements-test.txt ]; then
   # Torch-Pruning without deps (their declared dependencies pull a CUDA torch).
   quiet .venv/bin/pip install -q -r requirements-torch.txt
   quiet .venv/bin/pip install -q --no-deps timm==1.0.31 torch-pruning==1.6.1
+  # The index's torchvision is a CUDA build that cannot import beside CPU torch: a start-up hook
+  # (bench/torchvision_cpu.py) defines its two missing ops, so `import timm` works in .venv.
+  site="$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+  cp bench/torchvision_cpu.py "$site/_amap_torchvision_cpu.py"
+  echo "import _amap_torchvision_cpu; _amap_torchvision_cpu.install()" >"$site/_amap_torchvision_cpu.pth"
 fi
 echo "setup: done"

@@ -91,3 +91,18 @@ def test_requirements_pin_what_pyproject_declares():
                 pinned.add(_requirement_name(line))
     declared = {_requirement_name(d) for d in _pyproject()["dependencies"]}
     assert pinned == declared
+
+
+def test_timm_imports_in_this_environment():
+    """The index's torchvision is a CUDA build; scripts/setup.sh installs the start-up hook
+    (bench/torchvision_cpu.py) that lets a plain `import timm` work in .venv."""
+    import subprocess
+
+    done = subprocess.run(
+        [sys.executable, "-c", "import timm, torchvision.ops; print(timm.__version__)"],
+        capture_output=True,
+        text=True,
+        cwd="/",  # not the checkout: the hook, not the working tree, must do it
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
