@@ -36,7 +36,7 @@ def _fail(msg: str, code: int = 2):
     from amap_jax import logs
 
     logs.end_bar()
-    kind = "stopped" if code in (75, 130) else "error"  # a preemption or Ctrl-C is no error
+    kind = "stopped" if code in (75, 129, 130) else "error"  # a stop signal is no error
     print(f"{kind}: {msg}", file=sys.stderr)
     sys.exit(code)
 

@@ -8,6 +8,7 @@
 | 3 | training diverged (non-finite loss or gradient); the last good checkpoint is kept |
 | 4 | finished, but the export misses its MACs target by more than `search.target_tolerance` |
 | 75 | preempted (SIGTERM), in any phase: nothing finished is lost; rerun to resume (EX_TEMPFAIL) |
+| 129 | the terminal closed (SIGHUP), in any phase: likewise |
 | 130 | interrupted (Ctrl-C), in any phase: likewise |
 """
 

@@ -717,3 +717,18 @@ def test_progress_bar_fits_the_terminal_and_log_lines_clear_it(monkeypatch, caps
     assert drawn[2] == "finetune epoch 1 step 20: loss=1.44\n"
     assert drawn[1].startswith("finetune [") and drawn[-1].endswith("\n")
     logger.removeHandler(handler)
+
+
+def test_closed_terminal_saves_and_stops_like_a_preemption(tmp_path):
+    """SIGHUP (the terminal closed) mid-training: a checkpoint of that step and exit 129, as
+    for SIGTERM (whose resume the test above checks)."""
+    workdir = str(tmp_path / "w")
+    p = _start(workdir, "--config.train.epochs=0.1", fault="SIGHUP@train:2")
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 129, err[-2000:]
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (
+        "stopped: train hung up (SIGHUP: the terminal closed) at step 2; checkpoint saved; "
+        "run the same command to resume"
+    )
+    assert Checkpointer(os.path.join(workdir, "dense")).latest_step() == 2

@@ -1,7 +1,8 @@
-"""Stopping a run on SIGTERM (preemption) or Ctrl-C: the signal only sets a flag, and the run
-checks it at safe points (after every training step, between phases, between evaluation
-batches). An exception raised from a signal handler can land anywhere, a garbage-collector
-callback included, where it is swallowed and the run goes on as if nothing happened.
+"""Stopping a run on SIGTERM (preemption), Ctrl-C or SIGHUP (its terminal closed): the signal
+only sets a flag, and the run checks it at safe points (after every training step, between
+phases, between evaluation batches). An exception raised from a signal handler can land anywhere,
+a garbage-collector callback included, where it is swallowed and the run goes on as if nothing
+happened.
 
 `install()` (the command line does it first) makes every phase honour the flag; a library user
 who does not call it still gets it inside training loops (`loop()`).
@@ -16,7 +17,7 @@ import threading
 
 from amap_jax.train import parallel
 
-_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 _state = {"signal": None, "installed": False, "phase": "run", "in_loop": False}
 
 FAULT_ENV = "AMAP_FAULT"  # tests: "SIGKILL@search:3" after step 3 of search; "SIGTERM@export"
@@ -34,7 +35,20 @@ class Interrupted(KeyboardInterrupt):
     exit_code = 130
 
 
+class HungUp(Preempted):
+    """SIGHUP: the terminal the run was started from closed. Saved like a preemption."""
+
+    exit_code = 129  # 128 + SIGHUP, what a shell reports for a hung-up job
+
+
 def _handle(signum, frame):
+    if signum == signal.SIGHUP:
+        # Writes to a hung-up terminal fail (EIO): the saving and the last line must not.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        for fd in (1, 2):
+            if os.isatty(fd):
+                os.dup2(devnull, fd)
+        os.close(devnull)
     if _state["signal"] is None:  # later presses change nothing: the stop is under way
         _state["signal"] = signum
 
@@ -44,7 +58,7 @@ def _main_thread() -> bool:
 
 
 def install() -> None:
-    """SIGTERM and Ctrl-C set the flag for the rest of the process (main thread only)."""
+    """SIGTERM, Ctrl-C and SIGHUP set the flag for the rest of the process (main thread only)."""
     if _main_thread():
         for sig in _SIGNALS:
             signal.signal(sig, _handle)
@@ -69,7 +83,7 @@ def loop():
 
 
 def requested() -> int | None:
-    """The first stop signal received (SIGTERM or SIGINT), or None."""
+    """The first stop signal received (SIGTERM, SIGINT or SIGHUP), or None."""
     return _state["signal"]
 
 
@@ -78,9 +92,13 @@ def reset() -> None:
 
 
 def error(what: str, signum: int | None = None) -> Exception:
-    """The exception a stop raises: Preempted for SIGTERM, Interrupted for Ctrl-C."""
-    if (signum or requested()) == signal.SIGINT:
+    """The exception a stop raises: Preempted for SIGTERM, Interrupted for Ctrl-C, HungUp for
+    SIGHUP."""
+    signum = signum or requested()
+    if signum == signal.SIGINT:
         return Interrupted(f"{what} interrupted")
+    if signum == signal.SIGHUP:
+        return HungUp(f"{what} hung up (SIGHUP: the terminal closed)")
     return Preempted(f"{what} preempted (SIGTERM)")
 
 
