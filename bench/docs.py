@@ -21,6 +21,7 @@ from bench import common
 DOCS = os.path.join(os.path.dirname(common.RESULTS), os.pardir, "docs", "benchmarks.md")
 # Result stem -> the bench module that wrote it, in the order the page shows them.
 ORDER = (
+    ("main_job", "main_job"),
     ("compare_channels", "compare"),
     ("compare_extras", "compare"),
     ("compare_linear_qk", "compare"),

@@ -755,3 +755,20 @@ def test_ladder_runs_at_a_batch_in_parts_and_its_table_reads_against_the_ideal()
     program = [line for line in table if "| program |" in line]
     assert program[0].endswith(f"| {steps[-1]['launches']} |") and program[1].endswith("| - |")
     assert f"{steps[-1]['speedup'] / 2:.2f}" in program[0]
+
+
+def test_main_job_quotes_the_printed_table_without_this_machines_paths():
+    from bench import main_job
+
+    stdout = (
+        "12:00:01 model ViT-mini4/7: ...\n"
+        "         params   MACs  top-1 %  images/s\n"
+        " dense  205,066  3.54M    87.49      4016\n"
+        "pruned  142,864  2.48M    87.79      5342\n"
+        "MACs ratio 0.700 (target 0.7), top-1 change +0.30, speedup 1.22x ...\n"
+        "summary: /tmp/w/summary.json; export: /tmp/w/export; TensorBoard: ...\n"
+    )
+    table = main_job.printed_table(stdout)
+    assert table.splitlines()[0].split() == ["params", "MACs", "top-1", "%", "images/s"]
+    assert table.splitlines()[-1].startswith("MACs ratio 0.700")
+    assert "/tmp/w" not in table
