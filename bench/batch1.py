@@ -33,7 +33,7 @@ from amap_jax.models import tokens
 from amap_jax.train import evaluate as evaluate_lib
 from bench import common, token_speed
 
-_IMAGES = flags.DEFINE_integer("batch1_images", 64, "Test images cycled through.")
+_IMAGES = flags.DEFINE_integer("batch1_images", 64, "Test images cycled through.", lower_bound=1)
 # Options aimed at what a kernel costs beyond its arithmetic, beside the export's kernel sets.
 OVERHEAD = {
     "no_eigen_threads": {"xla_cpu_multi_thread_eigen": False},

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import platform
 import subprocess
@@ -34,15 +35,34 @@ _UPDATE = flags.DEFINE_bool(
     "update_results", False, "Write into bench/results/, the results the README and docs cite."
 )
 # Flags several benchmarks take; each bench sets its own defaults with `defaults`.
-BATCH = flags.DEFINE_integer("batch", 32, "Batch size.")
-ROUNDS = flags.DEFINE_integer("rounds", 5, "Interleaved timing rounds.")
-SECONDS = flags.DEFINE_float("seconds", 4.0, "Seconds per model per round.")
+BATCH = flags.DEFINE_integer("batch", 32, "Batch size.", lower_bound=1)
+ROUNDS = flags.DEFINE_integer("rounds", 5, "Interleaved timing rounds.", lower_bound=1)
+SECONDS = flags.DEFINE_float(
+    "seconds", 4.0, "Seconds per model per round.", lower_bound=0.0, upper_bound=3600.0
+)
 MODELS = flags.DEFINE_list(
     "models",
     ["Ti"],
     "Published names (e.g. flatten_swin_tiny_patch4_224) or ViT variant[:pattern].",
 )
 TARGETS = flags.DEFINE_list("targets", ["0.7", "0.5"], "MACs targets.")
+
+
+def check_list(flag, kind, test, what: str) -> None:
+    """A comma-list flag of numbers checked when the flags are parsed: a bad item ends in one
+    line naming the flag, before any work."""
+
+    def ok(values) -> bool:
+        try:
+            xs = [kind(v) for v in values or ()]
+        except ValueError:
+            return False
+        return all(math.isfinite(x) and test(x) for x in xs)
+
+    flags.register_validator(flag.name, ok, message=f"--{flag.name} takes {what}")
+
+
+check_list(TARGETS, float, lambda t: 0 < t <= 1, "shares in (0, 1]")
 WORKDIR = flags.DEFINE_string("workdir", None, "A finished run (benches that read one).")
 KERNELS = flags.DEFINE_string(
     "kernels",

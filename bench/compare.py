@@ -141,7 +141,9 @@ GRIDS = {
 _GRID = flags.DEFINE_enum("grid", "channels", list(GRIDS), "Which grid.")
 _QUICK = flags.DEFINE_bool("quick", False, "Same as --grid=quick.")
 _ROOT = flags.DEFINE_string("root", "workdirs/compare", "Where the cells' work directories go.")
-_JOBS = flags.DEFINE_integer("jobs", 0, "Cells at once, one per core (0: every core).")
+_JOBS = flags.DEFINE_integer(
+    "jobs", 0, "Cells at once, one per core (0: every core).", lower_bound=0
+)
 _SEEDS = flags.DEFINE_list("seeds", None, "Seeds (default: the grid's).")
 _CONFIGS = flags.DEFINE_list("grid_configs", None, "Only these of the grid's configs (same cells).")
 _TARGETS = flags.DEFINE_list("grid_targets", None, "Only these of the grid's targets (same cells).")
@@ -255,8 +257,19 @@ def apply(config, overrides: dict):
         node = config[section] if section else config
         if leaf not in node:
             raise app.UsageError(f"{key}: no such setting in the config")
-        node[leaf] = type(node[leaf])(value) if node[leaf] is not None else value
+        try:
+            node[leaf] = type(node[leaf])(value) if node[leaf] is not None else value
+        except (TypeError, ValueError) as e:
+            raise app.UsageError(f"{key}={value!r}: {e}") from None
     return config
+
+
+def check_settings(g: Grid) -> None:
+    """Every config of the grid with its schedule and --set, checked as a run checks it."""
+    from amap_jax import config as config_lib
+
+    for name in g.configs:
+        config_lib.validate(load_config(Cell(name, DENSE, 1.0, g.seeds[0]), g, settings()))
 
 
 def load_config(cell: Cell, g: Grid, extra: dict):
@@ -826,7 +839,9 @@ def main(argv):
         return
     g = grid()
     root = os.path.abspath(_ROOT.value + ("_quick" if g is GRIDS["quick"] else ""))
-    os.makedirs(root, exist_ok=True)
+    if not _REPORT_ONLY.value:
+        check_settings(g)  # a bad --set is one line now, not a failure in every cell
+        os.makedirs(root, exist_ok=True)
     if _REPORT_ONLY.value:
         results = [
             trees.read_json(os.path.join(c.workdir(root), "cell.json"))

@@ -22,7 +22,7 @@ from amap_jax import logs
 from amap_jax.models import tokens
 from bench import common
 
-_IMAGES = flags.DEFINE_integer("images", 8, "Test images in the picture.")
+_IMAGES = flags.DEFINE_integer("images", 8, "Test images in the picture.", lower_bound=1)
 DROPPED_COLOUR = np.array([0.35, 0.55, 0.95])
 
 

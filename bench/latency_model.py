@@ -29,7 +29,10 @@ from amap_jax.pruning import cost, macs, padding, widths
 from bench import common
 
 _BATCHES = flags.DEFINE_list("batches", ["1", "64"], "Batch sizes.")
-_CONFIGS = flags.DEFINE_integer("configs", 20, "Random width configurations per model.")
+common.check_list(_BATCHES, int, lambda b: b >= 1, "batch sizes (integers >= 1)")
+_CONFIGS = flags.DEFINE_integer(
+    "configs", 20, "Random width configurations per model.", lower_bound=1
+)
 
 
 def at_widths(arch, counts: list[tuple[int, int, int]]):

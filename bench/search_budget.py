@@ -53,9 +53,10 @@ VARIANTS = {
 _ROOT = flags.DEFINE_string("root", "workdirs/search_budget", "Dense models and scratch runs.")
 _CONFIGS = flags.DEFINE_list("configs", ["vit", "flatten"], f"Configs ({', '.join(CONFIGS)}).")
 _EPOCHS = flags.DEFINE_list("epochs", ["0.25", "1"], "Search lengths (epochs).")
+common.check_list(_EPOCHS, float, lambda e: e > 0, "search lengths in epochs (> 0)")
 _VARIANTS = flags.DEFINE_list("variants", list(VARIANTS), "Budget mechanisms.")
 _JOBS = flags.DEFINE_integer(
-    "jobs", 0, "Configs searched at once, one process each (0: a CPU each)."
+    "jobs", 0, "Configs searched at once, one process each (0: a CPU each).", lower_bound=0
 )
 
 

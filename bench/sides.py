@@ -15,8 +15,10 @@ import time
 from absl import flags
 
 MODEL = flags.DEFINE_enum("model", "S", ["Ti", "S", "B"], "DeiT size (patch 16, 224 px).")
-ALTERNATIONS = flags.DEFINE_integer("alternations", 2, "jax/torch process pairs.")
-IMAGE = flags.DEFINE_integer("image_size", 224, "Input size (smaller: quick checks).")
+ALTERNATIONS = flags.DEFINE_integer("alternations", 2, "jax/torch process pairs.", lower_bound=1)
+IMAGE = flags.DEFINE_integer(
+    "image_size", 224, "Input size (smaller: quick checks).", lower_bound=8
+)
 WIDTHS = flags.DEFINE_list(
     "widths", ["45:1099", "33:794"], "Pruned models: head_dim:mlp_hidden in every block."
 )

@@ -29,7 +29,11 @@ from amap_jax.pruning.macs import model_macs
 from bench import common
 
 _FLOOR = flags.DEFINE_float(
-    "min_keep_fraction", 0.0, "Per-head floor of kept channels (amap.min_keep_fraction)."
+    "min_keep_fraction",
+    0.0,
+    "Per-head floor of kept channels (amap.min_keep_fraction).",
+    lower_bound=0.0,
+    upper_bound=1.0,
 )
 _KINDS = flags.DEFINE_list(
     "budget_kinds", ["macs"], "What a target is a share of: macs, latency (search.budget_kind)."

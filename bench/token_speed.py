@@ -57,8 +57,15 @@ _POINTS = flags.DEFINE_list("token_points", ["4", "7", "10"], "Blocks before whi
 _FRACTIONS = flags.DEFINE_list(
     "token_fractions", ["0.7", "0.5", "0.35"], "Share of the patch tokens kept at each point."
 )
-_IMAGES = flags.DEFINE_integer("token_images", 128, "Benchmark images (cycled through).")
-_AMAP_TARGET = flags.DEFINE_float("token_amap_target", 0.7, "AMAP's channel MACs target.")
+common.check_list(_BATCHES, int, lambda b: b >= 1, "batch sizes (integers >= 1)")
+common.check_list(_POINTS, int, lambda p: p >= 0, "block indices (integers >= 0)")
+common.check_list(_FRACTIONS, float, lambda f: 0 < f <= 1, "shares in (0, 1]")
+_IMAGES = flags.DEFINE_integer(
+    "token_images", 128, "Benchmark images (cycled through).", lower_bound=1
+)
+_AMAP_TARGET = flags.DEFINE_float(
+    "token_amap_target", 0.7, "AMAP's channel MACs target.", lower_bound=0.01, upper_bound=1.0
+)
 _BUCKETS = flags.DEFINE_list(
     "token_buckets",
     ["x8", "x16", "g0.8"],
@@ -69,9 +76,13 @@ _PAD = flags.DEFINE_integer(
     0,
     "AMAP's widths padded as export_pad pads them: 0 measured (padding.measured, at the "
     "largest timed batch), 1 unpadded, M a multiple of M.",
+    lower_bound=0,
 )
 _GROUPS = flags.DEFINE_integer(
-    "token_groups", 4, "Parts a batch runs in after each point (models.tokens.GROUPS)."
+    "token_groups",
+    4,
+    "Parts a batch runs in after each point (models.tokens.GROUPS).",
+    lower_bound=1,
 )
 _COUNTS = flags.DEFINE_string("token_counts", None, "Internal: the torch worker's kept counts.")
 

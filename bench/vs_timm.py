@@ -37,6 +37,7 @@ from bench import common, sides
 
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
 _PAD = flags.DEFINE_list("pad_candidates", ["1", "8", "16", "32", "64"], "Padding multiples.")
+common.check_list(_PAD, int, lambda m: m >= 1, "padding multiples (integers >= 1)")
 _REBUILD = flags.DEFINE_bool("rebuild", False, "Rebuild the report from the JSON (no timing).")
 
 

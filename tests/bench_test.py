@@ -4,6 +4,7 @@ numbers, and each bench's table from fixed measurements."""
 from __future__ import annotations
 
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -772,3 +773,37 @@ def test_main_job_quotes_the_printed_table_without_this_machines_paths():
     assert table.splitlines()[0].split() == ["params", "MACs", "top-1", "%", "images/s"]
     assert table.splitlines()[-1].startswith("MACs ratio 0.700")
     assert "/tmp/w" not in table
+
+
+@pytest.mark.parametrize(
+    "name,bad,says",
+    [
+        ("targets", ["1.5"], "--targets takes shares in (0, 1]"),
+        ("targets", ["abc"], "--targets takes shares in (0, 1]"),
+        ("token_fractions", ["2"], "--token_fractions takes shares in (0, 1]"),
+        ("token_batches", ["x"], "--token_batches takes batch sizes"),
+        ("batches", ["inf"], "--batches takes batch sizes"),
+        ("jobs", -3, "non-negative"),
+        ("seconds", float("inf"), "range"),
+    ],
+)
+def test_bench_flags_are_checked_when_parsed(name, bad, says):
+    """A bad number in a bench flag is refused as the flags are parsed (one line naming the flag
+    through cli.parse_flags), not when the bench reaches it."""
+    from absl import flags
+    from absl.testing import flagsaver
+
+    from bench import compare, latency_model, token_speed  # noqa: F401  (their flags)
+
+    with flagsaver.flagsaver(), pytest.raises(flags.IllegalFlagValueError, match=re.escape(says)):
+        setattr(flags.FLAGS, name, bad)
+
+
+def test_compare_names_a_bad_setting_before_any_cell():
+    from absl import app
+
+    from bench import compare
+
+    g = compare.GRIDS["channels"]
+    with pytest.raises(app.UsageError, match=re.escape("search.target='abc': could not convert")):
+        compare.load_config(compare.Cell("vit", compare.DENSE, 1.0, 0), g, {"search.target": "abc"})
