@@ -100,9 +100,15 @@ def _fenced(text: str) -> str:
     return "\n".join(out).strip()
 
 
+# A commit trailer for changes to a bench that cannot move its numbers (a flag check, a rename):
+# they leave its results current.
+SAME_RESULTS = "Bench-results: unchanged"
+
+
 def provenance(meta: dict, module: str, git=None) -> str:
     """When and with what a result was made, and whether its bench changed since (stale):
-    `git log COMMIT..HEAD -- bench/MODULE.py` (`git`: `common.git`, or a stand-in)."""
+    `git log COMMIT..HEAD -- bench/MODULE.py` without the commits that carry SAME_RESULTS
+    (`git`: `common.git`, or a stand-in)."""
     git = git or common.git
     commit, date = meta.get("commit", "").rstrip("+"), meta.get("date", "an unrecorded date")
     argv = meta.get("argv")
@@ -115,7 +121,10 @@ def provenance(meta: dict, module: str, git=None) -> str:
     made = f"Made at {commit} on {date} with {flags_used}"
     try:
         path = f"bench/{module.replace('.', '/')}.py"
-        changed = git("log", "--oneline", f"{commit}..HEAD", "--", path)
+        changed = git(
+            "log", "--oneline", "--invert-grep", f"--grep=^{SAME_RESULTS}$", f"{commit}..HEAD",
+            "--", path,
+        )  # fmt: skip
     except (OSError, subprocess.CalledProcessError):
         return f"{made} (a commit this checkout's history lacks)."
     n = len(changed.splitlines())

@@ -807,3 +807,33 @@ def test_compare_names_a_bad_setting_before_any_cell():
     g = compare.GRIDS["channels"]
     with pytest.raises(app.UsageError, match=re.escape("search.target='abc': could not convert")):
         compare.load_config(compare.Cell("vit", compare.DENSE, 1.0, 0), g, {"search.target": "abc"})
+
+
+def test_a_bench_change_marked_as_keeping_results_leaves_them_current(tmp_path):
+    import subprocess
+
+    from bench import docs
+
+    def git(*args):
+        return subprocess.run(
+            ["git", "-C", str(tmp_path), *args], check=True, capture_output=True, text=True
+        ).stdout
+
+    git("init", "-q")
+    git("config", "user.email", "t@example.com")
+    git("config", "user.name", "t")
+    (tmp_path / "bench").mkdir()
+    module = tmp_path / "bench" / "probe.py"
+
+    def commit(text, message):
+        module.write_text(text)
+        git("add", "-A")
+        git("commit", "-qm", message)
+        return git("rev-parse", "--short", "HEAD").strip()
+
+    made = commit("0", "the bench")
+    commit("1", f"a flag check\n\n{docs.SAME_RESULTS}")
+    meta = {"commit": made, "date": "2026-12-08", "argv": []}
+    assert docs.provenance(meta, "probe", git).endswith("bench/probe.py unchanged since.")
+    commit("2", "a new timing loop")
+    assert "changed in 1 commit(s) since" in docs.provenance(meta, "probe", git)
