@@ -253,6 +253,20 @@ def compare_value(
     return f"{d['mean']:+.2f} [{d['lo']:+.2f}, {d['hi']:+.2f}]"
 
 
+# <!-- count: STEM CONFIG -->N<!-- /count -->: how many paired comparisons the config's rows make
+# (each variant against the reference, at each stage), for the chance-verdict caveat.
+_COUNT = re.compile(r"(<!-- count: ([\w/]+) (\w+) -->)(.*?)(<!-- /count -->)")
+
+
+def compare_count(result: dict, config: str) -> int:
+    n = 0
+    for r in (r for r in result["rows"] if r["config"] == config):
+        for stage in _STAGES.values():
+            refs = [k for k in r.get(stage) or {} if k.startswith("vs_") and k != "vs_dense"]
+            n += bool(refs) and refs[0] != f"vs_{r['variant']}"  # not the reference itself
+    return n
+
+
 def _load(stem: str) -> dict:
     with open(os.path.join(common.RESULTS, f"{stem}.json")) as f:
         return json.load(f)
@@ -270,6 +284,9 @@ def _markdown(stem: str) -> str:
 def readme(text: str) -> str:
     """`text` with every marked table and value regenerated from its result file."""
     text = _MARKED_MD.sub(lambda m: m.group(1) + _markdown(m.group(2)) + m.group(4), text)
+    text = _COUNT.sub(
+        lambda m: m.group(1) + str(compare_count(_load(m.group(2)), m.group(3))) + m.group(5), text
+    )
     text = _MARKED.sub(
         lambda m: m.group(1) + compare_table(_load(m.group(2)), m.group(3)) + m.group(5), text
     )

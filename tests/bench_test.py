@@ -837,3 +837,14 @@ def test_a_bench_change_marked_as_keeping_results_leaves_them_current(tmp_path):
     assert docs.provenance(meta, "probe", git).endswith("bench/probe.py unchanged since.")
     commit("2", "a new timing loop")
     assert "changed in 1 commit(s) since" in docs.provenance(meta, "probe", git)
+
+
+def test_readme_counts_the_paired_comparisons_a_config_makes():
+    from bench import docs
+
+    row = {"top1": {"mean": 1.0}, "vs_amap": {}, "vs_dense": {}}
+    rows = [
+        {"config": "c", "variant": v, "after search": row, "end": row}
+        for v in ("amap", "vtp", "random")
+    ] + [{"config": "other", "variant": "vtp", "end": row}]
+    assert docs.compare_count({"rows": rows}, "c") == 4  # 2 methods x 2 stages; amap: the reference
