@@ -22,9 +22,9 @@ import jax
 import numpy as np
 from absl import flags
 
-from amap_jax import latency
+from amap_jax import export_speed, latency
 from amap_jax.methods import Amap
-from amap_jax.pruning import cost, padding
+from amap_jax.pruning import cost
 from amap_jax.pruning.macs import model_macs
 from bench import common
 
@@ -64,7 +64,7 @@ def measure(
             models[key] = (p_arch, p_params)
             ideal[key] = model_macs(arch) / model_macs(p_arch) if kind == "macs" else 1 / target
     sets = {name: common.kernel_set(a, p, batch, kernels) for name, (a, p) in models.items()}
-    ips = padding.rates(
+    ips = export_speed.rates(
         {name: (*m, sets[name]) for name, m in models.items()},
         batch,
         seconds=seconds,

@@ -12,9 +12,8 @@ import pytest
 from conftest import ROOT, snapshot, tiny_config
 
 import amap_jax
-from amap_jax import pipeline
+from amap_jax import export_speed, pipeline
 from amap_jax.data import DatasetNotFoundError
-from amap_jax.pruning import padding
 
 
 def test_run_writes_summary_and_export(finished_run):
@@ -579,7 +578,7 @@ def test_padded_export_gives_the_same_predictions(finished_run, tmp_path, monkey
     n = len(summary["arch"]["pruned_blocks"])
     chosen = [((8, 16), (16, 8))[i % 2] for i in range(n)]
     monkeypatch.setattr(
-        padding,
+        export_speed,
         "measured",
         lambda arch, params, batch: (
             chosen,
@@ -626,7 +625,7 @@ def test_measured_cpu_kernels_compile_the_export_and_its_speed(finished_run, tmp
         timed.extend(kernels for *_, kernels in runs.values())
         return {name: [100.0] * pipeline.SPEED_ROUNDS for name in runs}
 
-    monkeypatch.setattr(padding, "fastest_kernels", fastest)
+    monkeypatch.setattr(export_speed, "fastest_kernels", fastest)
     monkeypatch.setattr(pipeline.evaluate_lib, "paired_throughput", paired)
     c = tiny_config()
     c.cpu_kernels = "measure"
