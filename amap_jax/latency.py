@@ -120,7 +120,7 @@ def measure(
     `seconds` per knot and round (None: `SECONDS`)."""
     count, seconds = count or KNOTS, seconds or SECONDS
     cache = CACHE if cache is True else cache
-    if getattr(arch, "token_points", ()):
+    if arch.token_points:
         raise ValueError("a latency budget does not model token pruning (per-image tokens)")
     stored = export_speed.read_cache(cache)
     tables = {"attention": [], "mlp": []}

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any
+from typing import Any, ClassVar
 
 SOFTMAX = "S"
 LINEAR = "L"
@@ -206,6 +206,9 @@ class SwinArch(_Arch):
     TYPE = "swin"
 
     norm_eps: float = 1e-5
+    # Swin drops no tokens (models.tokens is for ViT/DeiT): the same attribute as ViTArch's
+    # field, so that code asks `arch.token_points` of any architecture.
+    token_points: ClassVar[tuple[int, ...]] = ()
     # Keyword-only: after the base's defaulted fields it cannot be positional.
     depths: tuple[int, ...] = dataclasses.field(kw_only=True)
 
