@@ -98,7 +98,7 @@ def test_eval_section_is_checked_before_training(tmp_path):
 def test_unreachable_target_fails_before_training(tmp_path, method, setting, value, match):
     c = tiny_config()
     c.method = method
-    c[{"magnitude": "floor"}.get(method, method)][setting] = value
+    c[{"magnitude": "baseline"}.get(method, method)][setting] = value
     with pytest.raises(ValueError, match=match):
         pipeline.run(c, str(tmp_path / "w"))
     assert not (tmp_path / "w").exists()

@@ -109,7 +109,7 @@ def test_vtp_run_end_to_end_in_bfloat16(tmp_path):
     assert len(hist["counts"]) == 30 and sum(hist["counts"]) > 0
 
 
-def test_floor_at_the_widths_of_another_run(finished_run, tmp_path):
+def test_baseline_at_the_widths_of_another_run(finished_run, tmp_path):
     workdir, amap_summary = finished_run
     c = tiny_config()
     c.method, c.method_widths_from = "magnitude", workdir

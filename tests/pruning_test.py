@@ -569,7 +569,7 @@ def test_unbalanced_masks_export_padded_to_widest_head(pattern, seed):
 
 
 # ----------------------------------------------------------------------------------------------
-# Scores to head-balanced widths at a MACs target (pruning.widths), shared by AMAP and floors
+# Scores to head-balanced widths at a MACs target (pruning.widths), shared by AMAP and the baselines
 
 
 def _width_cases():
