@@ -287,6 +287,16 @@ def test_cli_unknown_config_key_is_one_line(tmp_path):
             "(it is a setting of --config.vtp.l1_weight)",
         ),
         (
+            "--config.floor.min_keep=3",
+            "error: unknown config key 'floor' in --config.floor.min_keep=3 "
+            "(it is called --config.baseline.min_keep now)",
+        ),
+        (
+            "--config.compose.schedule=channels_first",
+            "error: unknown config key 'compose' in --config.compose.schedule=channels_first "
+            "(it is called --config.amap_asvit.schedule now)",
+        ),
+        (
             "--config.method=vpt",
             "error: method must be one of amap, asvit, amap+asvit, magnitude, random, vtp, "
             "got 'vpt'",
@@ -304,6 +314,17 @@ def test_cli_method_errors_are_one_line(tmp_path, override, message):
     assert r.returncode == 2
     assert r.stderr.strip() == message
     assert not (tmp_path / "w").exists()
+
+
+def test_a_renamed_section_in_a_config_file_names_its_new_name():
+    from amap_jax import config as config_lib
+
+    for old, new in (("floor", "baseline"), ("compose", "amap_asvit")):
+        c = tiny_config()
+        c[old] = dict(c[new])
+        named = f"unknown config key '{old}': it is called '{new}' now"
+        with pytest.raises(ValueError, match=named):
+            config_lib.validate(c)
 
 
 def test_cli_bad_target_is_one_line(tmp_path):
