@@ -142,7 +142,7 @@ class Amap(Method):
     init_spread: float = 1.0
     calibration_batch: int = 64
     min_keep: int = 1
-    # Floor per head as a share of its width: keeps the final MACs fix-up from emptying the
+    # Per-head minimum as a share of its width: keeps the final MACs fix-up from emptying the
     # layers with the most MACs per channel when a short search left importances flat.
     min_keep_fraction: float = 0.0
     multiple: int = 1  # kept widths rounded up to a multiple (hardware-friendly matmuls)
@@ -210,12 +210,11 @@ class Amap(Method):
             return min(-(-k // spec.multiple) * spec.multiple, width)
 
         widths = [(least(b.qk_dim), least(b.v_dim), least(b.mlp_dim)) for b in arch.blocks]
-        floor = float(self.cost.ratio(arch, widths))
+        lowest = float(self.cost.ratio(arch, widths))
         check(
-            floor <= self.target,
-            f"amap cannot reach {self.cost.label} ratio {self.target}: {floor:.3f} with every "
-            "group at its "
-            "floor (amap.min_keep, amap.min_keep_fraction, amap.multiple)",
+            lowest <= self.target,
+            f"amap cannot reach {self.cost.label} ratio {self.target}: {lowest:.3f} with every "
+            "group at its per-head minimum (amap.min_keep, amap.min_keep_fraction, amap.multiple)",
         )
 
     def declare(self, block: nn.Module, shapes):

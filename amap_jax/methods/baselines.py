@@ -150,7 +150,7 @@ def scored_widths(
     ]
     try:
         plan = widths.at_target(
-            arch, normal, target, floor=lambda s, w: min(min_keep, w), cost=cost
+            arch, normal, target, minimum=lambda s, w: min(min_keep, w), cost=cost
         )
     except ValueError as e:
         raise SettingError(f"baseline: {e} (baseline.min_keep={min_keep})") from None

@@ -246,7 +246,7 @@ def finalize_indicators(
             scores,
             target,
             start=start,
-            floor=lambda site, width: projection.min_count(spec, width),
+            minimum=lambda site, width: projection.min_count(spec, width),
             multiple=spec.multiple if spec.head_balanced else 1,
             balanced=spec.head_balanced,
             tokens=tokens,
@@ -254,7 +254,7 @@ def finalize_indicators(
         )
     except ValueError:
         raise ValueError(
-            f"cannot reach {cost.label} ratio {target}: every group is at its floor "
+            f"cannot reach {cost.label} ratio {target}: every group is at its per-head minimum "
             "(amap.min_keep, amap.min_keep_fraction)"
         ) from None
     masks = plan.masks(scores)
