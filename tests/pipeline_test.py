@@ -355,8 +355,10 @@ def test_help_exits_0_and_lists_every_config_key_with_its_default():
                     assert f"  {section}.{key}={v!r}" in out, (section, key)
         else:
             assert f"  {section}={value!r}" in out
-    for name in methods.sections():
-        assert f"{name}: settings of method {name!r}" in out
+    for section in methods.sections():
+        assert f"{section}: settings of method" in out
+    assert "baseline: settings of methods magnitude, random (" in out
+    assert "amap_asvit: settings of method amap+asvit (" in out
     # each key's line is the comment beside it in the source
     line = next(x for x in out.splitlines() if x.strip().startswith("amap.linear_qk="))
     assert "Linear attention's q/k channels" in line
