@@ -94,6 +94,14 @@ def _parse(argv):
 
 
 def _parse_error(e: Exception, argv):
+    from amap_jax import config as config_lib
+
+    for a in argv:  # a section renamed since: absl knows no such flag
+        name = a.split("=", 1)[0]
+        new = name.startswith("--config.") and config_lib.renamed(name[len("--config.") :])
+        if new:
+            old = name[len("--config.") :].split(".", 1)[0]
+            _fail(f"unknown config key {old!r} in {a} (it is called --config.{new} now)")
     try:
         raise e
     except (AttributeError, KeyError) as e:
@@ -103,8 +111,6 @@ def _parse_error(e: Exception, argv):
         hint = re.search(r'Did you mean "([^"]+)"', text)
         bad = [a for a in argv if a.startswith("--config.") and key in a]
         where = " ".join(bad) or "the overrides"
-        from amap_jax import config as config_lib
-
         homes = [f"--config.{name}.{key}" for name in config_lib.homes(key)]
         if homes:
             hint_text = f" (it is a setting of {' / '.join(homes)})"

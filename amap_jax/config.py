@@ -140,10 +140,24 @@ def homes(key: str) -> list[str]:
     ]
 
 
+# Sections renamed since: the old name is refused with the new one, and work directories made
+# under the old names resume (`workdir`).
+RENAMED = {"floor": "baseline", "compose": "amap_asvit"}
+
+
+def renamed(path: str) -> str | None:
+    """`path` (`section.key...`) under its section's new name, where the section was renamed."""
+    section, dot, rest = path.partition(".")
+    return f"{RENAMED[section]}{dot}{rest}" if section in RENAMED else None
+
+
 def _unknown_keys(c: ml_collections.ConfigDict) -> None:
     """A key the defaults do not have (typed into a config file) names where it belongs."""
     ref = defaults()
     for section, value in c.items():
+        if section in RENAMED:
+            new = RENAMED[section]
+            raise ValueError(f"unknown config key {section!r}: it is called {new!r} now")
         if section not in ref:
             raise ValueError(f"unknown config key {section!r}")
         if not isinstance(value, ml_collections.ConfigDict):

@@ -72,7 +72,9 @@ def text() -> str:
     for section in sections:
         if section in owners:
             own = comments(inspect.getsource(owners[section]))
-            lines += ["", f"{section}: settings of method {section!r} (amap_jax/methods/)"]
+            users = [n for n, cls in methods.REGISTRY.items() if cls.section == section]
+            which = f"method {users[0]}" if len(users) == 1 else f"methods {', '.join(users)}"
+            lines += ["", f"{section}: settings of {which} (amap_jax/methods/)"]
         else:
             own = {
                 k[len(section) + 1 :]: v for k, v in notes.items() if k.startswith(section + ".")

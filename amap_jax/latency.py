@@ -7,7 +7,7 @@ others (`timing.interleaved`). A layer runs `REPEATS` times in one program on it
 plus its input, as a block's residual does, and counts a repeat's share: a layer called alone
 would count a program launch that a model pays once, not per layer. Blocks of one shape are
 measured once; the tables are cached per backend, device kind, jax version, XLA
-flags, layer code, dtype, batch and shape (like the padding cache). The whole dense model is
+flags, layer code, dtype, batch and shape (like `export_speed`'s cache). The whole dense model is
 timed too: what its blocks' predictions leave over is the model's constant
 (`pruning.cost.Latency`). How well the sum predicts a pruned model: bench/latency_model.py.
 """
@@ -20,12 +20,11 @@ import os
 import jax
 import numpy as np
 
-from amap_jax import models, timing
+from amap_jax import export_speed, models, timing
 from amap_jax.models.arch import Arch
-from amap_jax.pruning import padding
 from amap_jax.pruning.cost import Latency, Table
 
-CACHE = os.path.join(os.path.dirname(padding.CACHE), "latency.json")
+CACHE = os.path.join(os.path.dirname(export_speed.CACHE), "latency.json")
 KNOTS = 5  # per axis: an attention is timed at KNOTS^2 widths, an MLP at KNOTS
 # Added to each table as a share of its largest time per unit of relative width: a flat stretch
 # (measured times that do not fall with the width) still ranks a channel, as MACs would.
@@ -52,7 +51,7 @@ def _seconds(fns: dict, batch: int, seconds: float, rounds: int) -> dict:
 
 def _repeated(arch: Arch, b, g, part: str, batch: int, dtype):
     """A blocking call running one layer `REPEATS` times on its own output plus its input."""
-    module, variables, x = padding.layer_inputs(arch, b, g, part, batch, dtype)
+    module, variables, x = export_speed.layer_inputs(arch, b, g, part, batch, dtype)
 
     def run(v, x):
         return jax.lax.fori_loop(0, REPEATS, lambda _, h: h + module.apply(v, h), x)
@@ -91,8 +90,8 @@ def _table(arch: Arch, i: int, part: str, batch: int, dtype: str, count, seconds
 def _key(arch: Arch, i: int, part: str, batch: int, dtype: str, count: int) -> str:
     b, g = arch.blocks[i], arch.geometry()[i]
     return (  # how a layer is timed is part of the key: another way makes other numbers
-        f"{padding._device()}|batch {batch}|dtype {dtype}|knots {count}"
-        f"|{REPEATS} repeats per program|{padding._part(arch, b, g, part)}"
+        f"{export_speed.device_key()}|batch {batch}|dtype {dtype}|knots {count}"
+        f"|{REPEATS} repeats per program|{export_speed.part_key(arch, b, g, part)}"
     )
 
 
@@ -121,9 +120,9 @@ def measure(
     `seconds` per knot and round (None: `SECONDS`)."""
     count, seconds = count or KNOTS, seconds or SECONDS
     cache = CACHE if cache is True else cache
-    if getattr(arch, "token_points", ()):
+    if arch.token_points:
         raise ValueError("a latency budget does not model token pruning (per-image tokens)")
-    stored = padding._read(cache)
+    stored = export_speed.read_cache(cache)
     tables = {"attention": [], "mlp": []}
     for i in range(len(arch.blocks)):
         for part in tables:
@@ -133,14 +132,19 @@ def measure(
                     _table(arch, i, part, batch, dtype, count, seconds, rounds)
                 )
                 if cache:
-                    padding._write(cache, stored)
+                    export_speed.write_cache(cache, stored)
             tables[part].append(Table.from_json(stored[key]))
-    key = f"{padding._key(arch, batch)}|dtype {dtype}|dense seconds"
+    key = f"{export_speed.cache_key(arch, batch)}|dtype {dtype}|dense seconds"
     if key not in stored:
         stored[key] = dense_seconds(arch, batch, dtype, seconds=seconds, rounds=rounds)
         if cache:
-            padding._write(cache, stored)
+            export_speed.write_cache(cache, stored)
     blocks = Latency(
-        tuple(tables["attention"]), tuple(tables["mlp"]), 0.0, batch, dtype, padding._device()
+        tuple(tables["attention"]),
+        tuple(tables["mlp"]),
+        0.0,
+        batch,
+        dtype,
+        export_speed.device_key(),
     )
     return dataclasses.replace(blocks, constant=stored[key] - float(blocks.model(arch)))

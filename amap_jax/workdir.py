@@ -41,6 +41,18 @@ _FREE = (
     "search.latency_tolerance",
 )
 
+# Config sections renamed since a work directory may have been made: its records (and the
+# config.json of one from before records) compare under the new names.
+_RENAMED = {f"{old}.": f"{new}." for old, new in config_lib.RENAMED.items()}
+
+
+def _new_name(key: str) -> str:
+    """`key` (a flat entry, or a section with a trailing dot) under today's section names."""
+    for old, new in _RENAMED.items():
+        if key.startswith(old):
+            return new + key[len(old) :]
+    return key
+
 
 class ConfigChangedError(ValueError):
     """A rerun of a work directory with a config that changes what a started stage computes."""
@@ -78,7 +90,10 @@ def _started(workdir: str, stage: str) -> bool:
 
 def _read(workdir: str) -> dict:
     path = paths.join(workdir, RECORD)
-    return trees.read_json(path) if paths.exists(path) else {}
+    records = trees.read_json(path) if paths.exists(path) else {}
+    return {
+        stage: {_new_name(k): v for k, v in entries.items()} for stage, entries in records.items()
+    }
 
 
 def _legacy(workdir: str) -> dict:
@@ -86,7 +101,7 @@ def _legacy(workdir: str) -> dict:
     path = paths.join(workdir, "config.json")
     if paths.exists(paths.join(workdir, RECORD)) or not paths.exists(path):
         return {}
-    old = trees.read_json(path)
+    old = {_new_name(f"{k}.")[:-1]: v for k, v in trees.read_json(path).items()}
     try:
         return {s: stage_config(old, s) for s in STAGES}
     except (KeyError, ValueError):

@@ -4,7 +4,7 @@ This jaxlib hands CPU matrix products and reductions to YNNPACK. Which set runs 
 depends on the model: at ViT-S shapes YNNPACK's products were slower than XLA's own and its
 reductions (softmax's row max and sum) faster, on a small FLatten ViT the reverse held for the
 reductions (`bench/studies/xla_flags.py`). So the set is measured per model
-(`padding.fastest_kernels`), and given to one compiled function, not to the process
+(`export_speed.fastest_kernels`), and given to one compiled function, not to the process
 (`XLA_FLAGS` would change every other computation too).
 """
 

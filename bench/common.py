@@ -68,7 +68,7 @@ KERNELS = flags.DEFINE_string(
     "kernels",
     "measure",
     "CPU kernel set of our models (amap_jax.xla_cpu.SETS), or 'measure': each model's fastest "
-    "(amap_jax.pruning.padding.fastest_kernels, timed in float32), as cpu_kernels=measure does.",
+    "(amap_jax.export_speed.fastest_kernels, timed in float32), as cpu_kernels=measure does.",
 )
 
 
@@ -125,11 +125,10 @@ def at_widths(arch, head: int, hidden: int):
 
 def kernel_set(arch, params, batch: int, kernels: str) -> str:
     """The CPU kernel set a `--kernels` value gives this model ("measure": its fastest)."""
-    from amap_jax import xla_cpu
-    from amap_jax.pruning import padding
+    from amap_jax import export_speed, xla_cpu
 
     if kernels == "measure":
-        return padding.fastest_kernels(arch, params, batch)[0]
+        return export_speed.fastest_kernels(arch, params, batch)[0]
     xla_cpu.check(kernels)
     return kernels
 

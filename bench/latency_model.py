@@ -23,9 +23,9 @@ import jax
 import numpy as np
 from absl import flags
 
-from amap_jax import latency, models
+from amap_jax import export_speed, latency, models
 from amap_jax.methods.amap import group_shapes
-from amap_jax.pruning import cost, macs, padding, widths
+from amap_jax.pruning import cost, macs, widths
 from bench import common
 
 _BATCHES = flags.DEFINE_list("batches", ["1", "64"], "Batch sizes.")
@@ -57,7 +57,7 @@ def _params(arch, seed: int = 0):
 def _timed(arch, variants: dict, batch: int, seconds: float, rounds: int) -> dict[str, list]:
     """Per variant, its seconds over the dense model's in each round (interleaved)."""
     runs = {"dense": (arch, _params(arch))} | {k: (a, _params(a)) for k, a in variants.items()}
-    ips = padding.rates(runs, batch, seconds=seconds, rounds=rounds)
+    ips = export_speed.rates(runs, batch, seconds=seconds, rounds=rounds)
     return {k: [d / p for p, d in zip(ips[k], ips["dense"], strict=True)] for k in variants}
 
 

@@ -22,16 +22,16 @@ import jax
 import numpy as np
 from absl import flags
 
-from amap_jax import latency
+from amap_jax import export_speed, latency
 from amap_jax.methods import Amap
-from amap_jax.pruning import cost, padding
+from amap_jax.pruning import cost
 from amap_jax.pruning.macs import model_macs
 from bench import common
 
-_FLOOR = flags.DEFINE_float(
+_MIN_KEEP_FRACTION = flags.DEFINE_float(
     "min_keep_fraction",
     0.0,
-    "Per-head floor of kept channels (amap.min_keep_fraction).",
+    "Per-head minimum of kept channels as a share of the width (amap.min_keep_fraction).",
     lower_bound=0.0,
     upper_bound=1.0,
 )
@@ -48,13 +48,13 @@ def measure(
     seconds: float,
     rounds: int,
     kernels: str,
-    floor: float = 0.0,
+    min_keep_fraction: float = 0.0,
     kinds=("macs",),
 ) -> list[dict]:
     """One row per target and budget kind: the dense model `arch` against its export there."""
     models, ideal = {}, {}
     for kind in kinds:
-        method = Amap(min_keep_fraction=floor)
+        method = Amap(min_keep_fraction=min_keep_fraction)
         if kind == "latency":
             method = dataclasses.replace(method, cost=latency.measure(arch, batch))
         for target in targets:
@@ -64,7 +64,7 @@ def measure(
             models[key] = (p_arch, p_params)
             ideal[key] = model_macs(arch) / model_macs(p_arch) if kind == "macs" else 1 / target
     sets = {name: common.kernel_set(a, p, batch, kernels) for name, (a, p) in models.items()}
-    ips = padding.rates(
+    ips = export_speed.rates(
         {name: (*m, sets[name]) for name, m in models.items()},
         batch,
         seconds=seconds,
@@ -122,7 +122,7 @@ def main(_):
             seconds=common.SECONDS.value,
             rounds=common.ROUNDS.value,
             kernels=common.KERNELS.value,
-            floor=_FLOOR.value,
+            min_keep_fraction=_MIN_KEEP_FRACTION.value,
             kinds=_KINDS.value,
         )
         n = len(targets) * len(_KINDS.value)
@@ -133,7 +133,7 @@ def main(_):
         "rounds": common.ROUNDS.value,
         "seconds": common.SECONDS.value,
         "kernels": common.KERNELS.value,
-        "min_keep_fraction": _FLOOR.value,
+        "min_keep_fraction": _MIN_KEEP_FRACTION.value,
         "budget_kinds": _KINDS.value,
         "device": str(jax.devices()[0].device_kind),
         "cpus": common.cpus(),

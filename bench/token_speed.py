@@ -23,9 +23,9 @@ as constants) against the dense model's artifact: XLA compiles constant weights 
 batch 1 on CPU they run faster), so each is compared with its like. The same rows for
 AMAP+AS-ViT (AMAP's widths at `--token_amap_target` MACs, `bench.common.dense_and_pruned`, x
 tokens at the same shares). As the pipeline exports a model: AMAP's widths padded as
-`export_pad` pads them (`--token_pad`; 0: measured, `padding.measured`; the ideal counts the
+`export_pad` pads them (`--token_pad`; 0: measured, `export_speed.measured`; the ideal counts the
 unpadded widths) and each model compiled with its CPU kernel set (`--kernels`; measure: its
-fastest, `padding.fastest_kernels` on its channels with every token kept). Every call takes
+fastest, `export_speed.fastest_kernels` on its channels with every token kept). Every call takes
 the next batch of the benchmark images, so the kept counts vary as they would. Rounds
 interleave the models (`amap_jax.timing.interleaved`); a speedup is the median of the
 same-round ratios, with their range.
@@ -74,7 +74,7 @@ _BUCKETS = flags.DEFINE_list(
 _PAD = flags.DEFINE_integer(
     "token_pad",
     0,
-    "AMAP's widths padded as export_pad pads them: 0 measured (padding.measured, at the "
+    "AMAP's widths padded as export_pad pads them: 0 measured (export_speed.measured, at the "
     "largest timed batch), 1 unpadded, M a multiple of M.",
     lower_bound=0,
 )
@@ -274,12 +274,13 @@ def _batch_sizes() -> list[int]:
 def pad_widths(arch, params) -> dict:
     """AMAP's widths as the pipeline exports them (`export_pad`, `--token_pad`): {"arch": the
     padded architecture, "choice": what was chosen, "gains": the measured options}."""
+    from amap_jax import export_speed
     from amap_jax.pruning import padding
 
     report = {"choice": f"x{_PAD.value}" if _PAD.value > 1 else "unpadded", "gains": {}}
     multiple = _PAD.value
     if multiple == 0:
-        multiple, report = padding.measured(arch, params, max(_batch_sizes()))
+        multiple, report = export_speed.measured(arch, params, max(_batch_sizes()))
     padded, _ = padding.pad(arch, params, multiple)
     return {"arch": padded, "choice": report["choice"], "gains": report["gains"]}
 

@@ -10,7 +10,7 @@ pruning functions (`tp.prune_linear_out_channels` / `in_channels` on qkv, proj, 
 what its dependency graph applies to a ViT) and `head_dim` set to match; the jax side is our
 ViT and its export at the same widths, unpadded and padded as `export_pad=0` pads it (the
 whole model timed unpadded, padded per layer shape and to each single multiple, the fastest
-kept: `amap_jax.pruning.padding.measured`), each compiled with the CPU kernel set measured
+kept: `amap_jax.export_speed.measured`), each compiled with the CPU kernel set measured
 fastest for it (`--kernels`, `amap_jax.xla_cpu`). Weights are random: speed does not depend on
 them.
 
@@ -60,7 +60,7 @@ def jax_worker() -> dict:
     import jax
     import jax.numpy as jnp
 
-    from amap_jax import models, xla_cpu
+    from amap_jax import export_speed, models, xla_cpu
     from amap_jax.pruning import padding
 
     dtype = models.compute_dtype(_DTYPE.value)
@@ -85,7 +85,7 @@ def jax_worker() -> dict:
     for name, arch in pruned.items():
         params = init(arch)
         fns[name] = forward(name, arch, params)
-        multiple, report = padding.measured(
+        multiple, report = export_speed.measured(
             arch, params, b, candidates=tuple(int(m) for m in _PAD.value)
         )
         chosen[name] = {"multiple": multiple, "gains": report["gains"]}

@@ -16,8 +16,8 @@ from conftest import ROOT, param_shapes, random_images, random_params
 
 from amap_jax import methods, models
 from amap_jax.io import artifact, pruned
+from amap_jax.methods.amap_asvit import AmapAsVit
 from amap_jax.methods.asvit import AsVit
-from amap_jax.methods.compose import AmapAsVit
 from amap_jax.models import tokens
 from amap_jax.models.arch import ViTArch, arch_from_dict, vit_arch
 

@@ -20,7 +20,7 @@ import pytest
 from conftest import ROOT, TINY_CONFIG, snapshot, tiny_config
 
 import amap_jax
-from amap_jax import cli, pipeline
+from amap_jax import cli, methods, pipeline
 from amap_jax import workdir as workdir_lib
 from amap_jax.data import DataError, load_source
 from amap_jax.io import pretrained, pruned
@@ -98,7 +98,7 @@ def test_eval_section_is_checked_before_training(tmp_path):
 def test_unreachable_target_fails_before_training(tmp_path, method, setting, value, match):
     c = tiny_config()
     c.method = method
-    c[{"magnitude": "floor"}.get(method, method)][setting] = value
+    c[{"magnitude": "baseline"}.get(method, method)][setting] = value
     with pytest.raises(ValueError, match=match):
         pipeline.run(c, str(tmp_path / "w"))
     assert not (tmp_path / "w").exists()
@@ -257,6 +257,59 @@ def test_workdir_from_before_stage_records_is_checked_too(finished_run, tmp_path
     c.search.target = 0.5
     with pytest.raises(workdir_lib.ConfigChangedError, match="search.target 0.6 -> 0.5"):
         pipeline.run(c, workdir)
+
+
+def _old_names(entries: dict) -> dict:
+    """Flat config entries (or sections) under the section names used before the renames."""
+    before = {"baseline": "floor", "amap_asvit": "compose"}
+    out = {}
+    for k, v in entries.items():
+        section, dot, rest = k.partition(".")
+        out[f"{before.get(section, section)}{dot}{rest}"] = v
+    return out
+
+
+def _started_stages(workdir, *stages):
+    for stage in stages:
+        os.makedirs(os.path.join(workdir, stage, "1"))  # a checkpoint step: the stage started
+
+
+@pytest.mark.parametrize(
+    "method,setting,value,named",
+    [
+        ("magnitude", "min_keep", 3, "baseline.min_keep 1 -> 3"),
+        ("amap+asvit", "schedule", "channels_first", "amap_asvit.schedule 'joint' ->"),
+    ],
+)
+def test_stage_records_under_renamed_sections_still_resume(tmp_path, method, setting, value, named):
+    """stages.json written when the sections were `floor` and `compose` matches the config
+    under their new names; a real change is still refused."""
+    workdir = str(tmp_path / "w")
+    c = tiny_config()
+    c.method = method
+    records = {s: _old_names(workdir_lib.stage_config(c, s)) for s in ("dense", "search")}
+    assert any(k.startswith(("floor.", "compose.")) for k in records["search"])
+    _started_stages(workdir, "dense", "search")
+    with open(os.path.join(workdir, workdir_lib.RECORD), "w") as f:
+        json.dump(records, f)
+    workdir_lib.check(workdir, c)  # the same settings under new names: resumes
+    c[methods.get(method).section][setting] = value
+    with pytest.raises(workdir_lib.ConfigChangedError, match=named):
+        workdir_lib.check(workdir, c)
+
+
+def test_config_json_under_renamed_sections_still_resumes(tmp_path):
+    """A work directory from before stage records whose config.json has a `floor` section."""
+    workdir = str(tmp_path / "w")
+    c = tiny_config()
+    c.method = "magnitude"
+    _started_stages(workdir, "dense", "search")
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        json.dump(_old_names(json.loads(c.to_json())), f)
+    workdir_lib.check(workdir, c)
+    c.baseline.min_keep = 3
+    with pytest.raises(workdir_lib.ConfigChangedError, match="baseline.min_keep 1 -> 3"):
+        workdir_lib.check(workdir, c)
 
 
 def test_settings_that_change_no_result_may_change(finished_run, tmp_path):

@@ -15,7 +15,7 @@ from conftest import fake_latency, tiny_config
 
 from amap_jax import config as config_lib
 from amap_jax import latency, timing
-from amap_jax.methods import amap, floors, vtp
+from amap_jax.methods import amap, baselines, vtp
 from amap_jax.models.arch import vit_arch
 from amap_jax.pruning import cost, macs, widths
 
@@ -89,7 +89,7 @@ def test_every_budget_charges_the_cost_it_is_given():
     cut = {vtp.SCORES: method.finalize(ARCH, {vtp.SCORES: ones})[vtp.SCORES]}
     assert method.cost_ratio(ARCH, cut) <= 0.5 + 1e-9
     assert method.macs_ratio(ARCH, cut) != pytest.approx(method.cost_ratio(ARCH, cut), abs=1e-3)
-    uniform = floors.uniform_widths(ARCH, floors.Random(target=0.5, cost=lat))
+    uniform = baselines.uniform_widths(ARCH, baselines.Random(target=0.5, cost=lat))
     assert lat.ratio(ARCH, [tuple(k for _, k in c) for c in uniform]) <= 0.5
     with pytest.raises(ValueError, match="cannot reach latency ratio 0.01"):
         amap.Amap(target=0.01, cost=lat).check(ARCH)

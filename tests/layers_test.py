@@ -15,6 +15,7 @@ LAYERS = (
      "amap_jax.io.hosts", "amap_jax.io.trees", "amap_jax.io.images"),
     ("amap_jax.models",),
     ("amap_jax.data", "amap_jax.pruning"),
+    ("amap_jax.export_speed", "amap_jax.latency"),  # timed on the backend a run is on
     ("amap_jax.io",),
     ("amap_jax.train",),
     ("amap_jax.methods",),
@@ -91,3 +92,15 @@ def test_no_import_cycles():
     for m in sorted(edges):
         if m not in state:
             visit(m, [m])
+
+
+def test_pruning_times_nothing():
+    """Pruning is surgery and budgets: what a backend runs fastest is measured above it
+    (`export_speed`, `latency`), so pruning stays deterministic and cheap to test."""
+    timers = {"amap_jax.timing", "amap_jax.xla_cpu"}
+    timed = {
+        m: deps & timers
+        for m, deps in _graph().items()
+        if m.startswith("amap_jax.pruning") and deps & timers
+    }
+    assert not timed, timed

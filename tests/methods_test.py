@@ -1,4 +1,4 @@
-"""The method interface: VTP and the floors as methods, generic export over every site, MACs with
+"""The method interface: VTP and the baselines as methods, generic export over every site, MACs with
 input-dimension pruning and padded heads, and the config checks of each method's section."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from conftest import calibration_of, count_params, param_shapes, random_images, 
 from amap_jax import config as config_lib
 from amap_jax import methods, models
 from amap_jax.io import pruned
-from amap_jax.methods import floors, vtp
+from amap_jax.methods import baselines, vtp
 from amap_jax.methods.amap import Amap
 from amap_jax.methods.vtp import SCORES, Vtp
 from amap_jax.models.arch import LINEAR, swin_arch, vit_arch
@@ -185,7 +185,7 @@ def test_method_less_model_has_exactly_the_dense_parameter_tree():
         dense
     )
     assert count_params(dense["params"]) == 21_706  # pinned in models_test
-    expected = {"vtp": {SCORES}, "magnitude": {floors.MASKS}, "random": {floors.MASKS}}
+    expected = {"vtp": {SCORES}, "magnitude": {baselines.MASKS}, "random": {baselines.MASKS}}
     for name, collections in expected.items():
         shapes = param_shapes(models.build(arch, sites=methods.get(name)()))
         assert set(shapes) == {"params", *collections}
@@ -237,10 +237,10 @@ def test_closed_form_macs_with_input_pruning_match_xla(pattern):
 
 
 # ----------------------------------------------------------------------------------------------
-# Floors: magnitude and random, head-balanced, uniform or copied widths
+# Baselines: magnitude and random, head-balanced, uniform or copied widths
 
 
-def test_uniform_floor_widths_meet_the_target_head_balanced():
+def test_uniform_baseline_widths_meet_the_target_head_balanced():
     arch = _vit("LS")
     for name in ("magnitude", "random"):
         method = methods.get(name)(target=0.5)
@@ -255,12 +255,12 @@ def test_uniform_floor_widths_meet_the_target_head_balanced():
 
 @pytest.mark.parametrize("pattern", ["SSSS", "LLSS"])
 @pytest.mark.parametrize("target", [0.7, 0.5, 0.3])
-def test_uniform_floor_widths_land_on_the_target_as_amap_does(pattern, target):
+def test_uniform_baseline_widths_land_on_the_target_as_amap_does(pattern, target):
     """The comparison's configs: within 0.005 of the target (one keep fraction alone gave
     0.280 of ViT-mini4/7 for 0.3), never over it, each group within one channel per head of
     the others' share."""
     arch = vit_arch("mini4", in_chans=1, num_classes=10, pattern=pattern)
-    counts = floors.uniform_widths(arch, floors.Random(target=target))
+    counts = baselines.uniform_widths(arch, baselines.Random(target=target))
     kept = [tuple(k for _, k in c) for c in counts]
     assert target - 0.005 < macs.model_macs(arch, kept) / macs.model_macs(arch) <= target
     sizes = [(b.qk_dim, b.v_dim, b.mlp_dim) for b in arch.blocks]
@@ -275,13 +275,13 @@ def test_magnitude_keeps_the_largest_l1_channels():
     params = random_params(param_shapes(models.build(arch))["params"], 1)
     method = methods.get("magnitude")(target=0.6)
     masks = method.initialize(arch, params, calibration=None, seed=0)["masks"]
-    norms = floors.channels.magnitude(params["block_0"], arch.blocks[0].heads, ("v",))["v"]
+    norms = baselines.channels.magnitude(params["block_0"], arch.blocks[0].heads, ("v",))["v"]
     m = np.asarray(masks["block_0"]["v"]) > 0
     for h in range(m.shape[0]):
         assert np.asarray(norms)[h][m[h]].min() >= np.asarray(norms)[h][~m[h]].max()
 
 
-def test_random_floor_depends_on_the_seed_only():
+def test_random_baseline_depends_on_the_seed_only():
     arch = _vit("SS")
     params = random_params(param_shapes(models.build(arch))["params"], 1)
     method = methods.get("random")(target=0.6)
@@ -293,18 +293,18 @@ def test_random_floor_depends_on_the_seed_only():
     assert any(not np.array_equal(x, y) for x, y in leaves)
 
 
-def test_floor_widths_copied_from_another_runs_export(tmp_path):
+def test_baseline_widths_copied_from_another_runs_export(tmp_path):
     arch = _vit("LS")
     method, _, final = _vtp_case(arch, 8)
     small_arch, small_params = method.export(arch, final)
     pruned.save_pruned(str(tmp_path / "export"), small_arch, small_params)
     c = config_lib.defaults()
     c.method, c.method_widths_from = "magnitude", str(tmp_path)
-    floor = methods.from_config(c)
-    assert floor.sites == ("qk", "v", "hidden", "attn_in", "mlp_in")
+    baseline = methods.from_config(c)
+    assert baseline.sites == ("qk", "v", "hidden", "attn_in", "mlp_in")
     params = random_params(param_shapes(models.build(arch))["params"], 2)
-    v = floor.initialize(arch, params, calibration=None, seed=0)
-    copied = floor.pruned_arch(arch, v)
+    v = baseline.initialize(arch, params, calibration=None, seed=0)
+    copied = baseline.pruned_arch(arch, v)
     for a, b in zip(copied.blocks, small_arch.blocks, strict=True):
         assert (a.qk_dim, a.v_dim, a.mlp_dim) == (b.qk_dim, b.v_dim, b.mlp_dim)
         assert len(a.attn_in) == len(b.attn_in) and len(a.mlp_in) == len(b.mlp_in)
@@ -312,7 +312,7 @@ def test_floor_widths_copied_from_another_runs_export(tmp_path):
     # A model the export does not fit is one line.
     other = vit_arch("mini", in_chans=1, num_classes=10)
     with pytest.raises(methods.SettingError, match="method_widths_from"):
-        floor.initialize(other, None, calibration=None, seed=0)
+        baseline.initialize(other, None, calibration=None, seed=0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -351,7 +351,7 @@ def test_method_setting_in_the_wrong_section_is_one_line(section, key, value, ho
         ("amap", "init", "zeros", "amap.init must be 'constant', 'attn_diff' or 'output_diff'"),
         ("amap", "budget_shift", "flops", "amap.budget_shift must be 'uniform' or 'cost'"),
         ("amap", "indicator_moments", "x", "amap.indicator_moments must be 'auto', 'shared' or"),
-        ("magnitude", "min_keep", 0, "floor.min_keep must be >= 1"),
+        ("magnitude", "min_keep", 0, "baseline.min_keep must be >= 1"),
     ],
 )
 def test_bad_method_setting_is_one_line(method, key, value, match):
@@ -385,7 +385,7 @@ def test_a_method_registered_in_one_place_is_selectable_validated_and_recorded(t
     from amap_jax import pipeline
 
     @dataclasses.dataclass(frozen=True)
-    class FirstChannels(floors.Floor):
+    class FirstChannels(baselines.Baseline):
         """Keeps the first channels of every head."""
 
         name: ClassVar[str] = "first_channels"

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from conftest import param_shapes, random_images, random_params
 
-from amap_jax import models
+from amap_jax import export_speed, models
 from amap_jax.models.arch import LINEAR, swin_arch, vit_arch
 from amap_jax.pruning import macs, padding
 
@@ -83,14 +83,14 @@ def test_per_layer_multiples_are_measured_once_per_shape_then_cached(tmp_path, m
     arch = base.replace(blocks=(base.blocks[0],) * 2)  # two blocks of one shape
     cache = str(tmp_path / "padding.json")
     timed = []
-    real = padding._layer
+    real = export_speed._layer
 
     def counting(arch, block, geometry, part, batch):
         timed.append(part)
         return real(arch, block, geometry, part, batch)
 
-    monkeypatch.setattr(padding, "_layer", counting)
-    pairs, speeds = padding.fastest_multiples(
+    monkeypatch.setattr(export_speed, "_layer", counting)
+    pairs, speeds = export_speed.fastest_multiples(
         arch, 4, candidates=(1, 8), seconds=0.02, rounds=1, cache=cache
     )
     assert sorted(timed) == ["attention"] * 2 + ["mlp"] * 2  # one shape each, two candidates
@@ -99,14 +99,14 @@ def test_per_layer_multiples_are_measured_once_per_shape_then_cached(tmp_path, m
         rates = shape["images_per_s"]
         assert shape["multiple"] == max(rates, key=rates.get) and all(v > 0 for v in rates.values())
     timed.clear()
-    again = padding.fastest_multiples(arch, 4, candidates=(1, 8), cache=cache)
+    again = export_speed.fastest_multiples(arch, 4, candidates=(1, 8), cache=cache)
     assert timed == [] and again[0] == pairs
-    monkeypatch.setattr(padding, "_layers_digest", lambda: "changed layer code")
-    padding.fastest_multiples(arch, 4, candidates=(1, 8), seconds=0.02, rounds=1, cache=cache)
+    monkeypatch.setattr(export_speed, "_layers_digest", lambda: "changed layer code")
+    export_speed.fastest_multiples(arch, 4, candidates=(1, 8), seconds=0.02, rounds=1, cache=cache)
     assert sorted(timed) == ["attention"] * 2 + ["mlp"] * 2  # stale timings measured again
     timed.clear()
     monkeypatch.setenv("XLA_FLAGS", f"{os.environ.get('XLA_FLAGS', '')} --xla_cpu_fast")
-    padding.fastest_multiples(arch, 4, candidates=(1, 8), seconds=0.02, rounds=1, cache=cache)
+    export_speed.fastest_multiples(arch, 4, candidates=(1, 8), seconds=0.02, rounds=1, cache=cache)
     assert sorted(timed) == ["attention"] * 2 + ["mlp"] * 2  # other compiler flags: again
     with pytest.raises(ValueError, match="3 padding multiples for 2 blocks"):
         padding.pad(arch, {}, [(1, 1)] * 3)
@@ -128,7 +128,7 @@ def test_measured_pads_to_the_fastest_whole_model_if_faster_than_unpadded(
     arch = _odd(vit_arch("micro", pattern="SS"), 2)
     params = random_params(param_shapes(models.build(arch))["params"], 2)
     pairs = [(8, 1)] * len(arch.blocks)
-    monkeypatch.setattr(padding, "fastest_multiples", lambda *a, **k: (pairs, {}))
+    monkeypatch.setattr(export_speed, "fastest_multiples", lambda *a, **k: (pairs, {}))
     rounds = []
 
     def timed(fns, seconds, n, batch):  # each option `gains` times the unpadded rate, each round
@@ -137,12 +137,12 @@ def test_measured_pads_to_the_fastest_whole_model_if_faster_than_unpadded(
 
     monkeypatch.setattr("amap_jax.timing.interleaved", timed)
     cache = str(tmp_path / "padding.json")
-    got, report = padding.measured(arch, params, 4, candidates=(1, 8), rounds=2, cache=cache)
+    got, report = export_speed.measured(arch, params, 4, candidates=(1, 8), rounds=2, cache=cache)
     assert rounds == [["per layer", "unpadded", "x8"]]
     assert report["gains"] == pytest.approx(gains)
     assert got == {"per layer": pairs, "x8": 8, None: 1}[choice]
     assert report["choice"] == (choice or "unpadded")
-    again = padding.measured(arch, params, 4, candidates=(1, 8), cache=cache)
+    again = export_speed.measured(arch, params, 4, candidates=(1, 8), cache=cache)
     assert again[0] == got and len(rounds) == 1  # cached
 
 
@@ -150,12 +150,12 @@ def test_measured_does_not_time_per_layer_twice_when_it_is_one_multiple(monkeypa
     arch = _odd(vit_arch("micro", pattern="SS"), 2)
     params = random_params(param_shapes(models.build(arch))["params"], 2)
     monkeypatch.setattr(
-        padding, "fastest_multiples", lambda *a, **k: ([(8, 8)] * len(arch.blocks), {})
+        export_speed, "fastest_multiples", lambda *a, **k: ([(8, 8)] * len(arch.blocks), {})
     )
     seen = []
     monkeypatch.setattr(
         "amap_jax.timing.interleaved",
         lambda fns, s, n, b: seen.append(sorted(fns)) or {k: [1.0] * n for k in fns},
     )
-    assert padding.measured(arch, params, 4, candidates=(1, 8, 16), cache=None)[0] == 1
+    assert export_speed.measured(arch, params, 4, candidates=(1, 8, 16), cache=None)[0] == 1
     assert seen == [["unpadded", "x16", "x8"]]

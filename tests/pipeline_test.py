@@ -12,9 +12,8 @@ import pytest
 from conftest import ROOT, snapshot, tiny_config
 
 import amap_jax
-from amap_jax import pipeline
+from amap_jax import export_speed, pipeline
 from amap_jax.data import DatasetNotFoundError
-from amap_jax.pruning import padding
 
 
 def test_run_writes_summary_and_export(finished_run):
@@ -110,7 +109,7 @@ def test_vtp_run_end_to_end_in_bfloat16(tmp_path):
     assert len(hist["counts"]) == 30 and sum(hist["counts"]) > 0
 
 
-def test_floor_at_the_widths_of_another_run(finished_run, tmp_path):
+def test_baseline_at_the_widths_of_another_run(finished_run, tmp_path):
     workdir, amap_summary = finished_run
     c = tiny_config()
     c.method, c.method_widths_from = "magnitude", workdir
@@ -288,6 +287,16 @@ def test_cli_unknown_config_key_is_one_line(tmp_path):
             "(it is a setting of --config.vtp.l1_weight)",
         ),
         (
+            "--config.floor.min_keep=3",
+            "error: unknown config key 'floor' in --config.floor.min_keep=3 "
+            "(it is called --config.baseline.min_keep now)",
+        ),
+        (
+            "--config.compose.schedule=channels_first",
+            "error: unknown config key 'compose' in --config.compose.schedule=channels_first "
+            "(it is called --config.amap_asvit.schedule now)",
+        ),
+        (
             "--config.method=vpt",
             "error: method must be one of amap, asvit, amap+asvit, magnitude, random, vtp, "
             "got 'vpt'",
@@ -305,6 +314,17 @@ def test_cli_method_errors_are_one_line(tmp_path, override, message):
     assert r.returncode == 2
     assert r.stderr.strip() == message
     assert not (tmp_path / "w").exists()
+
+
+def test_a_renamed_section_in_a_config_file_names_its_new_name():
+    from amap_jax import config as config_lib
+
+    for old, new in (("floor", "baseline"), ("compose", "amap_asvit")):
+        c = tiny_config()
+        c[old] = dict(c[new])
+        named = f"unknown config key '{old}': it is called '{new}' now"
+        with pytest.raises(ValueError, match=named):
+            config_lib.validate(c)
 
 
 def test_cli_bad_target_is_one_line(tmp_path):
@@ -335,8 +355,10 @@ def test_help_exits_0_and_lists_every_config_key_with_its_default():
                     assert f"  {section}.{key}={v!r}" in out, (section, key)
         else:
             assert f"  {section}={value!r}" in out
-    for name in methods.sections():
-        assert f"{name}: settings of method {name!r}" in out
+    for section in methods.sections():
+        assert f"{section}: settings of method" in out
+    assert "baseline: settings of methods magnitude, random (" in out
+    assert "amap_asvit: settings of method amap+asvit (" in out
     # each key's line is the comment beside it in the source
     line = next(x for x in out.splitlines() if x.strip().startswith("amap.linear_qk="))
     assert "Linear attention's q/k channels" in line
@@ -579,7 +601,7 @@ def test_padded_export_gives_the_same_predictions(finished_run, tmp_path, monkey
     n = len(summary["arch"]["pruned_blocks"])
     chosen = [((8, 16), (16, 8))[i % 2] for i in range(n)]
     monkeypatch.setattr(
-        padding,
+        export_speed,
         "measured",
         lambda arch, params, batch: (
             chosen,
@@ -626,7 +648,7 @@ def test_measured_cpu_kernels_compile_the_export_and_its_speed(finished_run, tmp
         timed.extend(kernels for *_, kernels in runs.values())
         return {name: [100.0] * pipeline.SPEED_ROUNDS for name in runs}
 
-    monkeypatch.setattr(padding, "fastest_kernels", fastest)
+    monkeypatch.setattr(export_speed, "fastest_kernels", fastest)
     monkeypatch.setattr(pipeline.evaluate_lib, "paired_throughput", paired)
     c = tiny_config()
     c.cpu_kernels = "measure"

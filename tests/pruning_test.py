@@ -569,7 +569,7 @@ def test_unbalanced_masks_export_padded_to_widest_head(pattern, seed):
 
 
 # ----------------------------------------------------------------------------------------------
-# Scores to head-balanced widths at a MACs target (pruning.widths), shared by AMAP and floors
+# Scores to head-balanced widths at a MACs target (pruning.widths), shared by AMAP and the baselines
 
 
 def _width_cases():
@@ -598,7 +598,7 @@ def test_balanced_widths_meet_a_macs_target_to_one_step(name, arch, target):
     from amap_jax.pruning import export, widths
 
     scores = _site_scores(arch, 0)
-    plan = widths.at_target(arch, scores, target, floor=lambda s, w: 1)
+    plan = widths.at_target(arch, scores, target, minimum=lambda s, w: 1)
     assert plan.ratio <= target
     # The last step was needed: the target is met to within the largest step there is.
     step = max(
@@ -641,7 +641,7 @@ def test_unbalanced_widths_count_the_widest_head():
     assert macs.ratio(arch, export.pruned_arch(arch, masks)) == pytest.approx(plan.ratio)
 
 
-def test_widths_start_where_a_search_ended_and_respect_floors():
+def test_widths_start_where_a_search_ended_and_respect_per_head_minimums():
     from amap_jax.pruning import widths
 
     arch = vit_arch("mini", in_chans=1, num_classes=10, pattern="SSSS")
@@ -650,14 +650,14 @@ def test_widths_start_where_a_search_ended_and_respect_floors():
     low = widths.at_target(arch, scores, 0.4)
     again = widths.at_target(arch, scores, 0.6, start=low.counts)
     assert again.counts == low.counts  # already under the target: nothing removed
-    floored = widths.at_target(arch, scores, 0.6, floor=lambda s, w: w // 2)
+    at_minimum = widths.at_target(arch, scores, 0.6, minimum=lambda s, w: w // 2)
     assert all(
-        k >= f[s] // 2 for b, f in zip(floored.counts, full, strict=True) for s, k in b.items()
+        k >= f[s] // 2 for b, f in zip(at_minimum.counts, full, strict=True) for s, k in b.items()
     )
     with pytest.raises(
-        ValueError, match="cannot reach MACs ratio 0.1: every layer is at its floor"
+        ValueError, match="cannot reach MACs ratio 0.1: every layer is at its per-head minimum"
     ):
-        widths.at_target(arch, scores, 0.1, floor=lambda s, w: w // 2)
+        widths.at_target(arch, scores, 0.1, minimum=lambda s, w: w // 2)
 
 
 def test_one_bisection_lands_every_budget_on_the_side_that_meets_it():

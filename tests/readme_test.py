@@ -93,3 +93,26 @@ def test_every_readme_command_runs_as_written():
             report.append((f"parsed ({why})", command))
     for status, command in report:
         print(f"{status}: {command}")
+
+
+def test_layout_names_every_module():
+    """The README's layout block names every module of the package, under its folder's line."""
+    with open(os.path.join(ROOT, "README.md")) as f:
+        block = f.read().split("## Layout", 1)[1].split("```")[1]
+    lines: dict[str, str] = {}
+    folder = None
+    for line in block.splitlines():
+        if line.startswith("amap_jax/"):
+            folder, _, line = line.partition(" ")
+        elif not line.startswith(" "):
+            folder = None
+        if folder:
+            lines[folder] = lines.get(folder, "") + " " + line
+    missing = []
+    for d, _, files in os.walk(os.path.join(ROOT, "amap_jax")):
+        folder = os.path.relpath(d, ROOT) + "/"
+        for name in files:
+            if name.endswith(".py") and name != "__init__.py":
+                if not re.search(rf"\b{name[:-3]}\b", lines.get(folder, "")):
+                    missing.append(folder + name)
+    assert not missing, f"README layout lacks {missing}"

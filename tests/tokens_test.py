@@ -14,8 +14,8 @@ from conftest import calibration_of, param_shapes, random_images, random_params,
 
 from amap_jax import methods, models, pipeline
 from amap_jax.methods import asvit
+from amap_jax.methods.amap_asvit import AmapAsVit
 from amap_jax.methods.asvit import THRESHOLDS, AsVit
-from amap_jax.methods.compose import AmapAsVit
 from amap_jax.models import tokens
 from amap_jax.models.arch import swin_arch, vit_arch
 from amap_jax.models.attention import Attention

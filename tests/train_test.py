@@ -257,7 +257,7 @@ def test_finalize_respects_min_keep_fraction():
     for i, block in enumerate(ARCH.blocks):
         for g, width in (("qk", block.qk_dim), ("v", block.v_dim), ("hidden", block.mlp_dim)):
             assert (np.asarray(fixed[f"block_{i}"][g]) > 0).sum(-1).min() >= width / 2
-    with pytest.raises(ValueError, match="at its floor"):
+    with pytest.raises(ValueError, match="at its per-head minimum"):
         amap.finalize_indicators(ARCH, variables, spec, 0.3)
 
 

@@ -8,10 +8,9 @@ import numpy as np
 import pytest
 from conftest import param_shapes, random_images, random_params
 
-from amap_jax import models, xla_cpu
+from amap_jax import export_speed, models, xla_cpu
 from amap_jax.config import defaults, validate
 from amap_jax.models.arch import vit_arch
-from amap_jax.pruning import padding
 
 
 @pytest.fixture
@@ -51,7 +50,7 @@ def test_every_usable_set_gives_the_default_logits(pattern):
 def test_users_xla_flags_leave_only_the_default_set(fresh_usable, monkeypatch):
     monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=")
     assert xla_cpu.usable() == ("default",)
-    assert padding.fastest_kernels(*_model("SS"), 4, cache=None) == ("default", {})
+    assert export_speed.fastest_kernels(*_model("SS"), 4, cache=None) == ("default", {})
 
 
 def test_unknown_set_is_rejected():
@@ -74,11 +73,11 @@ def test_fastest_kernels_keeps_the_fastest_set_and_caches_it(tmp_path, monkeypat
 
     monkeypatch.setattr("amap_jax.timing.interleaved", timed)
     cache = str(tmp_path / "padding.json")
-    name, gains = padding.fastest_kernels(arch, params, 4, rounds=2, cache=cache)
+    name, gains = export_speed.fastest_kernels(arch, params, 4, rounds=2, cache=cache)
     assert rounds == [["default", "xla", "ynn_reduce"]]
     assert name == faster
     base = 1.2 if faster == "default" else 1.0
     want = {k: (1.2 if k == faster else 1.0) / base for k in xla_cpu.SETS}
     assert gains == pytest.approx(want)
-    assert padding.fastest_kernels(arch, params, 4, cache=cache) == (name, gains)
+    assert export_speed.fastest_kernels(arch, params, 4, cache=cache) == (name, gains)
     assert len(rounds) == 1  # cached

@@ -4,7 +4,10 @@ runs without it."""
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import tensorflow as tf
 
 
 @functools.cache
@@ -17,3 +20,18 @@ def import_tf() -> Any:
     except RuntimeError:  # TensorFlow already initialised its devices elsewhere.
         pass
     return tf
+
+
+def plain(fn: Any) -> Any:
+    """Marks a tf.data function as plain graph code (tf.cond, no Python control flow on tensors),
+    which skips autograph's source conversion: several times faster to trace."""
+    return import_tf().autograph.experimental.do_not_convert(fn)
+
+
+def cardinality(ds: tf.data.Dataset) -> int:
+    """The dataset's length, which batching and sharding need known (not infinite, not
+    filtered)."""
+    n = int(ds.cardinality())
+    if n < 0:
+        raise ValueError("the dataset does not know its size")
+    return n

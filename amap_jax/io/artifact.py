@@ -44,7 +44,7 @@ def serialize(arch: Arch, params) -> bytes:
     architecture's buckets)."""
     model = models.build(arch)
     params = jax.tree.map(np.asarray, params)
-    if getattr(arch, "token_points", ()):
+    if arch.token_points:
         drop = tokens.dropping(model, tokens.buckets_of(arch))
         forward = jax.jit(lambda images: drop({"params": params}, images)[0])
     else:

@@ -178,7 +178,7 @@ def forward(directory: str, allow_unverified: bool = False):
         fn = artifact_lib.load(directory, expected)
     else:
         model, variables = load_pruned(directory, allow_unverified)
-        if getattr(model.arch, "token_points", ()):
+        if model.arch.token_points:
             drop = tokens.dropping(model)
             fn = lambda images: drop(variables, images)[0]  # noqa: E731
         else:

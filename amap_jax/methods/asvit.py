@@ -100,10 +100,10 @@ class AsVit(Method):
         least = macs.model_macs(
             arch, None, macs.token_counts(arch, pts, [arch.num_prefix] * len(pts))
         )
-        floor = least / macs.model_macs(arch)
+        lowest = least / macs.model_macs(arch)
         check(
-            floor <= self.target,
-            f"asvit cannot reach MACs ratio {self.target}: {floor:.3f} with every patch token "
+            lowest <= self.target,
+            f"asvit cannot reach MACs ratio {self.target}: {lowest:.3f} with every patch token "
             "dropped at the first point",
         )
         self.token_buckets(arch)

@@ -23,7 +23,7 @@ class PruneSpec:
     """How a model turns its `indicators` collection into masks (hashable: a module field)."""
 
     min_keep: int = 1
-    min_keep_fraction: float = 0.0  # per-head floor as a share of the width (uninformed searches)
+    min_keep_fraction: float = 0.0  # per-head minimum as a share of the width (uninformed searches)
     multiple: int = 1
     head_balanced: bool = True
     straight_through: bool = True

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any
+from typing import Any, ClassVar
 
 SOFTMAX = "S"
 LINEAR = "L"
@@ -78,10 +78,26 @@ def _block_from_dict(d: dict[str, Any]) -> BlockArch:
     return BlockArch(**d)
 
 
+@dataclasses.dataclass(frozen=True)
 class _Arch:
-    """JSON round trip and checks shared by every architecture description."""
+    """The fields, JSON round trip and checks every architecture description shares, so that
+    a field added for every family is declared once. `norm_eps` stays each family's own: the
+    defaults differ, and ViT's fields keep their order (repr, model.json)."""
 
     TYPE = ""
+
+    image_size: int
+    patch_size: int
+    in_chans: int
+    num_classes: int
+    embed_dim: int
+    blocks: tuple[BlockArch, ...]
+    focusing_factor: float = 3.0
+    kernel_size: int = 5
+    gelu_approximate: bool = False
+    mean: tuple[float, ...] = (0.5,)
+    std: tuple[float, ...] = (0.5,)
+    name: str = ""
 
     def replace(self, **kw):
         return dataclasses.replace(self, **kw)
@@ -141,18 +157,6 @@ class ViTArch(_Arch):
 
     TYPE = "vit"
 
-    image_size: int
-    patch_size: int
-    in_chans: int
-    num_classes: int
-    embed_dim: int
-    blocks: tuple[BlockArch, ...]
-    focusing_factor: float = 3.0
-    kernel_size: int = 5
-    gelu_approximate: bool = False
-    mean: tuple[float, ...] = (0.5,)
-    std: tuple[float, ...] = (0.5,)
-    name: str = ""
     distilled: bool = False
     norm_eps: float = 1e-6
     # Blocks before which tokens under a learnt threshold are dropped (models.tokens).
@@ -201,20 +205,12 @@ class SwinArch(_Arch):
 
     TYPE = "swin"
 
-    image_size: int
-    patch_size: int
-    in_chans: int
-    num_classes: int
-    embed_dim: int
-    depths: tuple[int, ...]
-    blocks: tuple[BlockArch, ...]
-    focusing_factor: float = 3.0
-    kernel_size: int = 5
-    gelu_approximate: bool = False
-    mean: tuple[float, ...] = (0.5,)
-    std: tuple[float, ...] = (0.5,)
-    name: str = ""
     norm_eps: float = 1e-5
+    # Swin drops no tokens (models.tokens is for ViT/DeiT): the same attribute as ViTArch's
+    # field, so that code asks `arch.token_points` of any architecture.
+    token_points: ClassVar[tuple[int, ...]] = ()
+    # Keyword-only: after the base's defaulted fields it cannot be positional.
+    depths: tuple[int, ...] = dataclasses.field(kw_only=True)
 
     def __post_init__(self):
         self._check_inputs()

@@ -62,7 +62,7 @@ def points(arch, sites) -> tuple[int, ...]:
     """The pruning points of a model: the method's while searching, the architecture's after."""
     if sites is not None and hasattr(sites, "token_points"):
         return sites.token_points(arch)
-    return getattr(arch, "token_points", ())
+    return arch.token_points
 
 
 def score(stats, arch: ViTArch) -> jax.Array:

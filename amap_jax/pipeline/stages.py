@@ -161,7 +161,7 @@ def export_gap(ctx: Context, masked_model, variables, p_arch, p_params, n: int =
     masked = jax.jit(masked_model.apply)(variables, images)
     p_model = models.build(p_arch)  # float32
     gap = float(jnp.max(jnp.abs(masked - jax.jit(p_model.apply)({"params": p_params}, images))))
-    if getattr(p_arch, "token_points", ()):
+    if p_arch.token_points:
         dropped = tokens.compiled(p_model)
         gap = max(gap, float(jnp.max(jnp.abs(masked - dropped({"params": p_params}, images)[0]))))
         for i in range(len(images)):
@@ -243,7 +243,7 @@ def evaluate_search(ctx: Context, arch: Arch, method: Method, variables, masked_
         "max |masked - exported logit| %.2e",
         out["masked_top1"],
         out["exported_top1"],
-        "channel MACs ratio" if getattr(p_arch, "token_points", ()) else "MACs ratio",
+        "channel MACs ratio" if p_arch.token_points else "MACs ratio",
         macs.model_macs(p_arch) / macs.model_macs(arch),
         out["export_diff"],
     )

@@ -98,7 +98,7 @@ def report(
     `cpu_kernels` says)."""
     model = ctx.build(arch)
     bench = ctx.config.eval
-    if getattr(arch, "token_points", ()):
+    if arch.token_points:
         return token_report(ctx, model, {"params": params}, top1, unpadded or arch)
     padded = {} if unpadded in (None, arch) else {"padded_macs": int(macs.model_macs(arch))}
     kernels = kernels or tuning.kernels(ctx, arch, params)
@@ -255,7 +255,7 @@ def summarize(ctx: Context, arch: Arch, method, t: Trace, model, loaded, multipl
     pruned_top1 = ctx.evaluate(model, loaded)["top1"]
     p_kernels = pruned.kernels(t.export_dir)
     speeds, d_kernels = None, None  # a token export times its own way
-    if not getattr(p_arch, "token_points", ()):
+    if not p_arch.token_points:
         speeds, d_kernels = paired_speeds(
             ctx, arch, dense_params, p_arch, loaded["params"], p_kernels
         )
@@ -316,7 +316,7 @@ def summarize(ctx: Context, arch: Arch, method, t: Trace, model, loaded, multipl
     else:
         s.update(speedup_of(speeds))
     s["ideal_speedup"] = round(s["dense"]["macs"] / s["pruned"]["macs"], 3)
-    if getattr(p_arch, "token_points", ()):  # token pruning: batch 1 is where it pays most
+    if p_arch.token_points:  # token pruning: batch 1 is where it pays most
         images = ctx.inputs(jnp.asarray(ctx.test.calibration_images(64)))
         dense_b1, pruned_b1 = evaluate_lib.batch1_speeds(
             ctx.build(arch),

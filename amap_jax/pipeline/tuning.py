@@ -7,7 +7,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from amap_jax import latency, xla_cpu
+from amap_jax import export_speed, latency, xla_cpu
 from amap_jax import workdir as workdir_lib
 from amap_jax.io import paths, pruned, trees
 from amap_jax.logs import log as logging
@@ -22,12 +22,12 @@ from amap_jax.train import evaluate as evaluate_lib
 
 def pad(ctx: Context, arch: Arch, params):
     """The fine-tuned export padded to `export_pad`; 0: whatever runs fastest here as a whole
-    model, of unpadded, padded per layer shape and padded to one multiple (`padding.measured`),
+    model, of unpadded, padded per layer shape and padded to one multiple (`export_speed.measured`),
     chosen by process 0 for all."""
     multiple = ctx.config.export_pad
     if multiple == 0:
         batch = ctx.config.eval.bench_batch
-        choice, report = padding.measured(arch, params, batch)
+        choice, report = export_speed.measured(arch, params, batch)
         pairs = padding.per_block(arch, choice)
         pairs = [tuple(p) for p in parallel.broadcast(np.asarray(pairs)).tolist()]
         multiple = 1 if all(p == (1, 1) for p in pairs) else pairs
@@ -46,11 +46,11 @@ def pad(ctx: Context, arch: Arch, params):
 
 def kernels(ctx: Context, arch: Arch, params) -> str:
     """The CPU kernel set `arch` is compiled with (`cpu_kernels`); "measure": the fastest here
-    as a whole model (`padding.fastest_kernels`), chosen by process 0 for all."""
+    as a whole model (`export_speed.fastest_kernels`), chosen by process 0 for all."""
     name = ctx.config.cpu_kernels
     if name != "measure":
         return name
-    name, gains = padding.fastest_kernels(arch, params, ctx.config.eval.bench_batch)
+    name, gains = export_speed.fastest_kernels(arch, params, ctx.config.eval.bench_batch)
     logging.info(
         "CPU kernels of %s: %s; chose %s",
         arch.name,

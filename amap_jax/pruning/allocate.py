@@ -2,7 +2,7 @@
 
 Each method turns its scores into what it keeps through one number and finds that number
 against its cost ratio (`pruning.cost`): VTP how many of its sorted scores the global threshold
-cuts, the floors one keep fraction for every group, AS-ViT one shift of its token thresholds,
+cuts, the baselines one keep fraction for every group, AS-ViT one shift of its token thresholds,
 AMAP one shift of its indicator logits (traced, inside the optimizer). The greedy per-channel
 allocation is `pruning.widths.at_target`.
 """

@@ -1,6 +1,6 @@
 """What a pruning budget charges: MACs, or the latency a model of the backend predicts.
 
-Every budget (AMAP's projection and fix-up, VTP's threshold, the floors' widths,
+Every budget (AMAP's projection and fix-up, VTP's threshold, the baselines' widths,
 `pruning.widths.at_target`) asks a `Cost` for a block's cost at given widths and never names the
 kind: `MACS` counts multiply-adds (`pruning.macs`); a `Latency` interpolates the seconds that
 `amap_jax.latency` measured for each block's attention over (q/k, v) per head and its MLP over

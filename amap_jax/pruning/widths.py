@@ -67,16 +67,16 @@ def at_target(
     target: float,
     *,
     start: list | None = None,
-    floor=lambda site, width: 1,
+    minimum=lambda site, width: 1,
     multiple: int = 1,
     balanced: bool = True,
     tokens: list | None = None,
     cost: cost_lib.Cost = cost_lib.MACS,
 ) -> Plan:
     """The counts, from `start` (default: every channel), that meet `cost` ratio `target`,
-    removing where the least score is lost per unit of cost saved; `floor(site, width)` is the
+    removing where the least score is lost per unit of cost saved; `minimum(site, width)` is the
     fewest channels a head keeps; `tokens`: per block, the tokens it sees (token pruning). A
-    ValueError when every site is at its floor above the target."""
+    ValueError when every site is at its per-head minimum above the target."""
     geometry = arch.geometry()
     counts = []
     for i, block_scores in enumerate(scores):
@@ -99,7 +99,7 @@ def at_target(
         """(score lost per MAC saved, new count) of the next step at a site, or None."""
         k = counts[i][site]
         width = ordered[i][site].shape[1]
-        least = floor(site, width)
+        least = minimum(site, width)
         if balanced:
             new = k - multiple  # whole multiples only: a count stays a multiple
             if new < least:
@@ -126,7 +126,7 @@ def at_target(
         options = [(c[0], key) for key, c in cache.items() if c is not None]
         if not options:
             raise ValueError(
-                f"cannot reach {cost.label} ratio {target}: every layer is at its floor "
+                f"cannot reach {cost.label} ratio {target}: every layer is at its per-head minimum "
                 f"({total / dense:.3f})"
             )
         _, (i, site) = min(options, key=lambda o: (o[0], o[1]))

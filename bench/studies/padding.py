@@ -5,12 +5,12 @@
       [--seconds 1] [--tag TAG]
 
 Per model: the per-layer choice `--config.export_pad=0` makes
-(`amap_jax.pruning.padding.fastest_multiples`: each block's attention and MLP timed alone at
+(`amap_jax.export_speed.fastest_multiples`: each block's attention and MLP timed alone at
 every candidate, without its cache), then the whole model padded to each candidate multiple
 and to that per-layer choice, interleaved in the same rounds. The best single multiple in those
 rounds is the oracle the per-layer choice is judged against (an optimistic one: the best of
 several noisy medians). `export_pad=0` keeps the per-layer choice only where the whole model
-gains from it (`padding.measured`): "per layer / unpadded" below 1 means an unpadded export.
+gains from it (`export_speed.measured`): "per layer / unpadded" below 1 means an unpadded export.
 Models: finished bench.compare cells ("search freely, pad at export"; padding changes no
 logit, so their top-1 stands for every variant) and ViTs with every block at `head:hidden`
 widths (`--vits`, e.g. S:45:1099, what Torch-Pruning gives DeiT-S at -30% MACs).
@@ -25,7 +25,7 @@ import jax
 import numpy as np
 from absl import flags
 
-from amap_jax import models
+from amap_jax import export_speed, models
 from amap_jax.io import pruned
 from amap_jax.models.arch import vit_arch
 from amap_jax.pruning import macs, padding
@@ -48,11 +48,13 @@ def _models():
 
 def measure(arch, params, batch: int, candidates: tuple[int, ...]) -> dict:
     t = time.perf_counter()
-    pairs, _ = padding.fastest_multiples(arch, batch, candidates=candidates, cache=None)
+    pairs, _ = export_speed.fastest_multiples(arch, batch, candidates=candidates, cache=None)
     calibration_s = time.perf_counter() - t
     variants = {f"x{m}": padding.pad(arch, params, m) for m in candidates}
     variants["per layer"] = padding.pad(arch, params, pairs)
-    ips = padding.rates(variants, batch, seconds=common.SECONDS.value, rounds=common.ROUNDS.value)
+    ips = export_speed.rates(
+        variants, batch, seconds=common.SECONDS.value, rounds=common.ROUNDS.value
+    )
     return summarize(ips, {k: macs.model_macs(a) for k, (a, _) in variants.items()}, pairs) | {
         "calibration_s": round(calibration_s, 1)
     }

@@ -9,8 +9,8 @@ Both roots are bench.compare grids of the `amap` method on the same dense checkp
 schedule, one run with `--set amap.multiple=8`. Accuracy: top-1 mean and sd over the seeds of
 each root's finished cells (padding changes no logit: the free export's top-1 holds padded).
 Speed: seed 0's exports, the dense model, the free export unpadded, padded to `--pad`, and padded
-as `export_pad=0` pads it when that differs (`padding.measured`: per layer shape or one multiple,
-whichever whole model runs fastest here), and the export searched with the multiple,
+as `export_pad=0` pads it when that differs (`export_speed.measured`: per layer shape or one
+multiple, whichever whole model runs fastest here), and the export searched with the multiple,
 interleaved in rounds; speedups are over the dense model in the same round. Writes
 bench/results/search_multiple_<backend>[_TAG].json and .md.
 """
@@ -23,7 +23,7 @@ import jax
 import numpy as np
 from absl import flags
 
-from amap_jax import models
+from amap_jax import export_speed, models
 from amap_jax.io import pruned
 from amap_jax.pruning import macs, padding
 from amap_jax.train import checkpoint
@@ -61,7 +61,7 @@ def main(_):
                 pruned.load_pruned(os.path.join(c[0][0], "export")) for c in (free, mult)
             )
             f_arch, m_arch = f_model.arch, m_model.arch
-            best, report = padding.measured(
+            best, report = export_speed.measured(
                 f_arch,
                 f_vars["params"],
                 common.BATCH.value,
@@ -78,7 +78,7 @@ def main(_):
                 variants[f"free, padded {report['choice']} (export_pad=0)"] = padding.pad(
                     f_arch, f_vars["params"], best
                 )
-            ips = padding.rates(
+            ips = export_speed.rates(
                 variants,
                 common.BATCH.value,
                 seconds=common.SECONDS.value,

@@ -1,12 +1,12 @@
-"""The floors every method must beat: magnitude and random channel choice, head-balanced.
+"""The baselines every method must beat: magnitude and random channel choice, head-balanced.
 
 Both fix their masks once, from the dense weights, at per-layer widths that are uniform (one
 keep fraction for every q/k, v and MLP group, the largest that meets `search.target`), chosen
-from their own scores (`floor.layer_widths="scores"`: the head-balanced widths at the target
+from their own scores (`baseline.layer_widths="scores"`: the head-balanced widths at the target
 that lose the least score per MAC, `pruning.widths.at_target`, scores normalised to mean 1 per
 group), or copied from another run's export (`method_widths_from=RUN`), so that "same widths,
 other channel choice" is one command. The search stage then trains the weights under the fixed
-masks, so a floor gets the same training budget as a method that searches.
+masks, so a baseline gets the same training budget as a method that searches.
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ Counts = tuple  # per block: ((site, kept per head), ...)
 
 
 @dataclasses.dataclass(frozen=True)
-class Floor(Method):
-    section: ClassVar[str] = "floor"
+class Baseline(Method):
+    section: ClassVar[str] = "baseline"
     takes_widths: ClassVar[bool] = True
 
     min_keep: int = 1  # per head
@@ -41,14 +41,14 @@ class Floor(Method):
     widths: Counts | None = dataclasses.field(default=None, metadata={"setting": False})
 
     def __post_init__(self):
-        check(self.min_keep >= 1, f"floor.min_keep must be >= 1, got {self.min_keep}")
+        check(self.min_keep >= 1, f"baseline.min_keep must be >= 1, got {self.min_keep}")
         check(
             self.layer_widths in ("uniform", "scores"),
-            f"floor.layer_widths must be 'uniform' or 'scores', got {self.layer_widths!r}",
+            f"baseline.layer_widths must be 'uniform' or 'scores', got {self.layer_widths!r}",
         )
 
     @classmethod
-    def from_config(cls, config) -> Floor:
+    def from_config(cls, config) -> Baseline:
         run = config.method_widths_from
         widths = widths_from_export(run) if run else None
         return cls(target=config.search.target, widths=widths, **dict(config[cls.section]))
@@ -99,7 +99,7 @@ def keep_top(scores, k: int) -> np.ndarray:
     return np.asarray(projection.rank(jnp.asarray(scores))) < k
 
 
-def uniform_widths(arch: Arch, floor: Floor) -> Counts:
+def uniform_widths(arch: Arch, baseline: Baseline) -> Counts:
     """One keep fraction for every group, the largest whose cost meets the target; then, one
     channel per head at a time, the groups furthest below their share get one more while the
     cost still meets it (one fraction alone steps by a whole channel of every group: 0.280 of
@@ -107,21 +107,21 @@ def uniform_widths(arch: Arch, floor: Floor) -> Counts:
     sizes = [(b.qk_dim, b.v_dim, b.mlp_dim) for b in arch.blocks]
 
     def counts(f):
-        return [[int(min(max(round(f * w), floor.min_keep), w)) for w in ws] for ws in sizes]
+        return [[int(min(max(round(f * w), baseline.min_keep), w)) for w in ws] for ws in sizes]
 
     def cost_of(c):
-        return float(floor.cost.ratio(arch, [tuple(k) for k in c]))
+        return float(baseline.cost.ratio(arch, [tuple(k) for k in c]))
 
     def ratio(f):
         return cost_of(counts(f))
 
-    if ratio(0.0) > floor.target:
+    if ratio(0.0) > baseline.target:
         raise SettingError(
-            f"{floor.name} cannot reach {floor.cost.label} ratio {floor.target} with "
-            "floor.min_keep="
-            f"{floor.min_keep} per head"
+            f"{baseline.name} cannot reach {baseline.cost.label} ratio {baseline.target} with "
+            "baseline.min_keep="
+            f"{baseline.min_keep} per head"
         )
-    kept = counts(allocate.highest(ratio, floor.target, 0.0, 1.0))
+    kept = counts(allocate.highest(ratio, baseline.target, 0.0, 1.0))
     while True:
         order = sorted(
             (kept[i][j] / w, i, j)
@@ -131,7 +131,7 @@ def uniform_widths(arch: Arch, floor: Floor) -> Counts:
         )
         for _, i, j in order:
             kept[i][j] += 1
-            if cost_of(kept) <= floor.target:
+            if cost_of(kept) <= baseline.target:
                 break
             kept[i][j] -= 1
         else:
@@ -150,10 +150,10 @@ def scored_widths(
     ]
     try:
         plan = widths.at_target(
-            arch, normal, target, floor=lambda s, w: min(min_keep, w), cost=cost
+            arch, normal, target, minimum=lambda s, w: min(min_keep, w), cost=cost
         )
     except ValueError as e:
-        raise SettingError(f"floor: {e} (floor.min_keep={min_keep})") from None
+        raise SettingError(f"baseline: {e} (baseline.min_keep={min_keep})") from None
     return tuple(tuple((s, b[s]) for s in BALANCED) for b in plan.counts)
 
 
@@ -198,7 +198,7 @@ def check_counts(counts: Counts, arch: Arch) -> None:
 
 @register
 @dataclasses.dataclass(frozen=True)
-class Magnitude(Floor):
+class Magnitude(Baseline):
     """Keeps the channels whose weights have the largest L1 norm."""
 
     name: ClassVar[str] = "magnitude"
@@ -215,7 +215,7 @@ class Magnitude(Floor):
 
 @register
 @dataclasses.dataclass(frozen=True)
-class Random(Floor):
+class Random(Baseline):
     """Keeps channels drawn at random (seeded)."""
 
     name: ClassVar[str] = "random"

@@ -1,7 +1,7 @@
 """AMAP + AS-ViT: channels by AMAP and tokens by AS-ViT in one model, under one MACs budget that
 counts both (channel widths x kept tokens of each image).
 
-Settings: AMAP's in `amap`, AS-ViT's in `asvit`, and `compose.schedule`: `joint` trains
+Settings: AMAP's in `amap`, AS-ViT's in `asvit`, and `amap_asvit.schedule`: `joint` trains
 indicators and thresholds together for the whole search; `channels_first` trains the indicators
 in the first half and the thresholds in the second. The budget is AMAP's MACs loss
 (`amap.macs_loss`, `amap.macs_weight`) on the mean over images of the joint MACs ratio. At the
@@ -38,7 +38,7 @@ _PARTS = {"setting": False}
 class AmapAsVit(Method):
     name: ClassVar[str] = "amap+asvit"
     takes_latency: ClassVar[bool] = False  # per-image token counts: no latency model
-    section: ClassVar[str] = "compose"
+    section: ClassVar[str] = "amap_asvit"
 
     schedule: str = "joint"  # or "channels_first"
     amap: Amap = dataclasses.field(default=Amap(), metadata=_PARTS)
@@ -47,7 +47,7 @@ class AmapAsVit(Method):
     def __post_init__(self):
         check(
             self.schedule in ("joint", "channels_first"),
-            f"compose.schedule must be 'joint' or 'channels_first', got {self.schedule!r}",
+            f"amap_asvit.schedule must be 'joint' or 'channels_first', got {self.schedule!r}",
         )
 
     @property
@@ -65,12 +65,12 @@ class AmapAsVit(Method):
 
     @classmethod
     def sections(cls):
-        return ("compose", "amap", "asvit")
+        return ("amap_asvit", "amap", "asvit")
 
     @classmethod
     def from_config(cls, config):
         parts = {p: m.from_config(config) for p, m in (("amap", Amap), ("asvit", AsVit))}
-        return cls(target=config.search.target, **dict(config.compose), **parts)
+        return cls(target=config.search.target, **dict(config.amap_asvit), **parts)
 
     def check(self, arch):
         self.asvit.check(arch)
