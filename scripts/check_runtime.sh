@@ -11,7 +11,12 @@ venv=${1:-$work/venv}
 rm -rf "$venv"
 python3 -m venv "$venv"
 "$venv/bin/pip" install -q --upgrade pip
-"$venv/bin/pip" install -q "$root"
+# From the files git sees (tracked and not ignored): a stale build/ of an earlier `pip install .`
+# would bring back modules that were since renamed.
+mkdir "$work/src"
+git ls-files -z -co --exclude-standard | tar --null -T - --ignore-failed-read -cf - 2>/dev/null \
+  | tar -xf - -C "$work/src"
+"$venv/bin/pip" install -q "$work/src"
 cd "$work"  # away from the checkout: the installed package is the one imported
 commands="amap_jax.predict amap_jax.io.savedmodel"  # define absl flags: one per process
 "$venv/bin/python" - "$commands" <<'PY'
