@@ -41,17 +41,11 @@ _FREE = (
     "search.latency_tolerance",
 )
 
-# Config sections renamed since a work directory may have been made: its records (and the
-# config.json of one from before records) compare under the new names.
-_RENAMED = {f"{old}.": f"{new}." for old, new in config_lib.RENAMED.items()}
-
 
 def _new_name(key: str) -> str:
-    """`key` (a flat entry, or a section with a trailing dot) under today's section names."""
-    for old, new in _RENAMED.items():
-        if key.startswith(old):
-            return new + key[len(old) :]
-    return key
+    """`key` (a flat entry or a section) under today's section names (`config.RENAMED`): a work
+    directory made before a rename compares its records under the new names."""
+    return config_lib.renamed(key) or key
 
 
 class ConfigChangedError(ValueError):
@@ -101,7 +95,7 @@ def _legacy(workdir: str) -> dict:
     path = paths.join(workdir, "config.json")
     if paths.exists(paths.join(workdir, RECORD)) or not paths.exists(path):
         return {}
-    old = {_new_name(f"{k}.")[:-1]: v for k, v in trees.read_json(path).items()}
+    old = {_new_name(k): v for k, v in trees.read_json(path).items()}
     try:
         return {s: stage_config(old, s) for s in STAGES}
     except (KeyError, ValueError):
