@@ -36,16 +36,10 @@ def _forget_submodules() -> None:
 
 
 def import_torchvision():
-    """Imports torchvision, defining its missing ops once if its import needs them."""
-    try:
-        import torchvision
-    except RuntimeError as e:
-        if not _missing_ops(e):
-            raise
-        _forget_submodules()
-        sys.modules.pop("torchvision", None)
-        _define_ops()
-        import torchvision
+    """Imports torchvision through the hook (installed here when the `.pth` line did not)."""
+    install()
+    import torchvision
+
     return torchvision
 
 
