@@ -97,10 +97,10 @@ def _parse_error(e: Exception, argv):
     from amap_jax import config as config_lib
 
     for a in argv:  # a section renamed since: absl knows no such flag
-        name = a.split("=", 1)[0]
-        new = name.startswith("--config.") and config_lib.renamed(name[len("--config.") :])
+        key = a.split("=", 1)[0].removeprefix("--config.")
+        new = a.startswith("--config.") and config_lib.renamed(key)
         if new:
-            old = name[len("--config.") :].split(".", 1)[0]
+            old = key.split(".", 1)[0]
             _fail(f"unknown config key {old!r} in {a} (it is called --config.{new} now)")
     try:
         raise e
